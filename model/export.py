@@ -1,0 +1,85 @@
+"""Export the embedding model as a SavedModel in TF Serving's folder layout.
+
+``<base>/<name>/<version>/saved_model.pb`` plus ``variables/``: the layout TF
+Serving (and ``python -m model.serve``) loads, highest version first. The graph
+is written in plain TensorFlow ops from :class:`model.embedder.EmbedderWeights`,
+so no Keras or Python code is needed to serve it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from model.embedder import EmbedderWeights
+
+SIGNATURE_NAME = "serving_default"
+INPUT_NAME = "features"
+EMBEDDING_OUTPUT = "embedding"
+SCORES_OUTPUT = "scores"
+
+
+class EmbedderGraph(tf.Module):
+    """The user tower and item scoring as TensorFlow ops over tf.Variables."""
+
+    def __init__(self, weights: EmbedderWeights):
+        super().__init__(name="embedder")
+        self.dense = [
+            (tf.Variable(k, trainable=False, name=f"dense_{i}_kernel"), tf.Variable(b, trainable=False, name=f"dense_{i}_bias"))
+            for i, (k, b) in enumerate(weights.dense)
+        ]
+        self.projection_kernel = tf.Variable(weights.projection[0], trainable=False, name="projection_kernel")
+        self.projection_bias = tf.Variable(weights.projection[1], trainable=False, name="projection_bias")
+        items = weights.item_embeddings / np.sqrt(
+            np.maximum(np.sum(weights.item_embeddings**2, axis=1, keepdims=True), 1e-12)
+        )
+        self.item_matrix = tf.Variable(items.T.astype(np.float32), trainable=False, name="item_matrix")
+        self.item_bias = tf.Variable(weights.item_bias, trainable=False, name="item_bias")
+        self.temperature = tf.Variable(np.float32(np.exp(weights.log_temperature)), trainable=False, name="temperature")
+        self.n_features = weights.n_features
+        self.serve = tf.function(
+            self.embed_and_score,
+            input_signature=[tf.TensorSpec([None, self.n_features], tf.float32, name=INPUT_NAME)],
+        )
+
+    def embed_and_score(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
+        """features (batch, F) float32, already scaled -> embedding (batch, D), scores (batch, n_items)."""
+        h = features
+        for kernel, bias in self.dense:
+            h = tf.nn.relu(tf.matmul(h, kernel) + bias)
+        embedding = tf.math.l2_normalize(tf.matmul(h, self.projection_kernel) + self.projection_bias, axis=1)
+        logits = self.temperature * tf.matmul(embedding, self.item_matrix) + self.item_bias
+        return {EMBEDDING_OUTPUT: embedding, SCORES_OUTPUT: tf.math.sigmoid(logits)}
+
+
+def next_version(model_dir: Path) -> int:
+    """One more than the highest numeric version folder (1 for a new model)."""
+    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def save_versioned(module: tf.Module, model_dir: str | Path, version: int, signatures: dict) -> Path:
+    """Write ``model_dir/version`` atomically: TF Serving never sees a half-written version."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    target = model_dir / str(version)
+    # A name TF Serving ignores (not all digits) while it is being written.
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
+    try:
+        tf.saved_model.save(module, str(staging), signatures=signatures)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def export_embedder(weights: EmbedderWeights, model_dir: str | Path, version: int) -> Path:
+    graph = EmbedderGraph(weights)
+    return save_versioned(graph, model_dir, version, {SIGNATURE_NAME: graph.serve})

@@ -1,0 +1,338 @@
+"""A local server that speaks TF Serving's REST API over a SavedModel folder.
+
+For machines without ``tensorflow_model_server`` (it ships only as the
+``tensorflow/serving`` container image). It takes the same flags, reads the
+same layout (``<model_base_path>/<version>/saved_model.pb``), serves the
+highest version and picks up new ones as they appear, and answers like TF
+Serving's REST API (``tensorflow_serving/g3doc/api_rest.md``):
+
+    GET  /v1/models/<name>[/versions/<v>]              model status
+    GET  /v1/models/<name>[/versions/<v>]/metadata     signature defs
+    POST /v1/models/<name>[/versions/<v>]:predict      row or columnar JSON
+
+Errors come back as ``{"error": "..."}`` with TF Serving's status codes.
+
+    python -m model.serve --model_name embedder --model_base_path build/models/embedder --rest_api_port 8501
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+import model  # noqa: F401  (TensorFlow environment defaults)
+from model.tfjson import (
+    TensorJsonError,
+    TensorSpecInfo,
+    check_shapes,
+    loads,
+    parse_predict_request,
+    render_predict_response,
+)
+
+log = logging.getLogger("model.serve")
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+
+# The two route patterns of TF Serving's http_rest_api_handler.cc.
+_PREDICTION_RE = re.compile(
+    r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)"
+)
+_STATUS_RE = re.compile(
+    r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?"
+)
+
+
+class ServingError(Exception):
+    """A status with its HTTP code, answered as {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Signature:
+    function: object
+    inputs: dict[str, TensorSpecInfo]
+    method_name: str
+
+
+@dataclass
+class Servable:
+    """One loaded version of the model."""
+
+    name: str
+    version: int
+    path: Path
+    signatures: dict[str, Signature]
+    signature_defs: dict  # JSON form of the MetaGraphDef's signature_def map
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(cls, name: str, version: int, path: Path) -> "Servable":
+        import tensorflow as tf
+        from google.protobuf.json_format import MessageToDict
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        meta_graph = next(
+            (m for m in proto.meta_graphs if "serve" in m.meta_info_def.tags), proto.meta_graphs[0]
+        )
+        signature_defs = {
+            key: MessageToDict(sig, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            for key, sig in meta_graph.signature_def.items()
+        }
+        loaded = tf.saved_model.load(str(path))
+        signatures = {}
+        for key, function in loaded.signatures.items():
+            _, kwargs = function.structured_input_signature
+            inputs = {
+                alias: TensorSpecInfo(
+                    dtype=np.dtype(object) if spec.dtype == tf.string else np.dtype(spec.dtype.as_numpy_dtype),
+                    shape=None if spec.shape.rank is None else tuple(spec.shape.as_list()),
+                )
+                for alias, spec in kwargs.items()
+            }
+            method = meta_graph.signature_def[key].method_name or PREDICT_METHOD
+            signatures[key] = Signature(function=function, inputs=inputs, method_name=method)
+        return cls(name=name, version=version, path=path, signatures=signatures,
+                   signature_defs=signature_defs)
+
+    def signature(self, name: str) -> Signature:
+        key = name or DEFAULT_SIGNATURE
+        if key not in self.signatures:
+            raise TensorJsonError(f'Serving signature name: "{key}" not found in signature def')
+        return self.signatures[key]
+
+    def run(self, signature: Signature, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        tensors = {k: tf.constant(v) for k, v in arrays.items()}
+        try:
+            outputs = signature.function(**tensors)
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
+            raise ServingError(400, str(exc).strip().splitlines()[0]) from None
+        return {k: v.numpy() for k, v in outputs.items()}
+
+
+def _version_dirs(base: Path) -> list[int]:
+    if not base.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in base.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").is_file()
+    )
+
+
+class ModelStore:
+    """Serves the highest version under ``base_path`` (TF Serving's default policy, latest 1)."""
+
+    def __init__(self, name: str, base_path: Path):
+        self.name = name
+        self.base_path = base_path
+        self.current: Servable | None = None
+        self.retired: list[int] = []
+
+    def refresh(self) -> bool:
+        """Load a newer version if one appeared. Returns True when the served version changed."""
+        versions = _version_dirs(self.base_path)
+        if not versions or (self.current is not None and versions[-1] <= self.current.version):
+            return False
+        newest = versions[-1]
+        servable = Servable.load(self.name, newest, self.base_path / str(newest))
+        if self.current is not None:
+            self.retired.append(self.current.version)
+        self.current = servable
+        log.info("serving %s version %d from %s", self.name, newest, servable.path)
+        return True
+
+    def _check_name(self, name: str, missing_message: str) -> None:
+        if name != self.name or self.current is None:
+            raise ServingError(404, missing_message)
+
+    def servable(self, name: str, version: str | None, label: str | None) -> Servable:
+        request = (f"Specific({name}, {version})" if version else
+                   f"Label({name}, {label})" if label else f"Latest({name})")
+        self._check_name(name, f"Servable not found for request: {request}")
+        if label or (version and int(version) != self.current.version):
+            raise ServingError(404, f"Servable not found for request: {request}")
+        return self.current
+
+    def status(self, name: str, version: str | None) -> dict:
+        self._check_name(name, f"Could not find any versions of model {name}")
+        entries = [(v, "END") for v in self.retired] + [(self.current.version, "AVAILABLE")]
+        if version is not None:
+            entries = [e for e in entries if e[0] == int(version)]
+            if not entries:
+                raise ServingError(404, f"Could not find version {version} of model {name}")
+        return {
+            "model_version_status": [
+                {"version": str(v), "state": state, "status": {"error_code": "OK", "error_message": ""}}
+                for v, state in entries
+            ]
+        }
+
+    def metadata(self, name: str, version: str | None, label: str | None) -> dict:
+        servable = self.servable(name, version, label)
+        return {
+            "model_spec": {"name": name, "signature_name": "", "version": str(servable.version)},
+            "metadata": {"signature_def": {"signature_def": servable.signature_defs}},
+        }
+
+
+class TFServingApp:
+    """The ASGI application: routing and status codes as in TF Serving's REST handler."""
+
+    def __init__(self, store: ModelStore, threads: int = 4):
+        self.store = store
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="predict")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            status, payload = await self.handle(scope["method"], scope["path"], bytes(body))
+        except ServingError as exc:
+            status, payload = exc.status, orjson.dumps({"error": str(exc)})
+        except TensorJsonError as exc:
+            status, payload = 400, orjson.dumps({"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - a server answers, it does not crash
+            log.exception("internal error")
+            status, payload = 500, orjson.dumps({"error": f"Internal: {exc}"})
+        await send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        })
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.executor.shutdown(wait=False, cancel_futures=True)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if not path.lower().startswith("/v1/"):
+            raise ServingError(404, f"Not found: {method} {path}")
+        match = _PREDICTION_RE.fullmatch(path)
+        if method == "POST" and match:
+            name, version, label, verb = match.groups()
+            servable = self.store.servable(name, version, label)
+            return 200, await self.predict(servable, verb.lower(), body)
+        match = _STATUS_RE.fullmatch(path)
+        if method == "GET" and match and match.group(1):
+            name, version, label, metadata = match.groups()
+            if metadata:
+                return 200, orjson.dumps(self.store.metadata(name, version, label))
+            if label:
+                raise ServingError(400, "Model status by label is not supported")
+            return 200, orjson.dumps(self.store.status(name, version))
+        raise ServingError(400, f"Malformed request: {method} {path}")
+
+    async def predict(self, servable: Servable, verb: str, body: bytes) -> bytes:
+        doc = loads(body)
+        signature_name, arrays, form = parse_predict_request(
+            doc, lambda name: servable.signature(name).inputs
+        )
+        signature = servable.signature(signature_name)
+        if verb != "predict":
+            raise TensorJsonError(
+                f"Expected {'classification' if verb == 'classify' else 'regression'} signature "
+                f"method_name to be tensorflow/serving/{verb}. Was: {signature.method_name}"
+            )
+        check_shapes(arrays, signature.inputs)
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self.executor, servable.run, signature, arrays)
+        return render_predict_response(outputs, form)
+
+
+async def _poll(store: ModelStore, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await loop.run_in_executor(None, store.refresh)
+        except Exception:  # noqa: BLE001 - a broken new version must not stop serving the old one
+            log.exception("could not load a new version of %s; still serving the previous one", store.name)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.serve",
+        description="Serve a SavedModel folder over TF Serving's REST API (a stand-in for "
+                    "tensorflow_model_server where it cannot run). Flags follow tensorflow_model_server.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model_name", default="embedder", help="name in the URL: /v1/models/<model_name>")
+    parser.add_argument("--model_base_path", type=Path, default=Path("build/models/embedder"),
+                        help="folder holding numeric version folders, each a SavedModel")
+    parser.add_argument("--rest_api_port", type=int, default=8501, help="port of the REST API")
+    parser.add_argument("--rest_api_host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--rest_api_num_threads", type=int, default=4, help="threads running the model")
+    parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
+                        help="how often to look for a new version (0 to never look)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = ModelStore(args.model_name, args.model_base_path)
+    if not _version_dirs(args.model_base_path):
+        print(
+            f"error: no version folder with a saved_model.pb under {args.model_base_path}; "
+            "run `python -m model.train` first (it writes build/models/<name>/<version>/)",
+            file=sys.stderr,
+        )
+        return 2
+    store.refresh()
+    app = TFServingApp(store, threads=args.rest_api_num_threads)
+    config = uvicorn.Config(app, host=args.rest_api_host, port=args.rest_api_port, log_level="warning",
+                            access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        poller = (asyncio.create_task(_poll(store, args.file_system_poll_wait_seconds))
+                  if args.file_system_poll_wait_seconds > 0 else None)
+        log.info("REST API at http://%s:%d/v1/models/%s", args.rest_api_host, args.rest_api_port, args.model_name)
+        try:
+            await server.serve()
+        finally:
+            if poller:
+                poller.cancel()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

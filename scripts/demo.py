@@ -1,0 +1,82 @@
+"""The whole pipeline on this machine: train, serve, send real requests, show the answers, stop.
+
+    python -m scripts.demo              # what ./scripts/demo.sh runs
+    python -m scripts.demo --no-train   # reuse build/ from an earlier run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from scripts.localstack import ROOT, LocalStack, StackError
+
+REQUESTS = ROOT / "scripts" / "requests"
+
+
+def show(title: str, response: httpx.Response, elapsed_ms: float) -> None:
+    print(f"\n== {title}: HTTP {response.status_code} in {elapsed_ms:.1f} ms")
+    body = response.json()
+    if response.status_code != 200:
+        print(f"   error: {body.get('error')}")
+        return
+    for i, prediction in enumerate(body["predictions"]):
+        items = ", ".join(f"{item['id']} ({item['score']:.2f})" for item in prediction["items"]) or "none above the minimum score"
+        print(f"   user {i}: segment {prediction['segment']} (distance {prediction['segment_distance']:.3f})")
+        print(f"           items {items}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-train", action="store_true", help="reuse the model and bundle already in build/")
+    parser.add_argument("--predictor", choices=["auto", "container", "local"], default="auto",
+                        help="container: tensorflow/serving image; local: python -m model.serve; auto: container if one runs")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    if not args.no_train or not (ROOT / "build" / "bundle" / "manifest.json").exists():
+        print("== training (synthetic users; see `python -m model.train --help` for your own CSV)")
+        from model.train import main as train
+
+        if train([]) != 0:
+            return 1
+
+    print("\n== starting the predictor (TF Serving REST API) and the transformer on 127.0.0.1")
+    stack = LocalStack(predictor=args.predictor)
+    try:
+        stack.start()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"   predictor:   {stack.predictor_url}/v1/models/embedder   ({stack.predictor_kind})")
+        print(f"   transformer: {stack.transformer_url}/v1/models/embedder:predict")
+        url = f"{stack.transformer_url}/v1/models/embedder:predict"
+        with httpx.Client(timeout=10.0) as client:
+            for name, title in (
+                ("one-user.json", "one user, features by name"),
+                ("batch.json", "five users, by name and as lists in manifest order"),
+                ("bad-row.json", "a request with a bad value (expect 400)"),
+            ):
+                body = (REQUESTS / name).read_bytes()
+                t0 = time.perf_counter()
+                response = client.post(url, content=body, headers={"content-type": "application/json"})
+                show(f"{title}  [scripts/requests/{name}]", response, (time.perf_counter() - t0) * 1000)
+            print("\n   try it yourself while it runs:  python -m scripts.localstack up  then")
+            print(f"   curl -s -H 'content-type: application/json' -d @scripts/requests/one-user.json "
+                  "http://127.0.0.1:8080/v1/models/embedder:predict")
+            ok = client.post(url, content=(REQUESTS / "batch.json").read_bytes(),
+                             headers={"content-type": "application/json"}).status_code == 200
+    finally:
+        stack.stop()
+    print(f"\n== stopped both servers; whole demo took {time.monotonic() - started:.1f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Start the predictor and the transformer on loopback, wait until both are ready, stop them cleanly.
+
+    python -m scripts.localstack up        # runs until Ctrl-C
+    python -m scripts.localstack --help
+
+The predictor is the real ``tensorflow/serving`` image when a container engine
+answers (docker or podman), otherwise ``python -m model.serve``, which speaks
+the same REST API over the same SavedModel folder. Used by the demo, the
+benchmark and the integration tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pinned(name: str) -> str:
+    """A value from scripts/versions.env."""
+    for line in (ROOT / "scripts" / "versions.env").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == name:
+            return value.strip()
+    raise KeyError(f"{name} is not set in scripts/versions.env")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def container_engine() -> str | None:
+    """docker or podman, if one is installed and its engine answers."""
+    for engine in ("docker", "podman"):
+        if shutil.which(engine):
+            probe = subprocess.run([engine, "info"], capture_output=True, timeout=20)
+            if probe.returncode == 0:
+                return engine
+    return None
+
+
+class StackError(RuntimeError):
+    pass
+
+
+class LocalStack:
+    """The predictor and the transformer as child processes on 127.0.0.1."""
+
+    def __init__(
+        self,
+        build: Path = ROOT / "build",
+        model_name: str = "embedder",
+        predictor: str = "auto",
+        predictor_port: int | None = None,
+        transformer_port: int | None = None,
+        transformer_args: list[str] | None = None,
+        log_dir: Path | None = None,
+        model_dir: Path | None = None,
+    ):
+        self.build = Path(build)
+        self.model_name = model_name
+        self.model_dir = Path(model_dir) if model_dir else self.build / "models" / model_name
+        self.predictor_choice = predictor  # auto, container or local
+        self.predictor_kind = ""  # what actually runs, once started
+        self.predictor_port = predictor_port or free_port()
+        self.transformer_port = transformer_port or free_port()
+        self.transformer_args = transformer_args or []
+        self.log_dir = Path(log_dir) if log_dir else self.build / "logs"
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._container: tuple[str, str] | None = None
+
+    @property
+    def predictor_url(self) -> str:
+        return f"http://127.0.0.1:{self.predictor_port}"
+
+    @property
+    def transformer_url(self) -> str:
+        return f"http://127.0.0.1:{self.transformer_port}"
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"{name}.log").open("wb")
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.processes[name] = process
+        return process
+
+    def _wait(self, name: str, url: str, ready, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                raise StackError(f"{name} exited with code {process.returncode}:\n{self.log_tail(name)}")
+            try:
+                response = httpx.get(url, timeout=2.0)
+                if ready(response):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise StackError(f"{name} was not ready at {url} within {timeout:.0f}s:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def start_predictor(self, timeout: float = 120.0) -> None:
+        if not (self.model_dir.is_dir() and any(p.name.isdigit() for p in self.model_dir.iterdir())):
+            raise StackError(f"no model versions under {self.model_dir}: run `python -m model.train` first")
+        engine = container_engine() if self.predictor_choice in ("auto", "container") else None
+        if self.predictor_choice == "container" and engine is None:
+            raise StackError("--predictor container: no docker or podman engine answers on this machine")
+        if engine:
+            image = f"{pinned('TF_SERVING_IMAGE')}:{pinned('TF_SERVING_VERSION')}"
+            name = f"embedder-predictor-{self.predictor_port}"
+            self._container = (engine, name)
+            self.predictor_kind = f"{image} on {engine}"
+            self._spawn("predictor", [
+                engine, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{self.predictor_port}:8501",
+                "-v", f"{self.model_dir.resolve()}:/models/{self.model_name}:ro",
+                "-e", f"MODEL_NAME={self.model_name}", image,
+            ])
+        else:
+            self.predictor_kind = "python -m model.serve"
+            self._spawn("predictor", [
+                sys.executable, "-m", "model.serve", "--model_name", self.model_name,
+                "--model_base_path", str(self.model_dir), "--rest_api_port", str(self.predictor_port),
+            ])
+
+        def available(response: httpx.Response) -> bool:
+            if response.status_code != 200:
+                return False
+            states = [s.get("state") for s in response.json().get("model_version_status", [])]
+            return "AVAILABLE" in states
+
+        self._wait("predictor", f"{self.predictor_url}/v1/models/{self.model_name}", available, timeout)
+
+    def start_transformer(self, timeout: float = 60.0) -> None:
+        self._spawn("transformer", [
+            sys.executable, "-m", "transformer", "--model_name", self.model_name,
+            "--predictor_host", f"127.0.0.1:{self.predictor_port}", "--bundle", str(self.build / "bundle"),
+            "--http_port", str(self.transformer_port), "--enable_latency_logging", "false",
+            *self.transformer_args,
+        ])
+        self._wait("transformer", f"{self.transformer_url}/v1/models/{self.model_name}",
+                   lambda r: r.status_code == 200, timeout)
+
+    def start(self) -> "LocalStack":
+        try:
+            self.start_predictor()
+            self.start_transformer()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop_process(self, name: str, timeout: float = 15.0) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        if name == "predictor" and self._container:
+            subprocess.run([self._container[0], "stop", "-t", "5", self._container[1]], capture_output=True)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        for name in ("transformer", "predictor"):
+            self.stop_process(name)
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.localstack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up"], help="up: start both and keep them running until Ctrl-C")
+    parser.add_argument("--build", type=Path, default=ROOT / "build", help="build folder written by model.train")
+    parser.add_argument("--model-name", default="embedder")
+    parser.add_argument("--predictor", choices=["auto", "container", "local"], default="auto",
+                        help="container: the tensorflow/serving image; local: python -m model.serve")
+    parser.add_argument("--predictor-port", type=int, default=8501)
+    parser.add_argument("--transformer-port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    stack = LocalStack(build=args.build, model_name=args.model_name, predictor=args.predictor,
+                       predictor_port=args.predictor_port, transformer_port=args.transformer_port)
+    try:
+        stack.start()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"predictor   {stack.predictor_url}/v1/models/{args.model_name}")
+    print(f"transformer {stack.transformer_url}/v1/models/{args.model_name}:predict")
+    print("Ctrl-C stops both.")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

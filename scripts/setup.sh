@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with everything the demo and the tests need.
+# Idempotent: a second run with an unchanged pyproject.toml returns at once.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null 2>&1 || python=python3
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "error: Python 3.11 is required (found $("$python" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+echo "== setting up .venv (Python 3.11, TensorFlow, KServe, scikit-learn; a few minutes the first time)"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet --progress-bar off -e '.[dev]'
+rm -f .venv/.installed-*
+touch "$stamp"

@@ -1,0 +1,175 @@
+"""The numpy kernels against scikit-learn, on ordinary and adversarial input."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from sklearn.cluster import KMeans
+from sklearn.preprocessing import QuantileTransformer, StandardScaler
+
+from transformer.kernels import NearestCentroid, QuantileScaler, UnsupportedEstimator, scaler_kernel, top_items
+
+
+def heavy_tailed(rng, n, f=6):
+    cols = [
+        rng.lognormal(3, 1.5, n),
+        rng.negative_binomial(1, 0.2, n).astype(float),
+        rng.exponential(30, n).round(),
+        np.full(n, 7.0),  # constant column: every quantile repeated
+        rng.integers(0, 3, n).astype(float),  # three values: long runs of repeated quantiles
+        rng.normal(0, 1, n),
+    ]
+    return np.column_stack(cols[:f])
+
+
+@pytest.fixture(params=["normal", "uniform"])
+def fitted(request):
+    rng = np.random.default_rng(0)
+    X = heavy_tailed(rng, 3000)
+    qt = QuantileTransformer(n_quantiles=200, output_distribution=request.param, random_state=0).fit(X)
+    return qt, X
+
+
+def assert_parity(qt, X):
+    expected = qt.transform(X)
+    got = QuantileScaler.from_estimator(qt).transform(X)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_quantile_random_rows(fitted):
+    qt, X = fitted
+    rng = np.random.default_rng(1)
+    assert_parity(qt, heavy_tailed(rng, 5000))
+
+
+def test_quantile_far_outside_training_range(fitted):
+    qt, X = fitted
+    extremes = np.array([-1e30, -1e6, -1.0, 1e6, 1e30, 0.0])
+    rows = np.tile(extremes[:, None], (1, X.shape[1]))
+    assert_parity(qt, rows)
+
+
+def test_quantile_exactly_on_quantiles_and_bounds(fitted):
+    qt, X = fitted
+    q = qt.quantiles_
+    assert_parity(qt, q)  # every fitted quantile, the bounds included
+    # Just inside and outside the bounds by less than and more than scikit-learn's 1e-7 margin.
+    for delta in (-2e-7, -5e-8, 5e-8, 2e-7):
+        assert_parity(qt, q[[0, -1]] + delta)
+
+
+def test_quantile_midpoints_between_repeated_quantiles(fitted):
+    qt, X = fitted
+    q = qt.quantiles_
+    assert_parity(qt, 0.5 * (q[1:] + q[:-1]))
+
+
+def test_quantile_small_n_quantiles_and_single_row():
+    rng = np.random.default_rng(3)
+    X = heavy_tailed(rng, 50)
+    qt = QuantileTransformer(n_quantiles=10, output_distribution="normal").fit(X)
+    assert_parity(qt, X[:1])
+    assert_parity(qt, heavy_tailed(rng, 7))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float64, (4, 6), elements=st.floats(-1e12, 1e12, allow_nan=False)))
+def test_quantile_any_finite_input(rows):
+    rng = np.random.default_rng(0)
+    qt = QuantileTransformer(n_quantiles=100, output_distribution="normal").fit(heavy_tailed(rng, 500))
+    assert_parity(qt, rows)
+
+
+def test_unsupported_scaler_is_named():
+    with pytest.raises(UnsupportedEstimator, match="StandardScaler.*supported scalers: QuantileTransformer"):
+        scaler_kernel(StandardScaler().fit(np.ones((3, 2))))
+
+
+def test_unfitted_quantile_transformer_is_refused():
+    with pytest.raises(UnsupportedEstimator, match="not fitted"):
+        scaler_kernel(QuantileTransformer())
+
+
+def kmeans(seed=0, k=6, d=8):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(600, d))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return KMeans(n_clusters=k, n_init=3, random_state=seed).fit(X), rng
+
+
+def test_nearest_centroid_matches_kmeans_predict():
+    km, rng = kmeans()
+    X = rng.normal(size=(5000, 8))
+    labels, distances = NearestCentroid.from_estimator(km).assign(X)
+    np.testing.assert_array_equal(labels, km.predict(X))
+    np.testing.assert_allclose(distances, km.transform(X)[np.arange(len(X)), labels], rtol=1e-12, atol=1e-12)
+
+
+def test_nearest_centroid_float32_embeddings():
+    km, rng = kmeans(seed=2)
+    X = rng.normal(size=(2000, 8)).astype(np.float32)
+    labels, _ = NearestCentroid.from_estimator(km).assign(X)
+    np.testing.assert_array_equal(labels, km.predict(X.astype(np.float64)))
+
+
+def test_nearest_centroid_ties_go_to_lowest_index():
+    centers = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    kernel = NearestCentroid(centers)
+    X = np.array([[0.0, 0.0], [0.0, -5.0], [0.5, 0.5]])  # equidistant pairs / triples
+    labels, distances = kernel.assign(X)
+    np.testing.assert_array_equal(labels, [0, 0, 0])
+    np.testing.assert_allclose(distances, [1.0, np.sqrt(26.0), np.sqrt(0.5)])
+    # The same tie-break as scikit-learn.
+    km = KMeans(n_clusters=3, n_init=1, init=centers, max_iter=1).fit(centers)
+    km.cluster_centers_ = centers
+    np.testing.assert_array_equal(km.predict(X), labels)
+
+
+def test_nearest_centroid_refuses_other_estimators():
+    with pytest.raises(UnsupportedEstimator, match="supported segmenters: KMeans"):
+        NearestCentroid.from_estimator(StandardScaler())
+
+
+def reference_top_items(scores, min_score, k):
+    """Plain Python: sort by (-score, id), keep the first k, drop those below the minimum."""
+    out = []
+    for row in scores:
+        ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+        out.append([i for i in ranked if row[i] >= np.float32(min_score)])
+    return out
+
+
+def as_lists(ids, keep):
+    return [[int(i) for i, k in zip(r, m) if k] for r, m in zip(ids, keep)]
+
+
+def test_top_items_threshold_ties_and_k():
+    scores = np.array(
+        [
+            [0.3, 0.9, 0.3, 0.1, 0.9],  # ties at the top and at the threshold
+            [0.1, 0.2, 0.29999998, 0.0, 0.05],  # nothing reaches 0.3
+            [0.5, 0.5, 0.5, 0.5, 0.5],  # all equal: lowest ids first
+        ],
+        dtype=np.float32,
+    )
+    ids, keep = top_items(scores, 0.3, 3)
+    assert as_lists(ids, keep) == [[1, 4, 0], [], [0, 1, 2]]
+    assert as_lists(ids, keep) == reference_top_items(scores, 0.3, 3)
+
+
+def test_top_items_k_larger_than_catalogue():
+    scores = np.array([[0.4, 0.8]], dtype=np.float32)
+    ids, keep = top_items(scores, 0.0, 10)
+    assert as_lists(ids, keep) == [[1, 0]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    arrays(np.float32, (3, 12), elements=st.sampled_from([0.0, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0])),
+    st.sampled_from([0.0, 0.25, 0.3, 1.0]),
+    st.integers(1, 15),
+)
+def test_top_items_matches_reference(scores, min_score, k):
+    ids, keep = top_items(scores, min_score, k)
+    assert as_lists(ids, keep) == reference_top_items(scores, min_score, k)

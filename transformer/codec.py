@@ -1,0 +1,178 @@
+"""The transformer's HTTP contract: parse and validate requests, shape responses.
+
+Request::
+
+    {"instances": [
+        {"sessions_30d": 4, "spend_90d": 120.5, ...},     # an object keyed by feature name
+        [4, 31.0, 2, 120.5, ...]                          # or a list in the manifest's order
+    ]}
+
+Response::
+
+    {"predictions": [
+        {"segment": 3, "segment_distance": 0.41,
+         "items": [{"id": 17, "score": 0.93}, ...]},     # best first, at most top_k,
+        ...                                               # each score >= min_score
+    ]}
+
+Scores and distances are float32 values, written as the shortest decimal
+that reads back to the same float32.
+
+Every problem with a request is a :class:`RequestError` whose message names
+the row, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from kserve.errors import InvalidInput
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class RequestError(InvalidInput):
+    """A request the transformer cannot serve; answered with ``status`` (4xx)."""
+
+    def __init__(self, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.status = status
+
+
+def decode_body(payload: Any) -> Any:
+    """The request as parsed JSON. KServe hands over raw bytes when the
+    Content-Type is not JSON; such bodies are parsed here."""
+    if isinstance(payload, (bytes, bytearray, str)):
+        try:
+            return json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(
+                f"the body is not valid JSON ({exc}); send {{\"instances\": [...]}} "
+                "with Content-Type: application/json"
+            ) from None
+    return payload
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return f"a string {value[:40]!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return repr(value)
+
+
+def _value_error(row: int, name: str, value: Any) -> RequestError:
+    if not _is_number(value):
+        expected = "a number"
+    elif math.isfinite(value):
+        expected = f"a number within float32 range (|x| <= {FLOAT32_MAX:.4g})"
+    else:
+        expected = "a finite number"
+    return RequestError(f"instances[{row}]: feature '{name}' must be {expected}, got {_describe(value)}")
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) is float or type(value) is int  # bool is not a number here
+
+
+def parse_instances(doc: Any, feature_names: tuple[str, ...], max_rows: int) -> np.ndarray:
+    """Validated raw features, float64 of shape (n_rows, n_features).
+
+    Raises:
+        RequestError: naming the row, the field and what was expected.
+    """
+    if not isinstance(doc, dict):
+        raise RequestError(f"the body must be a JSON object like {{\"instances\": [...]}}, got {_describe(doc)}")
+    if "instances" not in doc:
+        hint = " (this endpoint takes the row form 'instances', not 'inputs')" if "inputs" in doc else ""
+        raise RequestError(f"the body has no 'instances' field{hint}")
+    instances = doc["instances"]
+    if not isinstance(instances, list):
+        raise RequestError(f"'instances' must be a list of rows, got {_describe(instances)}")
+    if not instances:
+        raise RequestError("'instances' is empty: send at least one row")
+    if len(instances) > max_rows:
+        raise RequestError(
+            f"'instances' has {len(instances)} rows, at most {max_rows} are accepted per request; "
+            "split the request", status=413,
+        )
+    n_features = len(feature_names)
+    rows = []
+    for index, row in enumerate(instances):
+        if isinstance(row, dict):
+            values = [row.get(name, _MISSING) for name in feature_names]
+            if len(row) != n_features or _MISSING in values:
+                missing = [n for n, v in zip(feature_names, values) if v is _MISSING]
+                unknown = sorted(set(row) - set(feature_names))
+                parts = []
+                if missing:
+                    parts.append(f"missing feature(s) {', '.join(repr(m) for m in missing)}")
+                if unknown:
+                    parts.append(f"unknown feature(s) {', '.join(repr(u) for u in unknown)}")
+                raise RequestError(
+                    f"instances[{index}]: {'; '.join(parts)}; expected exactly: {', '.join(feature_names)}"
+                )
+        elif isinstance(row, list):
+            if len(row) != n_features:
+                raise RequestError(
+                    f"instances[{index}]: a list row must have {n_features} values in this order: "
+                    f"{', '.join(feature_names)}; got {len(row)}"
+                )
+            values = row
+        else:
+            raise RequestError(
+                f"instances[{index}]: a row must be an object keyed by feature name or a list of "
+                f"{n_features} numbers, got {_describe(row)}"
+            )
+        for name, value in zip(feature_names, values):
+            if not _is_number(value):
+                raise _value_error(index, name, value)
+        rows.append(values)
+
+    X = np.array(rows, dtype=np.float64)
+    bad = ~np.isfinite(X) | (np.abs(X) > FLOAT32_MAX)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise _value_error(int(r), feature_names[c], rows[r][c])
+    return X
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def encode_predictions(
+    labels: np.ndarray,
+    distances: np.ndarray,
+    item_ids: np.ndarray,
+    keep: np.ndarray,
+    item_scores: np.ndarray,
+) -> dict:
+    """The response body. Numpy float32 values are written by orjson as shortest float32 text."""
+    distances = distances.astype(np.float32)
+    scores = np.take_along_axis(item_scores.astype(np.float32, copy=False), item_ids, axis=1)
+    ids = item_ids.tolist()
+    predictions = []
+    for i in range(labels.shape[0]):
+        row_keep, row_ids, row_scores = keep[i], ids[i], scores[i]
+        predictions.append({
+            "segment": int(labels[i]),
+            "segment_distance": distances[i],
+            "items": [{"id": row_ids[j], "score": row_scores[j]} for j in range(len(row_ids)) if row_keep[j]],
+        })
+    return {"predictions": predictions}

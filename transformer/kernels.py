@@ -1,0 +1,135 @@
+"""Numpy kernels that reproduce the fitted scikit-learn steps on the request path.
+
+scikit-learn's ``QuantileTransformer.transform`` validates its input and calls
+``scipy.stats.norm.ppf`` column by column; ``KMeans.predict`` sets up thread
+pools. Per request that costs milliseconds. These kernels hold the fitted
+arrays and do the same arithmetic in microseconds. ``tests/test_kernels.py``
+proves their parity with scikit-learn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.special import ndtri
+
+# scikit-learn's sklearn.preprocessing._data.BOUNDS_THRESHOLD: an ABSOLUTE margin in
+# input units, which is why scaling runs in float64 (float32 cannot resolve it).
+BOUNDS_THRESHOLD = 1e-7
+# The clipping bounds scikit-learn applies after stats.norm.ppf (which is ndtri).
+_CLIP_MIN = float(ndtri(BOUNDS_THRESHOLD - np.spacing(1)))
+_CLIP_MAX = float(ndtri(1 - (BOUNDS_THRESHOLD - np.spacing(1))))
+
+
+class UnsupportedEstimator(TypeError):
+    """The fitted object has no kernel here."""
+
+
+class QuantileScaler:
+    """``QuantileTransformer.transform`` for dense float64 input, either output distribution."""
+
+    def __init__(self, quantiles: np.ndarray, references: np.ndarray, output_distribution: str):
+        if output_distribution not in ("uniform", "normal"):
+            raise UnsupportedEstimator(
+                f"QuantileTransformer(output_distribution={output_distribution!r}) is not "
+                "supported; use 'uniform' or 'normal'"
+            )
+        quantiles = np.asarray(quantiles, dtype=np.float64)
+        references = np.asarray(references, dtype=np.float64)
+        self.n_features = quantiles.shape[1]
+        self.normal = output_distribution == "normal"
+        # One contiguous row per feature, plus the mirrored copies the backward
+        # interpolation needs, so nothing is sliced or reversed per request.
+        self._q = np.ascontiguousarray(quantiles.T)
+        self._q_rev = np.ascontiguousarray(-quantiles.T[:, ::-1])
+        self._ref = references
+        self._ref_rev = np.ascontiguousarray(-references[::-1])
+        self._low = self._q[:, 0].copy()
+        self._high = self._q[:, -1].copy()
+
+    @classmethod
+    def from_estimator(cls, estimator: Any) -> "QuantileScaler":
+        return cls(estimator.quantiles_, estimator.references_, estimator.output_distribution)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Scale raw features (n, F) float64; returns float64 like scikit-learn."""
+        X = np.asarray(X, dtype=np.float64)
+        out = np.empty_like(X)
+        ref, ref_rev = self._ref, self._ref_rev
+        for j in range(self.n_features):
+            x = X[:, j]
+            # Average of the forward and backward interpolation: with repeated
+            # quantiles (a constant or discrete column) this lands in the middle.
+            out[:, j] = 0.5 * (np.interp(x, self._q[j], ref) - np.interp(-x, self._q_rev[j], ref_rev))
+        if self.normal:
+            lower = X - BOUNDS_THRESHOLD < self._low
+            upper = X + BOUNDS_THRESHOLD > self._high
+        else:
+            lower = X == self._low
+            upper = X == self._high
+        out[upper] = 1.0
+        out[lower] = 0.0
+        if self.normal:
+            out = ndtri(out)
+            np.clip(out, _CLIP_MIN, _CLIP_MAX, out=out)
+        return out
+
+
+def scaler_kernel(estimator: Any) -> QuantileScaler:
+    """The kernel for a fitted scaler, or a clear error naming what is supported."""
+    from sklearn.preprocessing import QuantileTransformer
+
+    if isinstance(estimator, QuantileTransformer):
+        if not hasattr(estimator, "quantiles_"):
+            raise UnsupportedEstimator("the QuantileTransformer is not fitted; fit it before bundling")
+        return QuantileScaler.from_estimator(estimator)
+    raise UnsupportedEstimator(
+        f"no kernel for {type(estimator).__name__}; supported scalers: QuantileTransformer"
+    )
+
+
+class NearestCentroid:
+    """``KMeans.predict`` plus the Euclidean distance to the chosen centroid."""
+
+    def __init__(self, centers: np.ndarray):
+        self.centers = np.ascontiguousarray(centers, dtype=np.float64)
+        self._centers_t = np.ascontiguousarray(self.centers.T)
+        self._half_sq_norms = 0.5 * np.einsum("ij,ij->i", self.centers, self.centers)
+
+    @classmethod
+    def from_estimator(cls, estimator: Any) -> "NearestCentroid":
+        from sklearn.cluster import KMeans
+
+        if not isinstance(estimator, KMeans):
+            raise UnsupportedEstimator(
+                f"no kernel for {type(estimator).__name__}; supported segmenters: KMeans"
+            )
+        return cls(estimator.cluster_centers_)
+
+    def assign(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (int64) and distances (float64) for embeddings X (n, D).
+
+        Like scikit-learn, the label minimises ``|c|^2 - 2 x.c`` and ties go to
+        the lowest index; the distance is computed directly as ``|x - c|``.
+        """
+        X = np.asarray(X, dtype=np.float64)
+        labels = np.argmin(self._half_sq_norms - X @ self._centers_t, axis=1)
+        diff = X - self.centers[labels]
+        distances = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        return labels, distances
+
+
+def top_items(scores: np.ndarray, min_score: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-first item ids and scores per row, at most ``top_k``, each >= the minimum score.
+
+    Ties go to the lower item id. The comparison is done in float32, the
+    precision the model's scores have. Returns (ids, keep) where ``ids`` is
+    (n, min(top_k, n_items)) and ``keep`` marks the entries that pass.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    k = min(top_k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(scores, order, axis=1)
+    keep = best >= np.float32(min_score)
+    return order, keep

@@ -1,0 +1,188 @@
+"""The transformer's client for TF Serving's REST API.
+
+One pooled keep-alive connection set per process; bounded timeouts; retries
+with jittered backoff only where a retry cannot do harm (the connection could
+not be made, or TF Serving said 503); every failure mapped to a status the
+client can act on:
+
+    predictor unreachable / 503 after retries  -> 503
+    no answer within the timeout              -> 504
+    TF Serving answered 400                   -> 400, with its message
+    any other answer that is not 200          -> 502
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import orjson
+
+
+class PredictorError(Exception):
+    """The predictor call failed; ``status`` is what the transformer answers."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 3  # in all, the first try included
+    base_delay: float = 0.05
+    max_delay: float = 0.5
+    budget: float = 2.0  # seconds spent waiting between tries, at most
+
+    def delay(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before try number ``attempt + 1``."""
+        return random.uniform(0.0, min(self.max_delay, self.base_delay * (2**attempt)))
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict) and "error" in body:
+            return str(body["error"])
+    except ValueError:
+        pass
+    return response.text[:500] or response.reason_phrase
+
+
+def _loads(content: bytes):
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content)  # TF Serving writes NaN / Infinity tokens
+
+
+class PredictorClient:
+    """Calls ``/v1/models/<name>:predict`` and the status/metadata endpoints."""
+
+    def __init__(
+        self,
+        host: str,
+        model_name: str,
+        *,
+        timeout: float = 5.0,
+        retry: RetryPolicy = RetryPolicy(),
+        use_ssl: bool = False,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.model_name = model_name
+        self.base_url = f"{'https' if use_ssl else 'http'}://{host}"
+        self.timeout = timeout
+        self.retry = retry
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+        self._predict_path = f"/v1/models/{model_name}:predict"
+        self._status_path = f"/v1/models/{model_name}"
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _send(
+        self, method: str, path: str, content: bytes | None = None, retry: bool = True
+    ) -> httpx.Response:
+        """One request, retried on connection failures and 503 within the retry budget."""
+        waited = 0.0
+        last: PredictorError | None = None
+        for attempt in range(self.retry.attempts if retry else 1):
+            if attempt:
+                remaining = self.retry.budget - waited
+                if remaining <= 0:
+                    break
+                pause = min(self.retry.delay(attempt - 1), remaining)
+                await asyncio.sleep(pause)
+                waited += pause
+            try:
+                response = await self._client.request(
+                    method, path, content=content,
+                    headers={"content-type": "application/json"} if content is not None else None,
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                last = PredictorError(503, f"the predictor at {self.base_url} is unreachable ({type(exc).__name__})")
+                continue
+            except httpx.TimeoutException:
+                raise PredictorError(
+                    504, f"the predictor at {self.base_url} did not answer within {self.timeout:g}s"
+                ) from None
+            except httpx.TransportError as exc:  # connection dropped mid-answer: not safe to repeat
+                raise PredictorError(502, f"the connection to the predictor failed: {type(exc).__name__}") from None
+            if response.status_code == 503:
+                last = PredictorError(503, f"the predictor is unavailable: {_error_text(response)}")
+                continue
+            return response
+        raise last
+
+    async def predict(self, features: np.ndarray, signature_name: str) -> dict[str, np.ndarray]:
+        """Columnar predict: float32 features (n, F) -> {output name: array}."""
+        body = orjson.dumps(
+            {"signature_name": signature_name, "inputs": features.astype(np.float32, copy=False)},
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+        response = await self._send("POST", self._predict_path, body)
+        if response.status_code == 400:
+            raise PredictorError(400, f"the predictor rejected the request: {_error_text(response)}")
+        if response.status_code != 200:
+            raise PredictorError(
+                502, f"the predictor answered {response.status_code}: {_error_text(response)}"
+            )
+        try:
+            outputs = _loads(response.content)["outputs"]
+            return {name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PredictorError(502, f"the predictor's answer is not a columnar predict response ({exc})") from None
+
+    async def model_state(self) -> str:
+        """The state TF Serving reports for the newest version (``AVAILABLE`` when it serves)."""
+        response = await self._send("GET", self._status_path, retry=False)
+        if response.status_code != 200:
+            raise PredictorError(502, f"model status answered {response.status_code}: {_error_text(response)}")
+        statuses = response.json().get("model_version_status") or []
+        if not statuses:
+            return "UNKNOWN"
+        newest = max(statuses, key=lambda s: int(s.get("version", 0)))
+        return str(newest.get("state", "UNKNOWN"))
+
+    async def metadata(self) -> dict:
+        response = await self._send("GET", self._status_path + "/metadata")
+        if response.status_code != 200:
+            raise PredictorError(502, f"model metadata answered {response.status_code}: {_error_text(response)}")
+        return response.json()
+
+
+class ReadinessProbe:
+    """The predictor's readiness, cached for ``ttl`` seconds; concurrent callers share one check."""
+
+    def __init__(self, client: PredictorClient, ttl: float = 1.0):
+        self.client = client
+        self.ttl = ttl
+        self._checked_at = -float("inf")
+        self._ready = False
+        self._lock = asyncio.Lock()
+        self.reason = "not checked yet"
+
+    async def ready(self) -> bool:
+        if time.monotonic() - self._checked_at < self.ttl:
+            return self._ready
+        async with self._lock:
+            if time.monotonic() - self._checked_at >= self.ttl:
+                try:
+                    state = await self.client.model_state()
+                    self._ready = state == "AVAILABLE"
+                    self.reason = "" if self._ready else f"the predictor reports the model {state}"
+                except PredictorError as exc:
+                    self._ready, self.reason = False, str(exc)
+                self._checked_at = time.monotonic()
+        return self._ready
