@@ -11,6 +11,8 @@ numbers; values checked against the signature's dtype, including TF Serving's
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass
@@ -149,8 +151,14 @@ def _fill(value: object, level: int, shape: list[int], spec: TensorSpecInfo, fla
                 f"in the JSON DOM. Expected at level: {rank}"
             )
         if isinstance(value, dict):
-            raise _type_error(value, spec)
-        _check_scalar(value, spec)
+            if spec.dtype.kind != "O" or not _is_b64(value):
+                raise _type_error(value, spec)
+            try:
+                value = base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise TensorJsonError("Unable to base64 decode") from None
+        else:
+            _check_scalar(value, spec)
         flat.append(value)
         return
     if level >= rank:

@@ -67,15 +67,14 @@ def _describe(value: Any) -> str:
         return "a list"
     if isinstance(value, dict):
         return "an object"
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _value_error(row: int, name: str, value: Any) -> RequestError:
     if not _is_number(value):
         expected = "a number"
-    elif math.isfinite(value):
+    elif type(value) is int or math.isfinite(value):
         expected = f"a number within float32 range (|x| <= {FLOAT32_MAX:.4g})"
     else:
         expected = "a finite number"
@@ -136,7 +135,8 @@ def parse_instances(doc: Any, feature_names: tuple[str, ...], max_rows: int) -> 
                 f"{n_features} numbers, got {_describe(row)}"
             )
         for name, value in zip(feature_names, values):
-            if not _is_number(value):
+            # Huge JSON integers would overflow float64 itself: check them before converting.
+            if not _is_number(value) or (type(value) is int and abs(value) > FLOAT32_MAX):
                 raise _value_error(index, name, value)
         rows.append(values)
 

@@ -1,0 +1,103 @@
+"""Shared fixtures: one small trained build per test session, and the local stack over it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import model  # noqa: F401  (TensorFlow environment defaults, before TensorFlow is imported)
+from scripts.localstack import LocalStack
+
+MODEL_NAME = "embedder"
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory) -> Path:
+    """A build folder trained on small synthetic data (a few seconds)."""
+    from model.train import main as train
+
+    out = tmp_path_factory.mktemp("build")
+    code = train(["--users", "1500", "--items", "60", "--epochs", "6", "--embedding-dim", "16",
+                  "--top-k", "5", "--min-score", "0.2", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def stack(build_dir, tmp_path_factory):
+    """The predictor (python -m model.serve) and the transformer, on free loopback ports."""
+    with LocalStack(build=build_dir, predictor="local", log_dir=tmp_path_factory.mktemp("logs")) as running:
+        yield running
+
+
+class Offline:
+    """The answers computed without the servers: scikit-learn and the SavedModel called directly."""
+
+    def __init__(self, build: Path):
+        import joblib
+        import tensorflow as tf
+
+        from transformer.bundle import read_manifest
+
+        self.manifest = read_manifest(build / "bundle")
+        self.scaler = joblib.load(build / "bundle" / "scaler.joblib")
+        self.kmeans = joblib.load(build / "bundle" / "segments.joblib")
+        version = self.manifest["model"]["version"]
+        self.signature = tf.saved_model.load(str(build / "models" / MODEL_NAME / str(version))).signatures[
+            "serving_default"
+        ]
+        self.feature_names = [f["name"] for f in self.manifest["features"]]
+        self.rules = self.manifest["rules"]
+
+    def model_outputs(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import tensorflow as tf
+
+        scaled = self.scaler.transform(np.asarray(raw, dtype=np.float64)).astype(np.float32)
+        out = self.signature(features=tf.constant(scaled))
+        return out["embedding"].numpy(), out["scores"].numpy()
+
+    def predictions(self, raw: np.ndarray) -> list[dict]:
+        embedding, scores = self.model_outputs(raw)
+        e64 = embedding.astype(np.float64)
+        labels = self.kmeans.predict(e64)
+        distances = self.kmeans.transform(e64)[np.arange(len(labels)), labels]
+        k, threshold = self.rules["top_k"], np.float32(self.rules["min_score"])
+        result = []
+        for label, distance, row in zip(labels, distances, scores):
+            ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+            result.append({
+                "segment": int(label),
+                "segment_distance": float(distance),
+                "items": [{"id": i, "score": float(row[i])} for i in ranked if row[i] >= threshold],
+            })
+        return result
+
+
+@pytest.fixture(scope="session")
+def offline(build_dir) -> Offline:
+    return Offline(build_dir)
+
+
+@pytest.fixture(scope="session")
+def raw_users():
+    """Raw feature rows of users the model has not seen."""
+    from model.data import make_synthetic
+
+    return make_synthetic(n_users=400, n_items=60, seed=123).features
+
+
+def assert_same_predictions(got: list[dict], expected: list[dict], tol: float = 1e-5) -> None:
+    assert len(got) == len(expected)
+    for row, (g, e) in enumerate(zip(got, expected)):
+        assert g["segment"] == e["segment"], f"row {row}"
+        assert abs(g["segment_distance"] - e["segment_distance"]) <= tol, f"row {row}"
+        assert [i["id"] for i in g["items"]] == [i["id"] for i in e["items"]], f"row {row}"
+        for gi, ei in zip(g["items"], e["items"]):
+            assert abs(gi["score"] - ei["score"]) <= tol, f"row {row}"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
