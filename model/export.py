@@ -8,6 +8,7 @@ so no Keras or Python code is needed to serve it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -71,6 +72,7 @@ def save_versioned(module: tf.Module, model_dir: str | Path, version: int, signa
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
     try:
         tf.saved_model.save(module, str(staging), signatures=signatures)
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; TF Serving may run as another user
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

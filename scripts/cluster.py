@@ -1,0 +1,154 @@
+"""Talk to the cluster with the kubernetes Python client: wait for the InferenceService, smoke-test it.
+
+    python -m scripts.cluster wait-ready [--namespace embedder] [--timeout 600]
+    python -m scripts.cluster smoke      [--namespace embedder]
+
+``smoke`` reaches the transformer through ``kubectl port-forward``, sends the
+example requests in scripts/requests/ and compares every answer with the one
+the local stack (same build/ folder) gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+import httpx
+
+from scripts.localstack import ROOT, LocalStack, StackError, free_port
+
+GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+REQUESTS = ("one-user.json", "batch.json", "bad-row.json")
+
+
+def custom_objects():
+    from kubernetes import client, config
+
+    try:
+        config.load_kube_config()
+    except config.ConfigException:
+        config.load_incluster_config()
+    return client.CustomObjectsApi()
+
+
+def conditions(isvc: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in (isvc.get("status") or {}).get("conditions", [])}
+
+
+def wait_ready(namespace: str, name: str, timeout: float) -> int:
+    """Poll the InferenceService until its Ready condition is True, printing a progress line."""
+    from kubernetes.client.exceptions import ApiException
+
+    api = custom_objects()
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            isvc = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            isvc = {}
+        conds = conditions(isvc)
+        summary = ", ".join(f"{t}={c.get('status')}" for t, c in sorted(conds.items())) or "no status yet"
+        elapsed = timeout - (deadline - time.monotonic())
+        if summary != last:
+            print(f"\r[{elapsed:5.0f}s] {namespace}/{name}: {summary}".ljust(100), flush=True)
+            last = summary
+        if conds.get("Ready", {}).get("status") == "True":
+            print(f"{namespace}/{name} is Ready: {isvc['status'].get('url', '')}")
+            return 0
+        time.sleep(3)
+    not_ready = [f"{t}: {c.get('reason', '')} {c.get('message', '')}".strip()
+                 for t, c in conditions(isvc).items() if c.get("status") != "True"]
+    print(f"error: {namespace}/{name} not Ready after {timeout:.0f}s. " + "; ".join(not_ready), file=sys.stderr)
+    print(f"look at: kubectl -n {namespace} get pods; kubectl -n {namespace} describe isvc {name}", file=sys.stderr)
+    return 1
+
+
+def post_examples(base_url: str, model: str) -> list[tuple[int, dict]]:
+    answers = []
+    with httpx.Client(timeout=30.0) as client:
+        for name in REQUESTS:
+            response = client.post(f"{base_url}/v1/models/{model}:predict",
+                                   content=(ROOT / "scripts" / "requests" / name).read_bytes(),
+                                   headers={"content-type": "application/json"})
+            answers.append((response.status_code, response.json()))
+    return answers
+
+
+def same(a: list[tuple[int, dict]], b: list[tuple[int, dict]], tol: float = 1e-5) -> list[str]:
+    """Differences between two sets of answers (empty when they agree)."""
+    problems = []
+    for name, (status_a, body_a), (status_b, body_b) in zip(REQUESTS, a, b):
+        if status_a != status_b:
+            problems.append(f"{name}: status {status_a} on the cluster, {status_b} locally")
+            continue
+        if status_a != 200:
+            continue
+        for i, (p, q) in enumerate(zip(body_a["predictions"], body_b["predictions"])):
+            if p["segment"] != q["segment"] or [x["id"] for x in p["items"]] != [x["id"] for x in q["items"]]:
+                problems.append(f"{name} row {i}: {p} != {q}")
+            elif abs(p["segment_distance"] - q["segment_distance"]) > tol or any(
+                abs(x["score"] - y["score"]) > tol for x, y in zip(p["items"], q["items"])
+            ):
+                problems.append(f"{name} row {i}: numbers differ by more than {tol}")
+    return problems
+
+
+def smoke(namespace: str, name: str) -> int:
+    port = free_port()
+    forward = subprocess.Popen(
+        ["kubectl", "-n", namespace, "port-forward", f"svc/{name}-transformer", f"{port}:80"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/v1/models/{name}", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or forward.poll() is not None:
+                print("error: could not reach the transformer through kubectl port-forward", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        remote = post_examples(base, name)
+    finally:
+        forward.terminate()
+        forward.wait()
+    try:
+        with LocalStack(predictor="local") as stack:
+            local = post_examples(stack.transformer_url, "embedder")
+    except StackError as exc:
+        print(f"error: the local stack did not start: {exc}", file=sys.stderr)
+        return 1
+    problems = same(remote, local)
+    for request, (status, body) in zip(REQUESTS, remote):
+        print(f"{request}: HTTP {status}, {len(body.get('predictions', [])) or body.get('error', '')}")
+    if problems:
+        print("error: the cluster answers differently from the local stack:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 1
+    print("smoke test passed: the cluster answers exactly like the local stack")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.cluster", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["wait-ready", "smoke"])
+    parser.add_argument("--namespace", default="embedder")
+    parser.add_argument("--name", default="embedder", help="InferenceService name")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
+    args = parser.parse_args(argv)
+    if args.command == "wait-ready":
+        return wait_ready(args.namespace, args.name, args.timeout)
+    return smoke(args.namespace, args.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

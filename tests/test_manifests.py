@@ -1,0 +1,287 @@
+"""Offline checks of everything a cluster would check: rendering, schemas, security, consistency, scripts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import in_ci
+
+from scripts.localstack import ROOT, pinned
+
+OVERLAYS = sorted(p.name for p in (ROOT / "manifests" / "overlays").iterdir() if p.is_dir())
+KUBERNETES_VERSION = "1.32"
+SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]
+
+
+@lru_cache
+def render(overlay: str) -> tuple[dict, ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl (with kustomize) is needed to render the manifests")
+    result = subprocess.run([kubectl, "kustomize", str(ROOT / "manifests" / "overlays" / overlay)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def objects(overlay: str, kind: str) -> list[dict]:
+    return [d for d in render(overlay) if d["kind"] == kind]
+
+
+def isvc(overlay: str) -> dict:
+    (found,) = objects(overlay, "InferenceService")
+    return found
+
+
+@lru_cache
+def crd_schema() -> dict:
+    path = os.environ.get("KSERVE_CRD_SCHEMA") or str(
+        ROOT.parent / "shared" / "schemas" / "serving.kserve.io_inferenceservices.yaml")
+    if not Path(path).is_file():
+        message = f"KServe's InferenceService CRD not found at {path} (set KSERVE_CRD_SCHEMA)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    crd = yaml.safe_load(Path(path).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    return strict(version["schema"]["openAPIV3Schema"])
+
+
+def strict(schema):
+    """Reject unknown fields like `kubectl apply --validate=strict`: no additional properties
+    where the schema lists properties and does not preserve unknown fields."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_one_inference_service(overlay):
+    assert len(objects(overlay, "InferenceService")) == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_service_matches_kserve_crd(overlay):
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(crd_schema())
+    errors = sorted(validator.iter_errors(isvc(overlay)), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+def test_strict_schema_catches_a_misspelt_field():
+    import jsonschema
+
+    broken = yaml.safe_load(yaml.safe_dump(isvc("kind")))
+    broken["spec"]["predictor"]["model"]["storageURI"] = "oops"
+    assert list(jsonschema.Draft7Validator(crd_schema()).iter_errors(broken))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_core_objects_validate_strictly(overlay):
+    import kubernetes_validate
+
+    for obj in render(overlay):
+        if obj["kind"] == "InferenceService":
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def owned_containers(spec: dict) -> list[tuple[str, dict]]:
+    """(component, container) for every container we define: the TF Serving model and the transformer."""
+    found = [("predictor", spec["predictor"]["model"])]
+    found += [("transformer", c) for c in spec["transformer"]["containers"]]
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_owned_container_is_locked_down(overlay):
+    spec = isvc(overlay)["spec"]
+    for component, container in owned_containers(spec):
+        context = container.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True, component
+        assert isinstance(context.get("runAsUser"), int) and context["runAsUser"] > 0, component
+        assert context.get("readOnlyRootFilesystem") is True, component
+        assert context.get("allowPrivilegeEscalation") is False, component
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], component
+        assert context.get("seccompProfile", {}).get("type") == "RuntimeDefault", component
+        resources = container.get("resources", {})
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{component} {kind}"
+    for component in ("predictor", "transformer"):
+        assert spec[component]["automountServiceAccountToken"] is False
+        assert spec[component]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_account_has_no_token_and_is_referenced(overlay):
+    (account,) = objects(overlay, "ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    spec = isvc(overlay)["spec"]
+    assert spec["predictor"]["serviceAccountName"] == spec["transformer"]["serviceAccountName"] == account["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_transformer_reaches_the_predictor(overlay):
+    (policy,) = objects(overlay, "NetworkPolicy")
+    name = isvc(overlay)["metadata"]["name"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        "serving.kserve.io/inferenceservice": name, "component": "predictor"}
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert source == {"podSelector": {"matchLabels": {
+        "serving.kserve.io/inferenceservice": name, "component": "transformer"}}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_standard_mode_and_generated_names_resolve(overlay):
+    service = isvc(overlay)
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    config_maps = {c["metadata"]["name"] for c in objects(overlay, "ConfigMap")}
+    for component in ("predictor", "transformer"):
+        for volume in service["spec"][component].get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps
+
+
+def arg_value(args: list[str], flag: str) -> str | None:
+    for arg in args:
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def dockerfile() -> str:
+    return (ROOT / "transformer" / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_names_ports_and_paths_agree_everywhere(overlay):
+    from transformer.__main__ import DEFAULT_BUNDLE, build_parser
+
+    service = isvc(overlay)
+    name = service["metadata"]["name"]
+    (container,) = service["spec"]["transformer"]["containers"]
+    args = container["args"]
+    defaults = build_parser().parse_args(["--predictor_host", "x:1"])
+    docker_cmd = re.search(r'^CMD \[(.*)\]$', dockerfile(), re.M).group(1)
+
+    # Model name: the InferenceService, the transformer's flag, its readiness path, the Dockerfile.
+    assert arg_value(args, "--model_name") == name == "embedder"
+    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{name}"
+    assert f'"--model_name={name}"' in docker_cmd
+    # Port: container port, --http_port, probes, Dockerfile EXPOSE and CMD, the transformer's default.
+    port = container["ports"][0]["containerPort"]
+    assert port == int(arg_value(args, "--http_port")) == defaults.http_port == 8080
+    assert container["readinessProbe"]["httpGet"]["port"] == container["livenessProbe"]["httpGet"]["port"] == port
+    assert re.search(rf"^EXPOSE {port}$", dockerfile(), re.M)
+    assert f'"--http_port={port}"' in docker_cmd
+    # Bundle path: where the storage initializer puts STORAGE_URI, the flag, the default, the Dockerfile.
+    assert arg_value(args, "--bundle") == DEFAULT_BUNDLE == defaults.bundle == "/mnt/models"
+    assert f'"--bundle={DEFAULT_BUNDLE}"' in docker_cmd
+    assert any(e["name"] == "STORAGE_URI" for e in container["env"])
+    # Versions: TF Serving runtime and transformer image from scripts/versions.env.
+    assert service["spec"]["predictor"]["model"]["runtimeVersion"] == pinned("TF_SERVING_VERSION")
+    assert container["image"].split(":")[0] == pinned("TRANSFORMER_IMAGE").split(":")[0]
+    # The batching file the predictor is told to read is where the ConfigMap is mounted.
+    model = service["spec"]["predictor"]["model"]
+    batching_file = arg_value(model["args"], "--batching_parameters_file")
+    mounts = {m["mountPath"] for m in model["volumeMounts"]}
+    assert str(Path(batching_file).parent) in mounts
+    (config_map,) = objects(overlay, "ConfigMap")
+    assert Path(batching_file).name in config_map["data"]
+
+
+def test_kind_storage_points_at_the_mounted_build_folder():
+    service = isvc("kind")
+    (claim,) = objects("kind", "PersistentVolumeClaim")
+    (volume,) = objects("kind", "PersistentVolume")
+    model_uri = service["spec"]["predictor"]["model"]["storageUri"]
+    bundle_uri = next(e["value"] for e in service["spec"]["transformer"]["containers"][0]["env"]
+                      if e["name"] == "STORAGE_URI")
+    claim_name = claim["metadata"]["name"]
+    assert model_uri == f"pvc://{claim_name}/models/{service['metadata']['name']}"  # build/models/<name>
+    assert bundle_uri == f"pvc://{claim_name}/bundle"  # build/bundle
+    assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
+    kind_up = (ROOT / "scripts" / "kind-up.sh").read_text()
+    assert f"containerPath: {volume['spec']['hostPath']['path']}" in kind_up
+    assert "hostPath: $(pwd)/build" in kind_up
+    assert service["spec"]["transformer"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_production_uses_object_storage_credentials_and_autoscaling():
+    service = isvc("production")
+    spec = service["spec"]
+    assert spec["predictor"]["model"]["storageUri"].startswith("s3://")
+    assert not objects("production", "PersistentVolumeClaim")
+    (account,) = objects("production", "ServiceAccount")
+    assert account["secrets"] == [{"name": "embedder-s3-credentials"}]
+    for component in ("predictor", "transformer"):
+        assert spec[component]["minReplicas"] >= 2 and spec[component]["maxReplicas"] > spec[component]["minReplicas"]
+        assert (spec[component]["scaleMetric"], spec[component]["scaleTarget"]) == ("cpu", 70)
+
+
+def test_transformer_image_has_no_tensorflow():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any("tensorflow" in d for d in project["dependencies"])
+    assert "tensorflow" in " ".join(project["optional-dependencies"]["train"])
+    text = dockerfile()
+    assert "tensorflow" not in text.lower().replace("# no tensorflow", "")
+    assert "['project']['dependencies']" in text  # installs only the core dependencies
+    assert re.search(r"^USER \d+:\d+$", text, re.M), "a numeric non-root user"
+    assert "ARG BASE_IMAGE=" in text and text.count("FROM ") == 2  # base as a build argument, multi-stage
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script):
+    shellcheck = shutil.which("shellcheck") or str(Path(os.sys.executable).parent / "shellcheck")
+    result = subprocess.run([shellcheck, "-x", str(script)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.parent.name == "scripts" and s.name != "lib.sh"],
+                         ids=lambda p: p.name)
+def test_scripts_are_strict_and_executable(script):
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash")
+    assert "set -euo pipefail" in text
+    assert os.access(script, os.X_OK)
+
+
+def test_github_workflow_runs_the_kind_scripts():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "e2e-kind.yaml").read_text())
+    steps = [s.get("run", "") for job in workflow["jobs"].values() for s in job["steps"]]
+    text = "\n".join(steps)
+    for script in ("scripts/kind-up.sh", "scripts/deploy.sh", "scripts/smoke.sh"):
+        assert script in text
+
+
+def test_transformer_runs_without_tensorflow(build_dir):
+    """The image has no TensorFlow: the transformer must import and load a bundle without it."""
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
+        "from transformer.__main__ import build_parser\n"
+        "from transformer.model import EmbedderTransformer\n"
+        f"m = EmbedderTransformer('embedder', {str(build_dir / 'bundle')!r}); m.load(); print(m.ready)\n"
+    )
+    result = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
