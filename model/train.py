@@ -7,6 +7,7 @@ Writes, in TF Serving's layout and the transformer's bundle format:
 
     build/models/<name>/<version>/   SavedModel (features -> embedding, scores)
     build/bundle/                    manifest.json, scaler.joblib, segments.joblib
+    build/models/<name>-fused/<ver>/ the fitted steps compiled into the graph (model/fuse.py)
 
 and prints a quality summary: agreement of the learned segments with known
 segments (adjusted Rand index) and recall@k on held-out users.
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--model-name", default="embedder", help="model name on TF Serving")
     out.add_argument("--version", type=int, help="SavedModel version folder (default: 1, or the next free one with --new-version)")
     out.add_argument("--new-version", action="store_true", help="write the next free version instead of replacing version 1")
+    out.add_argument("--no-fused", action="store_true", help="skip the fused model (build/models/<name>-fused)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if not 0.0 < args.test_fraction < 1.0:
@@ -200,12 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
 
+    # 6. Fused mode: the same fitted steps compiled into one graph TF Serving can answer alone.
+    fused = None
+    if not args.no_fused:
+        from model.fuse import export_fused
+
+        fused = export_fused(bundle_dir, model_dir, args.out / "models" / f"{args.model_name}-fused", version)
+
     say("")
     say(f"quality on {quality.n_test_users} held-out users:")
     if quality.adjusted_rand_index is not None:
         say(f"  segments  adjusted Rand index vs known segments: {quality.adjusted_rand_index:.3f}")
     say(f"  items     recall@{quality.k}: {quality.recall_at_k:.3f}  (popularity baseline {quality.popularity_recall_at_k:.3f})")
-    say(f"wrote {saved}  and  {bundle_dir}  in {time.monotonic() - started:.1f}s")
+    say(f"wrote {saved}, {bundle_dir}" + (f" and {fused}" if fused else "")
+        + f" in {time.monotonic() - started:.1f}s")
     return 0
 
 

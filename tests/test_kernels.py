@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn.cluster import KMeans
-from sklearn.preprocessing import QuantileTransformer, StandardScaler
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScaler, StandardScaler
 
 from transformer.kernels import NearestCentroid, QuantileScaler, UnsupportedEstimator, scaler_kernel, top_items
 
@@ -82,12 +83,27 @@ def test_quantile_any_finite_input(rows):
 
 
 def test_unsupported_scaler_is_named():
-    with pytest.raises(UnsupportedEstimator, match="StandardScaler.*supported scalers: QuantileTransformer"):
-        scaler_kernel(StandardScaler().fit(np.ones((3, 2))))
+    with pytest.raises(UnsupportedEstimator, match="RobustScaler; supported scalers: QuantileTransformer, StandardScaler"):
+        scaler_kernel(RobustScaler().fit(np.ones((3, 2))))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: StandardScaler(),
+    lambda: StandardScaler(with_mean=False),
+    lambda: MinMaxScaler(),
+    lambda: MinMaxScaler(feature_range=(-1, 2), clip=True),
+    lambda: make_pipeline(QuantileTransformer(n_quantiles=50), StandardScaler()),
+    lambda: Pipeline([("skip", "passthrough"), ("mm", MinMaxScaler(clip=True)), ("q", QuantileTransformer(n_quantiles=30, output_distribution="normal"))]),
+])
+def test_other_scalers_and_pipelines(make):
+    rng = np.random.default_rng(5)
+    estimator = make().fit(heavy_tailed(rng, 400))
+    X = np.vstack([heavy_tailed(rng, 300), np.full((1, 6), 1e9), np.full((1, 6), -1e9)])
+    np.testing.assert_allclose(scaler_kernel(estimator).transform(X), estimator.transform(X), rtol=0, atol=1e-12)
 
 
 def test_unfitted_quantile_transformer_is_refused():
-    with pytest.raises(UnsupportedEstimator, match="not fitted"):
+    with pytest.raises(UnsupportedEstimator, match="QuantileTransformer is not fitted"):
         scaler_kernel(QuantileTransformer())
 
 

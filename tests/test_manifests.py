@@ -17,6 +17,7 @@ from conftest import in_ci
 from scripts.localstack import ROOT, pinned
 
 OVERLAYS = sorted(p.name for p in (ROOT / "manifests" / "overlays").iterdir() if p.is_dir())
+WITH_TRANSFORMER = ["kind", "production"]  # "fused": TF Serving alone
 KUBERNETES_VERSION = "1.32"
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]
 
@@ -107,8 +108,16 @@ def test_core_objects_validate_strictly(overlay):
 def owned_containers(spec: dict) -> list[tuple[str, dict]]:
     """(component, container) for every container we define: the TF Serving model and the transformer."""
     found = [("predictor", spec["predictor"]["model"])]
-    found += [("transformer", c) for c in spec["transformer"]["containers"]]
+    found += [("transformer", c) for c in spec.get("transformer", {}).get("containers", [])]
     return found
+
+
+def components(spec: dict) -> list[str]:
+    return [c for c in ("predictor", "transformer") if c in spec]
+
+
+def test_every_overlay_is_classified():
+    assert set(OVERLAYS) == set(WITH_TRANSFORMER) | {"fused"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -125,7 +134,7 @@ def test_every_owned_container_is_locked_down(overlay):
         resources = container.get("resources", {})
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{component} {kind}"
-    for component in ("predictor", "transformer"):
+    for component in components(spec):
         assert spec[component]["automountServiceAccountToken"] is False
         assert spec[component]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
 
@@ -135,10 +144,10 @@ def test_service_account_has_no_token_and_is_referenced(overlay):
     (account,) = objects(overlay, "ServiceAccount")
     assert account["automountServiceAccountToken"] is False
     spec = isvc(overlay)["spec"]
-    assert spec["predictor"]["serviceAccountName"] == spec["transformer"]["serviceAccountName"] == account["metadata"]["name"]
+    assert {spec[c]["serviceAccountName"] for c in components(spec)} == {account["metadata"]["name"]}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", WITH_TRANSFORMER)
 def test_only_the_transformer_reaches_the_predictor(overlay):
     (policy,) = objects(overlay, "NetworkPolicy")
     name = isvc(overlay)["metadata"]["name"]
@@ -156,7 +165,7 @@ def test_standard_mode_and_generated_names_resolve(overlay):
     service = isvc(overlay)
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     config_maps = {c["metadata"]["name"] for c in objects(overlay, "ConfigMap")}
-    for component in ("predictor", "transformer"):
+    for component in components(service["spec"]):
         for volume in service["spec"][component].get("volumes", []):
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in config_maps
@@ -173,7 +182,7 @@ def dockerfile() -> str:
     return (ROOT / "transformer" / "Dockerfile").read_text()
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", WITH_TRANSFORMER)
 def test_names_ports_and_paths_agree_everywhere(overlay):
     from transformer.__main__ import DEFAULT_BUNDLE, build_parser
 
@@ -225,6 +234,17 @@ def test_kind_storage_points_at_the_mounted_build_folder():
     assert f"containerPath: {volume['spec']['hostPath']['path']}" in kind_up
     assert "hostPath: $(pwd)/build" in kind_up
     assert service["spec"]["transformer"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_fused_serves_the_compiled_model_without_transformer():
+    service = isvc("fused")
+    assert "transformer" not in service["spec"]
+    (claim,) = objects("fused", "PersistentVolumeClaim")
+    assert service["spec"]["predictor"]["model"]["storageUri"] == f"pvc://{claim['metadata']['name']}/models/embedder-fused"
+    (policy,) = objects("fused", "NetworkPolicy")
+    (rule,) = policy["spec"]["ingress"]
+    assert "from" not in rule and {p["port"] for p in rule["ports"]} == {8080, 9000}
+    assert service["spec"]["predictor"]["model"]["runtimeVersion"] == pinned("TF_SERVING_VERSION")
 
 
 def test_production_uses_object_storage_credentials_and_autoscaling():

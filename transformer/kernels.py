@@ -76,17 +76,61 @@ class QuantileScaler:
         return out
 
 
-def scaler_kernel(estimator: Any) -> QuantileScaler:
-    """The kernel for a fitted scaler, or a clear error naming what is supported."""
-    from sklearn.preprocessing import QuantileTransformer
+class AffineScaler:
+    """``StandardScaler`` and ``MinMaxScaler``: ``(X - shift) / divide`` or ``X * scale + offset``, clipped."""
 
+    def __init__(self, *, subtract=None, divide=None, multiply=None, add=None, clip=None):
+        self.subtract, self.divide, self.multiply, self.add, self.clip = subtract, divide, multiply, add, clip
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        X = np.array(X, dtype=np.float64)  # a copy, operated on in place in scikit-learn's order
+        if self.subtract is not None:
+            X -= self.subtract
+        if self.divide is not None:
+            X /= self.divide
+        if self.multiply is not None:
+            X *= self.multiply
+        if self.add is not None:
+            X += self.add
+        if self.clip is not None:
+            np.clip(X, self.clip[0], self.clip[1], out=X)
+        return X
+
+
+class ChainedScaler:
+    """A ``Pipeline`` of supported scalers, applied in order."""
+
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        for step in self.steps:
+            X = step.transform(X)
+        return X
+
+
+SUPPORTED_SCALERS = "QuantileTransformer, StandardScaler, MinMaxScaler, or a Pipeline of these"
+
+
+def scaler_kernel(estimator: Any):
+    """The kernel for a fitted scaler, or a clear error naming what is supported."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, StandardScaler
+
+    if isinstance(estimator, Pipeline):
+        steps = [step for _, step in estimator.steps if step not in (None, "passthrough")]
+        return ChainedScaler([scaler_kernel(step) for step in steps])
+    if not hasattr(estimator, "n_features_in_"):
+        raise UnsupportedEstimator(f"the {type(estimator).__name__} is not fitted; fit it before bundling")
     if isinstance(estimator, QuantileTransformer):
-        if not hasattr(estimator, "quantiles_"):
-            raise UnsupportedEstimator("the QuantileTransformer is not fitted; fit it before bundling")
         return QuantileScaler.from_estimator(estimator)
-    raise UnsupportedEstimator(
-        f"no kernel for {type(estimator).__name__}; supported scalers: QuantileTransformer"
-    )
+    if isinstance(estimator, StandardScaler):
+        return AffineScaler(subtract=estimator.mean_ if estimator.with_mean else None,
+                            divide=estimator.scale_ if estimator.with_std else None)
+    if isinstance(estimator, MinMaxScaler):
+        return AffineScaler(multiply=estimator.scale_, add=estimator.min_,
+                            clip=estimator.feature_range if estimator.clip else None)
+    raise UnsupportedEstimator(f"no kernel for {type(estimator).__name__}; supported scalers: {SUPPORTED_SCALERS}")
 
 
 class NearestCentroid:

@@ -1,0 +1,316 @@
+"""Fused mode: the fitted scikit-learn steps compiled into TensorFlow ops, one SavedModel.
+
+    python -m model.fuse                       # build/bundle + build/models/embedder -> build/models/embedder-fused
+
+The usual advice is ``tf.py_function`` around scikit-learn; TF Serving cannot
+load such a graph (the Python callback is not saved) and the call holds the
+GIL. Here each fitted estimator is translated into native ops, so stock TF
+Serving answers alone, with no Python in the serving path:
+
+* QuantileTransformer (uniform or normal output, any ``n_quantiles``): two
+  ``searchsorted``-based linear interpolations that reproduce ``np.interp``,
+  averaged like scikit-learn; its bounds (the absolute 1e-7 margin) and its
+  clipping; all in float64, like the transformer's kernels.
+* StandardScaler, MinMaxScaler, and a Pipeline of supported scalers.
+* KMeans: nearest centroid (ties to the lowest index) and its distance.
+* The rules: top-k by score (ties to the lower id), then the minimum score.
+
+Signature ``serving_default``: ``features`` float32 [batch, F] (raw, unscaled) ->
+
+    segment           int64   [batch]       nearest centroid
+    segment_distance  float32 [batch]       Euclidean distance to it
+    item_ids          int64   [batch, k]    best first; -1 pads slots the rules filtered out
+    item_scores       float32 [batch, k]    the matching scores; -1.0 in padded slots
+    embedding         float32 [batch, D]
+
+``serving_float64`` is the same with float64 input, for clients that send
+JSON numbers and want them read at full precision (as the transformer does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+import model  # noqa: F401  (TensorFlow environment defaults)
+from model.export import next_version, save_versioned
+from transformer.bundle import Bundle, BundleError, Rules, load_bundle
+from transformer.kernels import BOUNDS_THRESHOLD, SUPPORTED_SCALERS, UnsupportedEstimator
+from scipy.special import ndtri
+
+FUSED_SIGNATURE = "serving_default"
+FLOAT64_SIGNATURE = "serving_float64"
+PAD_ID = -1
+PAD_SCORE = -1.0
+FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
+
+
+def _interp(x: tf.Tensor, xp: tf.Tensor, fp: tf.Tensor) -> tf.Tensor:
+    """``np.interp`` for each row of ``x`` [F, n] against its own ``xp`` [F, m] and shared ``fp`` [m].
+
+    Same arithmetic as numpy: below/above the range -> first/last value; exactly on
+    a knot -> that knot's value (the last of repeated knots); otherwise
+    ``slope * (x - xp[j]) + fp[j]`` with ``slope = (fp[j+1] - fp[j]) / (xp[j+1] - xp[j])``.
+    """
+    m = tf.shape(xp)[1]
+    j = tf.searchsorted(xp, x, side="right") - 1  # last knot <= x
+    inside = (j >= 0) & (j < m - 1)
+    jj = tf.clip_by_value(j, 0, m - 2)
+    x0 = tf.gather(xp, jj, batch_dims=1)
+    x1 = tf.gather(xp, jj + 1, batch_dims=1)
+    y0 = tf.gather(fp, jj)
+    y1 = tf.gather(fp, jj + 1)
+    slope = (y1 - y0) / (x1 - x0)
+    between = slope * (x - x0) + y0
+    result = tf.where(x == x0, y0, between)
+    result = tf.where(inside, result, tf.where(j < 0, fp[0], fp[-1]))
+    return result
+
+
+class _Quantile:
+    def __init__(self, estimator):
+        if estimator.output_distribution not in ("uniform", "normal"):
+            raise UnsupportedEstimator(
+                f"QuantileTransformer(output_distribution={estimator.output_distribution!r}) is not supported"
+            )
+        q = np.asarray(estimator.quantiles_, dtype=np.float64).T  # [F, m]
+        ref = np.asarray(estimator.references_, dtype=np.float64)
+        self.normal = estimator.output_distribution == "normal"
+        self.q = tf.constant(q)
+        self.q_rev = tf.constant(np.ascontiguousarray(-q[:, ::-1]))
+        self.ref = tf.constant(ref)
+        self.ref_rev = tf.constant(np.ascontiguousarray(-ref[::-1]))
+        self.low = tf.constant(q[:, 0])
+        self.high = tf.constant(q[:, -1])
+        self.clip_min = float(ndtri(BOUNDS_THRESHOLD - np.spacing(1)))
+        self.clip_max = float(ndtri(1 - (BOUNDS_THRESHOLD - np.spacing(1))))
+
+    def __call__(self, X: tf.Tensor) -> tf.Tensor:
+        xt = tf.transpose(X)  # [F, batch]: one searchsorted row per feature
+        forward = _interp(xt, self.q, self.ref)
+        backward = _interp(-xt, self.q_rev, self.ref_rev)
+        out = tf.transpose(0.5 * (forward - backward))
+        if self.normal:
+            lower = X - BOUNDS_THRESHOLD < self.low
+            upper = X + BOUNDS_THRESHOLD > self.high
+        else:
+            lower = tf.equal(X, self.low)
+            upper = tf.equal(X, self.high)
+        out = tf.where(upper, tf.ones_like(out), out)
+        out = tf.where(lower, tf.zeros_like(out), out)
+        if self.normal:
+            out = tf.clip_by_value(tf.math.ndtri(out), self.clip_min, self.clip_max)
+        return out
+
+
+class _Affine:
+    def __init__(self, subtract=None, divide=None, multiply=None, add=None, clip=None):
+        def const(v):
+            return None if v is None else tf.constant(np.asarray(v, dtype=np.float64))
+
+        self.subtract, self.divide, self.multiply, self.add = map(const, (subtract, divide, multiply, add))
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+
+    def __call__(self, X: tf.Tensor) -> tf.Tensor:
+        if self.subtract is not None:
+            X = X - self.subtract
+        if self.divide is not None:
+            X = X / self.divide
+        if self.multiply is not None:
+            X = X * self.multiply
+        if self.add is not None:
+            X = X + self.add
+        if self.clip is not None:
+            X = tf.clip_by_value(X, self.clip[0], self.clip[1])
+        return X
+
+
+class _Chain:
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, X):
+        for step in self.steps:
+            X = step(X)
+        return X
+
+
+def compile_scaler(estimator: Any):
+    """A TF function (float64 [batch, F] -> float64) equal to ``estimator.transform``."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, StandardScaler
+
+    if isinstance(estimator, Pipeline):
+        return _Chain([compile_scaler(s) for _, s in estimator.steps if s not in (None, "passthrough")])
+    if not hasattr(estimator, "n_features_in_"):
+        raise UnsupportedEstimator(f"the {type(estimator).__name__} is not fitted; fit it before compiling")
+    if isinstance(estimator, QuantileTransformer):
+        return _Quantile(estimator)
+    if isinstance(estimator, StandardScaler):
+        return _Affine(subtract=estimator.mean_ if estimator.with_mean else None,
+                       divide=estimator.scale_ if estimator.with_std else None)
+    if isinstance(estimator, MinMaxScaler):
+        return _Affine(multiply=estimator.scale_, add=estimator.min_,
+                       clip=estimator.feature_range if estimator.clip else None)
+    raise UnsupportedEstimator(
+        f"cannot compile {type(estimator).__name__} into the graph; supported scalers: {SUPPORTED_SCALERS}"
+    )
+
+
+class _NearestCentroid:
+    def __init__(self, estimator):
+        from sklearn.cluster import KMeans
+
+        if not isinstance(estimator, KMeans):
+            raise UnsupportedEstimator(
+                f"cannot compile {type(estimator).__name__} into the graph; supported segmenters: KMeans"
+            )
+        centers = np.asarray(estimator.cluster_centers_, dtype=np.float64)
+        self.centers = tf.constant(centers)
+        self.centers_t = tf.constant(np.ascontiguousarray(centers.T))
+        self.half_sq_norms = tf.constant(0.5 * np.einsum("ij,ij->i", centers, centers))
+        self.k = centers.shape[0]
+
+    def __call__(self, E: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """float64 embeddings [batch, D] -> (labels int64, distances float64)."""
+        d = self.half_sq_norms - tf.matmul(E, self.centers_t)
+        best = tf.reduce_min(d, axis=1, keepdims=True)
+        index = tf.range(self.k, dtype=tf.int64)
+        labels = tf.reduce_min(tf.where(tf.equal(d, best), index, tf.constant(self.k, tf.int64)), axis=1)  # ties: lowest
+        diff = E - tf.gather(self.centers, labels)
+        return labels, tf.sqrt(tf.reduce_sum(diff * diff, axis=1))
+
+
+def compile_segmenter(estimator: Any) -> _NearestCentroid:
+    return _NearestCentroid(estimator)
+
+
+def compile_rules(rules: Rules, n_items: int):
+    """scores float32 [batch, n_items] -> (ids int64 [batch, k], scores float32 [batch, k]), padded."""
+    k = min(rules.top_k, n_items)
+    threshold = np.float32(rules.min_score)
+
+    def apply(scores: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        best, ids = tf.math.top_k(scores, k=k, sorted=True)  # equal scores: lower index first
+        keep = best >= threshold
+        ids = tf.where(keep, tf.cast(ids, tf.int64), tf.constant(PAD_ID, tf.int64))
+        return ids, tf.where(keep, best, tf.constant(PAD_SCORE, tf.float32))
+
+    return apply
+
+
+class FusedPipeline(tf.Module):
+    """Scaling, the embedding model, segmenting and the rules in one graph."""
+
+    def __init__(self, bundle: Bundle, embedder: Any):
+        super().__init__(name="embedder_fused")
+        spec = bundle.model
+        signature = embedder.signatures[spec.signature_name]
+        _, inputs = signature.structured_input_signature
+        model_input = inputs[spec.input_name]
+        if model_input.shape.rank != 2 or model_input.shape[1] != len(bundle.feature_names):
+            raise UnsupportedEstimator(
+                f"the artifacts describe {len(bundle.feature_names)} features but the model's input "
+                f"'{spec.input_name}' has shape {model_input.shape.as_list()}: they were not trained together"
+            )
+        n_in = getattr(bundle.scaler, "n_features_in_", None)
+        if n_in != len(bundle.feature_names):
+            raise UnsupportedEstimator(
+                f"the scaler was fitted on {n_in} features, the bundle lists {len(bundle.feature_names)}"
+            )
+        self.embedder = embedder  # tracked: its variables and functions are saved with this module
+        self._model = signature
+        self.spec = spec
+        self.scale = compile_scaler(bundle.scaler)
+        self.segment = compile_segmenter(bundle.segments)
+        self.rules = compile_rules(bundle.rules, spec.n_items)
+        n = len(bundle.feature_names)
+        self.serve = tf.function(self._serve_float32,
+                                 input_signature=[tf.TensorSpec([None, n], tf.float32, name="features")])
+        self.serve_float64 = tf.function(self._serve_float64,
+                                         input_signature=[tf.TensorSpec([None, n], tf.float64, name="features")])
+
+    def _run(self, raw64: tf.Tensor) -> dict[str, tf.Tensor]:
+        scaled = tf.cast(self.scale(raw64), tf.float32)
+        outputs = self._model(**{self.spec.input_name: scaled})
+        embedding = outputs[self.spec.embedding_output]
+        labels, distances = self.segment(tf.cast(embedding, tf.float64))
+        item_ids, item_scores = self.rules(outputs[self.spec.scores_output])
+        return {
+            "segment": labels,
+            "segment_distance": tf.cast(distances, tf.float32),
+            "item_ids": item_ids,
+            "item_scores": item_scores,
+            "embedding": embedding,
+        }
+
+    def _serve_float32(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._run(tf.cast(features, tf.float64))
+
+    def _serve_float64(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._run(features)
+
+
+def graph_ops(saved_model_dir: str | Path) -> set[str]:
+    """Every op type in a SavedModel: the graphs and all their library functions."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    ops = set()
+    for meta_graph in proto.meta_graphs:
+        ops.update(node.op for node in meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def export_fused(bundle_dir: str | Path, model_dir: str | Path, out_dir: str | Path, version: int | None = None) -> Path:
+    """Compile the bundle around the newest (or the bundle's) embedder version; write ``out_dir/<version>``."""
+    bundle = load_bundle(bundle_dir)
+    source = Path(model_dir) / str(bundle.model.version)
+    if not (source / "saved_model.pb").is_file():
+        raise BundleError(f"no SavedModel at {source}: the bundle was made for version {bundle.model.version}")
+    pipeline = FusedPipeline(bundle, tf.saved_model.load(str(source)))
+    out_dir = Path(out_dir)
+    target = save_versioned(
+        pipeline, out_dir, version if version is not None else next_version(out_dir),
+        {FUSED_SIGNATURE: pipeline.serve, FLOAT64_SIGNATURE: pipeline.serve_float64},
+    )
+    forbidden = graph_ops(target) & FORBIDDEN_OPS
+    if forbidden:  # cannot happen with the compilers above; a guard for future steps
+        raise UnsupportedEstimator(f"the fused graph contains {sorted(forbidden)}, which TF Serving cannot run")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.fuse",
+        description="Compile the fitted scikit-learn steps and the embedding model into one SavedModel "
+                    "that TF Serving serves alone.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--bundle", type=Path, default=Path("build/bundle"))
+    parser.add_argument("--model-dir", type=Path, default=Path("build/models/embedder"),
+                        help="the embedder's version folders")
+    parser.add_argument("--out", type=Path, default=Path("build/models/embedder-fused"),
+                        help="where the fused model's version folders go")
+    parser.add_argument("--version", type=int, help="version folder to write (default: the embedder's version)")
+    args = parser.parse_args(argv)
+    try:
+        bundle_version = load_bundle(args.bundle).model.version
+        target = export_fused(args.bundle, args.model_dir, args.out, args.version or bundle_version)
+    except (BundleError, UnsupportedEstimator) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {target}  (signatures {FUSED_SIGNATURE}: float32 input, {FLOAT64_SIGNATURE}: float64 input)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Fused mode: the compiled graph answers like scikit-learn, like the kernels and like the transformer path."""
+
+import httpx
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_same_predictions
+from sklearn.cluster import KMeans
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScaler, StandardScaler
+
+from model.fuse import (
+    FORBIDDEN_OPS, FusedPipeline, compile_rules, compile_scaler, compile_segmenter, export_fused, graph_ops,
+)
+from scripts.localstack import LocalStack
+from transformer.bundle import Rules, load_bundle
+from transformer.kernels import UnsupportedEstimator
+
+FUSED = "embedder-fused"
+
+
+@pytest.fixture(scope="module")
+def fused_dir(build_dir):
+    return build_dir / "models" / FUSED / "1"
+
+
+@pytest.fixture(scope="module")
+def fused(fused_dir):
+    return tf.saved_model.load(str(fused_dir))
+
+
+@pytest.fixture(scope="module")
+def fused_server(build_dir, tmp_path_factory):
+    stack = LocalStack(build=build_dir, model_name=FUSED, predictor="local", log_dir=tmp_path_factory.mktemp("fused"))
+    stack.start_predictor()
+    yield f"{stack.predictor_url}/v1/models/{FUSED}"
+    stack.stop()
+
+
+def fused_as_predictions(out: dict) -> list[dict]:
+    """The fused outputs in the transformer's response shape (padding dropped)."""
+    result = []
+    for i in range(len(out["segment"])):
+        ids, scores = np.asarray(out["item_ids"][i]), np.asarray(out["item_scores"][i])
+        result.append({
+            "segment": int(out["segment"][i]),
+            "segment_distance": float(out["segment_distance"][i]),
+            "items": [{"id": int(d), "score": float(s)} for d, s in zip(ids, scores) if d != -1],
+        })
+    return result
+
+
+def adversarial_rows(offline, raw_users) -> np.ndarray:
+    q = offline.scaler.quantiles_
+    rows = [
+        np.full(q.shape[1], 1e12), np.full(q.shape[1], -1e12), np.zeros(q.shape[1]),
+        q[0], q[-1], q[len(q) // 2], q[0] - 1e-8, q[-1] + 1e-8, q[0] + 3e-7, q[-1] - 3e-7,
+    ]
+    rows += list(q[:: max(1, len(q) // 50)])  # exactly on quantiles, repeated ones included
+    return np.vstack([np.asarray(rows, dtype=np.float64), raw_users[:50]])
+
+
+def test_fused_graph_has_only_native_ops(fused_dir):
+    ops = graph_ops(fused_dir)
+    assert not ops & FORBIDDEN_OPS
+    unknown = {op for op in ops if not hasattr(tf.raw_ops, op)}
+    assert not unknown, f"ops that are not standard TensorFlow ops: {unknown}"
+    assert {"UpperBound", "Ndtri", "TopKV2"} <= ops  # the compiled steps are really in the graph
+
+
+def test_signature_outputs_and_padding(fused, offline, raw_users):
+    out = fused.signatures["serving_default"](features=tf.constant(raw_users[:8].astype(np.float32)))
+    k = offline.rules["top_k"]
+    assert out["segment"].dtype == tf.int64 and out["segment"].shape == (8,)
+    assert out["segment_distance"].dtype == tf.float32
+    assert out["item_ids"].dtype == tf.int64 and out["item_ids"].shape == (8, k)
+    assert out["item_scores"].dtype == tf.float32 and out["item_scores"].shape == (8, k)
+    ids, scores = out["item_ids"].numpy(), out["item_scores"].numpy()
+    assert np.array_equal(ids == -1, scores == -1.0)  # padded together
+    assert (scores[ids != -1] >= np.float32(offline.rules["min_score"])).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parity_with_scikit_learn_on_thousands_of_rows(fused, offline, dtype):
+    from model.data import make_synthetic
+
+    raw = make_synthetic(n_users=3000, n_items=60, seed=77).features.astype(dtype)
+    signature = "serving_default" if dtype == np.float32 else "serving_float64"
+    out = fused.signatures[signature](features=tf.constant(raw))
+    # scikit-learn sees exactly the values the graph saw.
+    assert_same_predictions(fused_as_predictions(out), offline.predictions(raw.astype(np.float64)))
+
+
+def test_parity_on_adversarial_rows(fused, offline, raw_users):
+    raw = adversarial_rows(offline, raw_users)
+    out = fused.signatures["serving_float64"](features=tf.constant(raw))
+    assert_same_predictions(fused_as_predictions(out), offline.predictions(raw))
+
+
+def test_compiled_scalers_match_scikit_learn():
+    rng = np.random.default_rng(4)
+    X = np.column_stack([rng.lognormal(2, 2, 500), rng.integers(0, 3, 500), np.full(500, 5.0), rng.normal(size=500)])
+    probe = np.vstack([X, np.full((1, 4), 1e9), np.full((1, 4), -1e9)])
+    for estimator in (
+        QuantileTransformer(n_quantiles=37, output_distribution="uniform"),
+        QuantileTransformer(n_quantiles=500, output_distribution="normal"),
+        StandardScaler(), MinMaxScaler(clip=True),
+        make_pipeline(StandardScaler(), QuantileTransformer(n_quantiles=20)),
+    ):
+        estimator.fit(X)
+        got = compile_scaler(estimator)(tf.constant(probe)).numpy()
+        np.testing.assert_allclose(got, estimator.transform(probe), rtol=0, atol=1e-12, err_msg=str(estimator))
+
+
+def test_compiled_segmenter_ties_and_distances():
+    centers = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    km = KMeans(n_clusters=3, n_init=1, init=centers, max_iter=1).fit(centers)
+    km.cluster_centers_ = centers
+    E = np.array([[0.0, 0.0], [0.0, -5.0], [0.5, 0.5], [0.9, 0.1]])
+    labels, distances = compile_segmenter(km)(tf.constant(E))
+    np.testing.assert_array_equal(labels.numpy(), km.predict(E))
+    np.testing.assert_array_equal(labels.numpy(), [0, 0, 0, 0])
+    np.testing.assert_allclose(distances.numpy(), km.transform(E)[np.arange(4), labels.numpy()], atol=1e-12)
+
+
+def test_compiled_rules_threshold_and_ties():
+    apply = compile_rules(Rules(min_score=0.3, top_k=3), n_items=5)
+    scores = np.array([[0.3, 0.9, 0.3, 0.1, 0.9], [0.1, 0.2, 0.29999998, 0.0, 0.05], [0.5] * 5], dtype=np.float32)
+    ids, kept = apply(tf.constant(scores))
+    assert ids.numpy().tolist() == [[1, 4, 0], [-1, -1, -1], [0, 1, 2]]
+    np.testing.assert_array_equal(kept.numpy()[1], [-1.0, -1.0, -1.0])
+    assert kept.numpy()[0].tolist() == pytest.approx([0.9, 0.9, 0.3])
+
+
+def test_unsupported_estimator_fails_at_compile_time():
+    with pytest.raises(UnsupportedEstimator, match="cannot compile RobustScaler.*supported scalers: QuantileTransformer"):
+        compile_scaler(RobustScaler().fit(np.ones((4, 2))))
+    with pytest.raises(UnsupportedEstimator, match="cannot compile StandardScaler into the graph; supported segmenters: KMeans"):
+        compile_segmenter(StandardScaler().fit(np.ones((4, 2))))
+
+
+def test_feature_count_mismatch_fails_at_compile_time(build_dir):
+    bundle = load_bundle(build_dir / "bundle")
+    rng = np.random.default_rng(0)
+    wrong = QuantileTransformer(n_quantiles=10).fit(rng.normal(size=(50, len(bundle.feature_names) + 1)))
+    import dataclasses
+
+    mismatched = dataclasses.replace(bundle, scaler=wrong)
+    embedder = tf.saved_model.load(str(build_dir / "models" / "embedder" / "1"))
+    with pytest.raises(UnsupportedEstimator, match=r"scaler was fitted on \d+ features, the bundle lists"):
+        FusedPipeline(mismatched, embedder)
+    short = dataclasses.replace(bundle, feature_names=bundle.feature_names[:-1])
+    with pytest.raises(UnsupportedEstimator, match="the model's input 'features' has shape"):
+        FusedPipeline(short, embedder)
+
+
+def test_export_refuses_a_bundle_without_its_model(build_dir, tmp_path):
+    from transformer.bundle import BundleError
+
+    with pytest.raises(BundleError, match="no SavedModel at"):
+        export_fused(build_dir / "bundle", tmp_path / "nothing", tmp_path / "out")
+
+
+def test_fused_server_answers_like_the_transformer(stack, fused_server, raw_users):
+    """JSON numbers through both servers: the float64 signature reads them at full precision."""
+    rows = raw_users[:100]
+    via_transformer = httpx.post(f"{stack.transformer_url}/v1/models/embedder:predict",
+                                 json={"instances": rows.tolist()}, timeout=30).json()["predictions"]
+    response = httpx.post(f"{fused_server}:predict",
+                          json={"signature_name": "serving_float64", "inputs": rows.tolist()}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert_same_predictions(fused_as_predictions(response.json()["outputs"]), via_transformer)
+
+
+def test_fused_server_float32_rows(stack, fused_server, raw_users):
+    """float32 input in row form: values a float32 holds exactly give the transformer's answers."""
+    rows = raw_users[100:140].astype(np.float32).astype(np.float64)
+    via_transformer = httpx.post(f"{stack.transformer_url}/v1/models/embedder:predict",
+                                 json={"instances": rows.tolist()}, timeout=30).json()["predictions"]
+    response = httpx.post(f"{fused_server}:predict", json={"instances": rows.tolist()}, timeout=30)
+    assert response.status_code == 200, response.text
+    rows_out = response.json()["predictions"]
+    columns = {key: [r[key] for r in rows_out] for key in rows_out[0]}
+    assert_same_predictions(fused_as_predictions(columns), via_transformer)
