@@ -62,8 +62,11 @@ def test_too_many_rows_is_413():
 
 def test_raw_bytes_are_parsed_and_garbage_is_named():
     assert decode_body(b'{"instances": []}') == {"instances": []}
-    with pytest.raises(RequestError, match="not valid JSON"):
-        decode_body(b"\xff\xfe")
+    with pytest.raises(RequestError, match="not UTF-8"):
+        decode_body(b"{\x80}")
+    with pytest.raises(RequestError, match="not valid JSON: Expecting value at line 1 column 15"):
+        decode_body(b'{"instances": }')
+    assert math.isnan(decode_body(b'{"instances": [[NaN]]}')["instances"][0][0])
 
 
 @settings(max_examples=300, deadline=None)

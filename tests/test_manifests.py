@@ -305,3 +305,18 @@ def test_transformer_runs_without_tensorflow(build_dir):
     result = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+def test_grafana_dashboard_shows_the_transformer_metrics():
+    import json
+
+    from transformer import metrics
+
+    dashboard = json.loads((ROOT / "manifests" / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in (metrics.REQUESTS, metrics.ROWS, metrics.OUT_OF_RANGE, metrics.SEGMENTS,
+                   metrics.PREDICTOR_SECONDS, metrics.PREDICTOR_RETRIES):
+        assert metric._name in exprs, metric._name
+    assert "request_predict_seconds_bucket" in exprs  # KServe's stage histograms
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

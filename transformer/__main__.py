@@ -7,13 +7,15 @@ Takes every flag of KServe's ModelServer (KServe's controller injects
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
 
 from kserve import model_server
 
 from transformer.bundle import BundleError
 from transformer.kernels import UnsupportedEstimator
-from transformer.predictor import RetryPolicy
+from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, metadata_problems
 
 DEFAULT_BUNDLE = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 
@@ -33,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds to wait for TF Serving before answering 504")
     ours.add_argument("--predictor_retries", type=int, default=2,
                       help="extra tries when TF Serving cannot be reached or answers 503")
-    ours.add_argument("--max_rows", type=int, default=1024, help="rows accepted in one request")
+    ours.add_argument("--max_rows", type=int, default=1024, help="rows accepted in one request (413 past it)")
+    ours.add_argument("--max_body_bytes", type=int, default=8 * 1024 * 1024,
+                      help="request body size accepted (413 past it, without reading the rest)")
+    ours.add_argument("--graceful_shutdown_seconds", type=int, default=20,
+                      help="on SIGTERM, how long in-flight requests may take to finish")
+    ours.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                      help="level of the transformer's own (JSON) log lines")
     parser.set_defaults(enable_grpc=False)
     return parser
 
@@ -46,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers != 1:
         parser.error("--workers must be 1: KServe's multi-process mode loses the predictor "
                      "configuration; scale with replicas instead")
-    if args.max_rows < 1 or args.predictor_timeout <= 0 or args.predictor_retries < 0:
-        parser.error("--max_rows and --predictor_timeout must be positive, --predictor_retries >= 0")
+    if min(args.max_rows, args.max_body_bytes) < 1 or args.predictor_timeout <= 0 or args.predictor_retries < 0:
+        parser.error("--max_rows, --max_body_bytes and --predictor_timeout must be positive, --predictor_retries >= 0")
+    configure_logging(args.log_level)
 
     from transformer.model import EmbedderTransformer
     from transformer.server import serve
@@ -65,8 +74,39 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, UnsupportedEstimator) as exc:
         print(f"error: cannot load the artifact bundle: {exc}", file=sys.stderr)
         return 2
+    problems = asyncio.run(check_predictor(args.predictor_host, args.model_name, model.spec))
+    asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run closed its loop; KServe expects one
+    if problems:
+        print("error: the predictor's model does not fit the bundle: " + "; ".join(problems)
+              + ". Deploy the SavedModel trained with this bundle (same build/ folder).", file=sys.stderr)
+        return 2
     serve(model, args)
     return 0
+
+
+async def check_predictor(host: str, model_name: str, spec) -> list[str]:
+    """Compare TF Serving's model metadata with the bundle, if TF Serving answers already.
+
+    An unreachable predictor is not an error here: readiness stays false until it answers
+    and fits (the same check runs there)."""
+    client = PredictorClient(host, model_name, timeout=3.0, retry=RetryPolicy(attempts=1))
+    try:
+        return metadata_problems(await client.metadata(), spec)
+    except PredictorError as exc:
+        logging.getLogger("transformer").warning("predictor not checked at start-up (%s); "
+                                                 "readiness stays false until it answers", exc)
+        return []
+    finally:
+        await client.close()
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logger = logging.getLogger("transformer")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 if __name__ == "__main__":

@@ -29,30 +29,49 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 from kserve.errors import InvalidInput
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RequestError(InvalidInput):
-    """A request the transformer cannot serve; answered with ``status`` (4xx)."""
+    """A request the transformer cannot serve; answered with ``status`` (4xx).
 
-    def __init__(self, reason: str, status: int = 400):
+    ``cause`` is a short machine-readable reason, used as a metrics label.
+    """
+
+    def __init__(self, reason: str, status: int = 400, cause: str = "invalid_request"):
         super().__init__(reason)
         self.status = status
+        self.cause = cause
+
+
+def decode_json(body: bytes | bytearray | str) -> Any:
+    """Parse a request body. ``NaN`` and ``Infinity`` tokens are read (as TF Serving does) so
+    that validation can name the row and the field that holds them."""
+    if not body or not body.strip():
+        raise RequestError('the body is empty; send {"instances": [...]}', cause="invalid_json")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
+            'send {"instances": [...]}', cause="invalid_json",
+        ) from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "is nested too deeply"
+        raise RequestError(f'the body {reason}; send {{"instances": [...]}} as JSON', cause="invalid_json") from None
 
 
 def decode_body(payload: Any) -> Any:
-    """The request as parsed JSON. KServe hands over raw bytes when the
-    Content-Type is not JSON; such bodies are parsed here."""
+    """The request as parsed JSON: KServe hands over raw bytes when the Content-Type is not JSON."""
     if isinstance(payload, (bytes, bytearray, str)):
-        try:
-            return json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(
-                f"the body is not valid JSON ({exc}); send {{\"instances\": [...]}} "
-                "with Content-Type: application/json"
-            ) from None
+        return decode_json(payload)
     return payload
 
 
@@ -78,7 +97,8 @@ def _value_error(row: int, name: str, value: Any) -> RequestError:
         expected = f"a number within float32 range (|x| <= {FLOAT32_MAX:.4g})"
     else:
         expected = "a finite number"
-    return RequestError(f"instances[{row}]: feature '{name}' must be {expected}, got {_describe(value)}")
+    return RequestError(f"instances[{row}]: feature '{name}' must be {expected}, got {_describe(value)}",
+                        cause="invalid_value")
 
 
 def _is_number(value: Any) -> bool:
@@ -104,7 +124,7 @@ def parse_instances(doc: Any, feature_names: tuple[str, ...], max_rows: int) -> 
     if len(instances) > max_rows:
         raise RequestError(
             f"'instances' has {len(instances)} rows, at most {max_rows} are accepted per request; "
-            "split the request", status=413,
+            "split the request", status=413, cause="too_many_rows",
         )
     n_features = len(feature_names)
     rows = []
@@ -120,19 +140,20 @@ def parse_instances(doc: Any, feature_names: tuple[str, ...], max_rows: int) -> 
                 if unknown:
                     parts.append(f"unknown feature(s) {', '.join(repr(u) for u in unknown)}")
                 raise RequestError(
-                    f"instances[{index}]: {'; '.join(parts)}; expected exactly: {', '.join(feature_names)}"
+                    f"instances[{index}]: {'; '.join(parts)}; expected exactly: {', '.join(feature_names)}",
+                    cause="invalid_row",
                 )
         elif isinstance(row, list):
             if len(row) != n_features:
                 raise RequestError(
                     f"instances[{index}]: a list row must have {n_features} values in this order: "
-                    f"{', '.join(feature_names)}; got {len(row)}"
+                    f"{', '.join(feature_names)}; got {len(row)}", cause="invalid_row",
                 )
             values = row
         else:
             raise RequestError(
                 f"instances[{index}]: a row must be an object keyed by feature name or a list of "
-                f"{n_features} numbers, got {_describe(row)}"
+                f"{n_features} numbers, got {_describe(row)}", cause="invalid_row",
             )
         for name, value in zip(feature_names, values):
             # Huge JSON integers would overflow float64 itself: check them before converting.

@@ -22,6 +22,7 @@ import numpy as np
 from transformer.bundle import Bundle, load_bundle
 from transformer.codec import decode_body, encode_predictions, parse_instances
 from transformer.kernels import NearestCentroid, scaler_kernel, top_items
+from transformer.metrics import ModelMetrics
 from transformer.predictor import PredictorClient, PredictorError, ReadinessProbe, RetryPolicy
 
 log = logging.getLogger("transformer")
@@ -63,6 +64,8 @@ class EmbedderTransformer(kserve.Model):
         self.feature_names = bundle.feature_names
         self.spec = bundle.model
         self.rules = bundle.rules
+        self.metrics = ModelMetrics(self.name, bundle.feature_names, bundle.feature_min, bundle.feature_max,
+                                    int(bundle.segments.n_clusters))
         if bundle.model.name != self.name:
             log.info("bundle was trained for model %r, serving it as %r", bundle.model.name, self.name)
         self.ready = True
@@ -74,16 +77,23 @@ class EmbedderTransformer(kserve.Model):
             host = self._predictor_host or (self.predictor_config.predictor_host if self.predictor_config else None)
             if not host:
                 raise PredictorError(503, "no predictor host configured: start with --predictor_host HOST:PORT")
-            self._predictor = PredictorClient(host, self.name, timeout=self._predictor_timeout, retry=self._retry)
-            self._readiness = ReadinessProbe(self._predictor)
+            self._predictor = PredictorClient(host, self.name, timeout=self._predictor_timeout, retry=self._retry,
+                                              on_retry=self.metrics.retry)
+            self._readiness = ReadinessProbe(self._predictor, self.spec)
         return self._predictor
 
     async def healthy(self) -> bool:
-        """Ready when the bundle is loaded and TF Serving reports the model AVAILABLE."""
+        """Ready when the bundle is loaded, TF Serving reports the model AVAILABLE and its metadata fits."""
         if not self.ready:
             return False
         self.predictor  # creates the readiness probe
         return await self._readiness.ready()
+
+    @property
+    def not_ready_reason(self) -> str:
+        if not self.ready:
+            return "the artifact bundle is not loaded"
+        return self._readiness.reason if self._readiness else "not checked yet"
 
     async def _compute(self, fn: Callable[..., Any], rows: int, *args: Any) -> Any:
         """Run CPU work inline for small batches, in a worker thread for large ones."""
@@ -95,11 +105,13 @@ class EmbedderTransformer(kserve.Model):
 
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> np.ndarray:
         X = parse_instances(decode_body(payload), self.feature_names, self.max_rows)
+        self.metrics.observe_rows(X)
         scaled = await self._compute(self.scaler.transform, X.shape[0], X)
         return scaled.astype(np.float32)
 
     async def predict(self, payload: np.ndarray, headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-        outputs = await self.predictor.predict(payload, self.spec.signature_name)
+        with self.metrics.predictor_seconds.time():
+            outputs = await self.predictor.predict(payload, self.spec.signature_name)
         n = payload.shape[0]
         expected = {
             self.spec.embedding_output: (n, self.spec.embedding_dim),
@@ -113,6 +125,7 @@ class EmbedderTransformer(kserve.Model):
                     f"the predictor's output {name!r} has shape "
                     f"{None if got is None else list(got.shape)}, expected {list(shape)}: "
                     "is the predictor serving the model this bundle was trained with?",
+                    "predictor_bad_answer",
                 )
         return outputs
 
@@ -122,5 +135,6 @@ class EmbedderTransformer(kserve.Model):
 
     def _rank(self, embedding: np.ndarray, scores: np.ndarray) -> dict:
         labels, distances = self.segmenter.assign(embedding)
+        self.metrics.observe_segments(labels)
         item_ids, keep = top_items(scores, self.rules.min_score, self.rules.top_k)
         return encode_predictions(labels, distances, item_ids, keep, scores)

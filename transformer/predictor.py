@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 import numpy as np
 import orjson
 
+log = logging.getLogger("transformer")
 
 class PredictorError(Exception):
-    """The predictor call failed; ``status`` is what the transformer answers."""
+    """The predictor call failed; ``status`` is what the transformer answers, ``cause`` a metrics label."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, cause: str = "predictor_failed"):
         super().__init__(message)
         self.status = status
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,13 @@ class PredictorClient:
         use_ssl: bool = False,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ):
         self.model_name = model_name
         self.base_url = f"{'https' if use_ssl else 'http'}://{host}"
         self.timeout = timeout
         self.retry = retry
+        self._on_retry = on_retry or (lambda reason: None)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
@@ -102,6 +108,7 @@ class PredictorClient:
                 remaining = self.retry.budget - waited
                 if remaining <= 0:
                     break
+                self._on_retry(last.cause)
                 pause = min(self.retry.delay(attempt - 1), remaining)
                 await asyncio.sleep(pause)
                 waited += pause
@@ -111,16 +118,19 @@ class PredictorClient:
                     headers={"content-type": "application/json"} if content is not None else None,
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                last = PredictorError(503, f"the predictor at {self.base_url} is unreachable ({type(exc).__name__})")
+                last = PredictorError(503, f"the predictor at {self.base_url} is unreachable ({type(exc).__name__})",
+                                      "predictor_unreachable")
                 continue
             except httpx.TimeoutException:
                 raise PredictorError(
-                    504, f"the predictor at {self.base_url} did not answer within {self.timeout:g}s"
+                    504, f"the predictor at {self.base_url} did not answer within {self.timeout:g}s", "predictor_timeout"
                 ) from None
             except httpx.TransportError as exc:  # connection dropped mid-answer: not safe to repeat
-                raise PredictorError(502, f"the connection to the predictor failed: {type(exc).__name__}") from None
+                raise PredictorError(502, f"the connection to the predictor failed: {type(exc).__name__}",
+                                     "predictor_connection_lost") from None
             if response.status_code == 503:
-                last = PredictorError(503, f"the predictor is unavailable: {_error_text(response)}")
+                last = PredictorError(503, f"the predictor is unavailable: {_error_text(response)}",
+                                      "predictor_unavailable")
                 continue
             return response
         raise last
@@ -133,27 +143,29 @@ class PredictorClient:
         )
         response = await self._send("POST", self._predict_path, body)
         if response.status_code == 400:
-            raise PredictorError(400, f"the predictor rejected the request: {_error_text(response)}")
+            raise PredictorError(400, f"the predictor rejected the request: {_error_text(response)}",
+                                 "predictor_rejected")
         if response.status_code != 200:
             raise PredictorError(
-                502, f"the predictor answered {response.status_code}: {_error_text(response)}"
+                502, f"the predictor answered {response.status_code}: {_error_text(response)}", "predictor_failed"
             )
         try:
             outputs = _loads(response.content)["outputs"]
             return {name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PredictorError(502, f"the predictor's answer is not a columnar predict response ({exc})") from None
+            raise PredictorError(502, f"the predictor's answer is not a columnar predict response ({exc})",
+                                 "predictor_bad_answer") from None
 
-    async def model_state(self) -> str:
-        """The state TF Serving reports for the newest version (``AVAILABLE`` when it serves)."""
+    async def model_state(self) -> tuple[str, str]:
+        """(version, state) TF Serving reports for the newest version (state ``AVAILABLE`` when it serves)."""
         response = await self._send("GET", self._status_path, retry=False)
         if response.status_code != 200:
             raise PredictorError(502, f"model status answered {response.status_code}: {_error_text(response)}")
         statuses = response.json().get("model_version_status") or []
         if not statuses:
-            return "UNKNOWN"
+            return "", "UNKNOWN"
         newest = max(statuses, key=lambda s: int(s.get("version", 0)))
-        return str(newest.get("state", "UNKNOWN"))
+        return str(newest.get("version", "")), str(newest.get("state", "UNKNOWN"))
 
     async def metadata(self) -> dict:
         response = await self._send("GET", self._status_path + "/metadata")
@@ -162,15 +174,55 @@ class PredictorClient:
         return response.json()
 
 
-class ReadinessProbe:
-    """The predictor's readiness, cached for ``ttl`` seconds; concurrent callers share one check."""
+def _dims(tensor_info: dict) -> list[int] | None:
+    shape = tensor_info.get("tensor_shape") or {}
+    if shape.get("unknown_rank"):
+        return None
+    return [int(d.get("size", -1)) for d in shape.get("dim", [])]
 
-    def __init__(self, client: PredictorClient, ttl: float = 1.0):
+
+def metadata_problems(metadata: dict, spec) -> list[str]:
+    """What in TF Serving's model metadata does not fit the bundle's ModelSpec (empty when all fits)."""
+    try:
+        signatures = metadata["metadata"]["signature_def"]["signature_def"]
+    except (KeyError, TypeError):
+        return ["the predictor's metadata has no signature_def map"]
+    signature = signatures.get(spec.signature_name)
+    if signature is None:
+        return [f"the predictor's model has no signature '{spec.signature_name}' "
+                f"(it has: {', '.join(sorted(signatures))})"]
+    problems = []
+    expected_inputs = {spec.input_name: [-1, spec.n_features]}
+    expected_outputs = {spec.embedding_output: [-1, spec.embedding_dim], spec.scores_output: [-1, spec.n_items]}
+    for kind, expected in (("inputs", expected_inputs), ("outputs", expected_outputs)):
+        tensors = signature.get(kind) or {}
+        for name, dims in expected.items():
+            info = tensors.get(name)
+            if info is None:
+                problems.append(f"signature '{spec.signature_name}' has no {kind[:-1]} '{name}' "
+                                f"(it has: {', '.join(sorted(tensors))})")
+                continue
+            got = _dims(info)
+            if info.get("dtype") != "DT_FLOAT" or (got is not None and got != dims):
+                problems.append(f"{kind[:-1]} '{name}' is {info.get('dtype')} {got}, the bundle expects DT_FLOAT {dims}")
+    return problems
+
+
+class ReadinessProbe:
+    """The predictor's readiness, cached for ``ttl`` seconds; concurrent callers share one check.
+
+    Ready means: TF Serving reports the newest version AVAILABLE, and that version's metadata
+    fits the bundle (checked once per version).
+    """
+
+    def __init__(self, client: PredictorClient, spec=None, ttl: float = 1.0):
         self.client = client
+        self.spec = spec
         self.ttl = ttl
         self._checked_at = -float("inf")
         self._ready = False
         self._lock = asyncio.Lock()
+        self._verified_version: str | None = None
         self.reason = "not checked yet"
 
     async def ready(self) -> bool:
@@ -178,11 +230,24 @@ class ReadinessProbe:
             return self._ready
         async with self._lock:
             if time.monotonic() - self._checked_at >= self.ttl:
+                was = self._ready
                 try:
-                    state = await self.client.model_state()
-                    self._ready = state == "AVAILABLE"
-                    self.reason = "" if self._ready else f"the predictor reports the model {state}"
+                    self._ready, self.reason = await self._check()
                 except PredictorError as exc:
                     self._ready, self.reason = False, str(exc)
                 self._checked_at = time.monotonic()
+                if was != self._ready:
+                    log.log(logging.INFO if self._ready else logging.WARNING, "%s",
+                            json.dumps({"event": "readiness", "ready": self._ready, "reason": self.reason}))
         return self._ready
+
+    async def _check(self) -> tuple[bool, str]:
+        version, state = await self.client.model_state()
+        if state != "AVAILABLE":
+            return False, f"the predictor reports the model {state}"
+        if self.spec is not None and version != self._verified_version:
+            problems = metadata_problems(await self.client.metadata(), self.spec)
+            if problems:
+                return False, "the predictor's model does not fit the bundle: " + "; ".join(problems)
+            self._verified_version = version
+        return True, ""

@@ -1,42 +1,101 @@
-"""Wiring of the transformer into KServe's ModelServer: error statuses and start-up.
+"""Wiring of the transformer into KServe's ModelServer.
 
-KServe answers 500 for most failures. Here every failure the transformer
-knows about carries its own status: 4xx for requests it cannot serve, 502,
-503 or 504 when the predictor fails; the body is ``{"error": "..."}``.
+KServe's own v1 predict endpoint answers 500 for most failures, reads bodies of
+any size and rejects ``NaN`` before the model can say where it is. The
+transformer registers its own ``POST /v1/models/{name}:predict`` in front of it:
+
+* the body is refused with 413 past ``--max_body_bytes`` (from Content-Length,
+  before reading it, or while streaming it);
+* JSON is decoded here, so every problem is a 4xx naming the row and field;
+* predictor failures keep their status (502, 503, 504);
+* each request gets an id (``x-request-id``, echoed back) that its log lines carry;
+* each outcome is counted in ``embedder_requests_total``.
+
+Everything else (liveness ``/``, readiness ``/v1/models/{name}``, ``/metrics``,
+the pre/predict/post contract and its histograms) is KServe's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import time
+import uuid
 
+from fastapi import Request
 from fastapi.responses import ORJSONResponse
 from kserve import ModelServer, model_server
+from kserve.errors import ModelNotFound
 
-from transformer.codec import RequestError
+from transformer.codec import RequestError, decode_json
 from transformer.predictor import PredictorError
 
 log = logging.getLogger("transformer")
 
 
-async def _request_error(_, exc: RequestError) -> ORJSONResponse:
-    log.info("rejected request: %s", exc)
-    return ORJSONResponse(status_code=exc.status, content={"error": str(exc)})
+def log_event(level: int, event: str, **fields) -> None:
+    """One structured (JSON) log line."""
+    if log.isEnabledFor(level):
+        log.log(level, "%s", json.dumps({"event": event, **fields}, default=str))
 
 
-async def _predictor_error(_, exc: PredictorError) -> ORJSONResponse:
-    log.warning("predictor call failed (%d): %s", exc.status, exc)
-    return ORJSONResponse(status_code=exc.status, content={"error": str(exc)})
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the body is {declared} bytes, at most {limit} are accepted; send fewer rows per request",
+                           status=413, cause="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"the body is more than {limit} bytes; send fewer rows per request",
+                               status=413, cause="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def install_error_handlers(app) -> None:
-    app.add_exception_handler(RequestError, _request_error)
-    app.add_exception_handler(PredictorError, _predictor_error)
+class PredictEndpoint:
+    """``POST /v1/models/{model_name}:predict`` with bounded bodies, precise statuses and request ids."""
+
+    def __init__(self, dataplane, max_body_bytes: int):
+        self.dataplane = dataplane
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, model_name: str, request: Request) -> ORJSONResponse:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        started = time.perf_counter()
+        model = self.dataplane.model_registry.get_model(model_name)
+        if model is None:
+            raise ModelNotFound(model_name)  # KServe's handler: 404
+        metrics = getattr(model, "metrics", None)
+        try:
+            body = await read_body(request, self.max_body_bytes)
+            headers = dict(request.headers.items())
+            headers["x-request-id"] = request_id
+            response, _ = await self.dataplane.infer(model_name, decode_json(body), headers)
+        except (RequestError, PredictorError) as exc:
+            outcome = "client_error" if isinstance(exc, RequestError) else "predictor_error"
+            if metrics:
+                metrics.request(outcome, exc.cause)
+            log_event(logging.INFO if outcome == "client_error" else logging.WARNING, "request_failed",
+                      request_id=request_id, model=model_name, status=exc.status, cause=exc.cause,
+                      error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
+            return ORJSONResponse(status_code=exc.status, content={"error": str(exc)},
+                                  headers={"x-request-id": request_id})
+        except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
+            if metrics:
+                metrics.request("internal_error", type(exc).__name__)
+            log.exception("%s", json.dumps({"event": "request_crashed", "request_id": request_id}))
+            return ORJSONResponse(status_code=500, content={"error": f"internal error (request id {request_id})"},
+                                  headers={"x-request-id": request_id})
+        if metrics:
+            metrics.request("ok", "ok")
+        return ORJSONResponse(content=response, headers={"x-request-id": request_id})
 
 
 def serve(model, args: argparse.Namespace) -> None:
-    """Run the ModelServer with ``model`` until SIGTERM/SIGINT."""
-    install_error_handlers(model_server.app)
+    """Run the ModelServer with ``model`` until SIGTERM/SIGINT, then drain in-flight requests."""
     server = ModelServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,
@@ -47,5 +106,14 @@ def serve(model, args: argparse.Namespace) -> None:
         access_log_format=args.access_log_format,
         event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive,
+        # On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish, this long at most.
+        grace_period=args.graceful_shutdown_seconds,
+    )
+    # Registered before KServe adds its routes at start, so this one is matched first.
+    model_server.app.add_api_route(
+        "/v1/models/{model_name}:predict",
+        PredictEndpoint(server.dataplane, args.max_body_bytes),
+        methods=["POST"],
+        response_model=None,
     )
     server.start([model])
