@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="request body size accepted (413 past it, without reading the rest)")
     ours.add_argument("--graceful_shutdown_seconds", type=int, default=20,
                       help="on SIGTERM, how long in-flight requests may take to finish")
+    ours.add_argument("--kernels", choices=["numpy", "sklearn"], default="numpy",
+                      help="numpy: the fitted steps as numpy kernels; sklearn: call scikit-learn per request "
+                           "(the naive baseline, for benchmarks)")
+    ours.add_argument("--access_log", action="store_true",
+                      help="log a line per request (off by default: failed requests are always logged, "
+                           "with their request id)")
     ours.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                       help="level of the transformer's own (JSON) log lines")
     parser.set_defaults(enable_grpc=False)
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor_timeout=args.predictor_timeout,
         retry=RetryPolicy(attempts=args.predictor_retries + 1),
         max_rows=args.max_rows,
+        kernels=args.kernels,
     )
     try:
         model.load()

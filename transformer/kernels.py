@@ -177,3 +177,25 @@ def top_items(scores: np.ndarray, min_score: float, top_k: int) -> tuple[np.ndar
     best = np.take_along_axis(scores, order, axis=1)
     keep = best >= np.float32(min_score)
     return order, keep
+
+
+class SklearnScaler:
+    """The naive baseline (``--kernels sklearn``): scikit-learn's own ``transform`` per request."""
+
+    def __init__(self, estimator: Any):
+        self.estimator = estimator
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return self.estimator.transform(X)
+
+
+class SklearnSegmenter:
+    """The naive baseline (``--kernels sklearn``): ``KMeans.predict`` and ``KMeans.transform`` per request."""
+
+    def __init__(self, estimator: Any):
+        self.estimator = estimator
+
+    def assign(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = np.asarray(X, dtype=np.float64)
+        labels = self.estimator.predict(X)
+        return labels, self.estimator.transform(X)[np.arange(len(labels)), labels]

@@ -21,7 +21,7 @@ import numpy as np
 
 from transformer.bundle import Bundle, load_bundle
 from transformer.codec import decode_body, encode_predictions, parse_instances
-from transformer.kernels import NearestCentroid, scaler_kernel, top_items
+from transformer.kernels import NearestCentroid, SklearnScaler, SklearnSegmenter, scaler_kernel, top_items
 from transformer.metrics import ModelMetrics
 from transformer.predictor import PredictorClient, PredictorError, ReadinessProbe, RetryPolicy
 
@@ -41,11 +41,15 @@ class EmbedderTransformer(kserve.Model):
         retry: RetryPolicy = RetryPolicy(),
         max_rows: int = 1024,
         offload_rows: int = 64,
+        kernels: str = "numpy",
     ):
         super().__init__(name)
         self.bundle_dir = Path(bundle_dir)
         self.max_rows = max_rows
         self.offload_rows = offload_rows
+        if kernels not in ("numpy", "sklearn"):
+            raise ValueError(f"kernels must be 'numpy' or 'sklearn', got {kernels!r}")
+        self.kernels = kernels
         self._predictor_host = predictor_host
         self._predictor_timeout = predictor_timeout
         self._retry = retry
@@ -58,8 +62,12 @@ class EmbedderTransformer(kserve.Model):
     def load(self) -> bool:
         """Verify and load the bundle; raises BundleError with what to do when it is not usable."""
         bundle = load_bundle(self.bundle_dir)
-        self.scaler = scaler_kernel(bundle.scaler)
-        self.segmenter = NearestCentroid.from_estimator(bundle.segments)
+        if self.kernels == "numpy":
+            self.scaler = scaler_kernel(bundle.scaler)
+            self.segmenter = NearestCentroid.from_estimator(bundle.segments)
+        else:  # the naive baseline, for the benchmark
+            self.scaler = SklearnScaler(bundle.scaler)
+            self.segmenter = SklearnSegmenter(bundle.segments)
         self.bundle = bundle
         self.feature_names = bundle.feature_names
         self.spec = bundle.model

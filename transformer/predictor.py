@@ -2,8 +2,8 @@
 
 One pooled keep-alive connection set per process; bounded timeouts; retries
 with jittered backoff only where a retry cannot do harm (the connection could
-not be made, or TF Serving said 503); every failure mapped to a status the
-client can act on:
+not be made or dropped before the answer, or TF Serving said 503); every
+failure mapped to a status the client can act on:
 
     predictor unreachable / 503 after retries  -> 503
     no answer within the timeout              -> 504
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import httpx
+import aiohttp
 import numpy as np
 import orjson
 
@@ -48,14 +48,23 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.max_delay, self.base_delay * (2**attempt)))
 
 
-def _error_text(response: httpx.Response) -> str:
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    content: bytes
+
+    def json(self):
+        return _loads(self.content)
+
+
+def _error_text(answer: Answer) -> str:
     try:
-        body = response.json()
+        body = answer.json()
         if isinstance(body, dict) and "error" in body:
             return str(body["error"])
     except ValueError:
         pass
-    return response.text[:500] or response.reason_phrase
+    return answer.content[:500].decode(errors="replace") or f"HTTP {answer.status}"
 
 
 def _loads(content: bytes):
@@ -66,7 +75,12 @@ def _loads(content: bytes):
 
 
 class PredictorClient:
-    """Calls ``/v1/models/<name>:predict`` and the status/metadata endpoints."""
+    """Calls ``/v1/models/<name>:predict`` and the status/metadata endpoints.
+
+    aiohttp (its HTTP parser is C) keeps a pool of keep-alive connections. Predict is a
+    pure function of its input, so a call whose connection failed, or dropped before the
+    answer, can be repeated safely; a timeout is not repeated (the predictor is busy).
+    """
 
     def __init__(
         self,
@@ -77,32 +91,36 @@ class PredictorClient:
         retry: RetryPolicy = RetryPolicy(),
         use_ssl: bool = False,
         max_connections: int = 64,
-        transport: httpx.AsyncBaseTransport | None = None,
         on_retry: Callable[[str], None] | None = None,
     ):
         self.model_name = model_name
         self.base_url = f"{'https' if use_ssl else 'http'}://{host}"
         self.timeout = timeout
         self.retry = retry
+        self.max_connections = max_connections
         self._on_retry = on_retry or (lambda reason: None)
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-        )
-        self._predict_path = f"/v1/models/{model_name}:predict"
-        self._status_path = f"/v1/models/{model_name}"
+        self._session: aiohttp.ClientSession | None = None
+        self._predict_url = f"{self.base_url}/v1/models/{model_name}:predict"
+        self._status_url = f"{self.base_url}/v1/models/{model_name}"
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:  # made on first use, inside the running loop
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(self.timeout, 2.0)),
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    async def _send(
-        self, method: str, path: str, content: bytes | None = None, retry: bool = True
-    ) -> httpx.Response:
+    async def _send(self, method: str, url: str, content: bytes | None = None, retry: bool = True) -> Answer:
         """One request, retried on connection failures and 503 within the retry budget."""
         waited = 0.0
         last: PredictorError | None = None
+        headers = {"Content-Type": "application/json"} if content is not None else None
         for attempt in range(self.retry.attempts if retry else 1):
             if attempt:
                 remaining = self.retry.budget - waited
@@ -113,26 +131,27 @@ class PredictorClient:
                 await asyncio.sleep(pause)
                 waited += pause
             try:
-                response = await self._client.request(
-                    method, path, content=content,
-                    headers={"content-type": "application/json"} if content is not None else None,
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                last = PredictorError(503, f"the predictor at {self.base_url} is unreachable ({type(exc).__name__})",
+                async with self._client().request(method, url, data=content, headers=headers) as response:
+                    answer = Answer(response.status, await response.read())
+            except aiohttp.ClientConnectorError as exc:
+                last = PredictorError(503, f"the predictor at {self.base_url} is unreachable ({exc.os_error or exc})",
                                       "predictor_unreachable")
                 continue
-            except httpx.TimeoutException:
+            except asyncio.TimeoutError:
                 raise PredictorError(
                     504, f"the predictor at {self.base_url} did not answer within {self.timeout:g}s", "predictor_timeout"
                 ) from None
-            except httpx.TransportError as exc:  # connection dropped mid-answer: not safe to repeat
-                raise PredictorError(502, f"the connection to the predictor failed: {type(exc).__name__}",
-                                     "predictor_connection_lost") from None
-            if response.status_code == 503:
-                last = PredictorError(503, f"the predictor is unavailable: {_error_text(response)}",
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+                last = PredictorError(502, f"the connection to the predictor failed: {type(exc).__name__}",
+                                      "predictor_connection_lost")
+                continue
+            except aiohttp.ClientError as exc:
+                raise PredictorError(502, f"the call to the predictor failed: {exc}", "predictor_failed") from None
+            if answer.status == 503:
+                last = PredictorError(503, f"the predictor is unavailable: {_error_text(answer)}",
                                       "predictor_unavailable")
                 continue
-            return response
+            return answer
         raise last
 
     async def predict(self, features: np.ndarray, signature_name: str) -> dict[str, np.ndarray]:
@@ -141,16 +160,16 @@ class PredictorClient:
             {"signature_name": signature_name, "inputs": features.astype(np.float32, copy=False)},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
-        response = await self._send("POST", self._predict_path, body)
-        if response.status_code == 400:
-            raise PredictorError(400, f"the predictor rejected the request: {_error_text(response)}",
+        answer = await self._send("POST", self._predict_url, body)
+        if answer.status == 400:
+            raise PredictorError(400, f"the predictor rejected the request: {_error_text(answer)}",
                                  "predictor_rejected")
-        if response.status_code != 200:
+        if answer.status != 200:
             raise PredictorError(
-                502, f"the predictor answered {response.status_code}: {_error_text(response)}", "predictor_failed"
+                502, f"the predictor answered {answer.status}: {_error_text(answer)}", "predictor_failed"
             )
         try:
-            outputs = _loads(response.content)["outputs"]
+            outputs = answer.json()["outputs"]
             return {name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PredictorError(502, f"the predictor's answer is not a columnar predict response ({exc})",
@@ -158,20 +177,20 @@ class PredictorClient:
 
     async def model_state(self) -> tuple[str, str]:
         """(version, state) TF Serving reports for the newest version (state ``AVAILABLE`` when it serves)."""
-        response = await self._send("GET", self._status_path, retry=False)
-        if response.status_code != 200:
-            raise PredictorError(502, f"model status answered {response.status_code}: {_error_text(response)}")
-        statuses = response.json().get("model_version_status") or []
+        answer = await self._send("GET", self._status_url, retry=False)
+        if answer.status != 200:
+            raise PredictorError(502, f"model status answered {answer.status}: {_error_text(answer)}")
+        statuses = answer.json().get("model_version_status") or []
         if not statuses:
             return "", "UNKNOWN"
         newest = max(statuses, key=lambda s: int(s.get("version", 0)))
         return str(newest.get("version", "")), str(newest.get("state", "UNKNOWN"))
 
     async def metadata(self) -> dict:
-        response = await self._send("GET", self._status_path + "/metadata")
-        if response.status_code != 200:
-            raise PredictorError(502, f"model metadata answered {response.status_code}: {_error_text(response)}")
-        return response.json()
+        answer = await self._send("GET", self._status_url + "/metadata")
+        if answer.status != 200:
+            raise PredictorError(502, f"model metadata answered {answer.status}: {_error_text(answer)}")
+        return answer.json()
 
 
 def _dims(tensor_info: dict) -> list[int] | None:

@@ -18,6 +18,7 @@ the pre/predict/post contract and its histograms) is KServe's.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import time
@@ -109,6 +110,11 @@ def serve(model, args: argparse.Namespace) -> None:
         # On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish, this long at most.
         grace_period=args.graceful_shutdown_seconds,
     )
+    if not args.enable_latency_logging:
+        # KServe's timing middleware writes a trace line per request; it is off with latency logging.
+        from kserve.logging import trace_logger
+
+        trace_logger.setLevel(logging.WARNING)
     # Registered before KServe adds its routes at start, so this one is matched first.
     model_server.app.add_api_route(
         "/v1/models/{model_name}:predict",
@@ -116,4 +122,16 @@ def serve(model, args: argparse.Namespace) -> None:
         methods=["POST"],
         response_model=None,
     )
+    if not args.access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    if args.event_loop in ("auto", "uvloop"):
+        # ModelServer runs uvicorn inside asyncio.run(), which ignores uvicorn's loop setting.
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            asyncio.set_event_loop(asyncio.new_event_loop())
+        except ImportError:
+            if args.event_loop == "uvloop":
+                raise
     server.start([model])

@@ -1,0 +1,420 @@
+"""Every serving path side by side, in one run, on this machine, with the same requests.
+
+    python -m scripts.benchmark             # full run (about 6 minutes), writes benchmarks/
+    python -m scripts.benchmark --smoke     # a few seconds per path, writes to a temporary folder
+
+Paths (all on loopback, each measured alone while the others sit idle):
+
+    (a) predictor alone       pre-scaled features straight to TF Serving's REST API
+    (b) transformer           our transformer (numpy kernels) -> predictor
+    (c) transformer, sklearn  the same transformer calling scikit-learn per request (the naive baseline)
+    (d) fused alone           the fused SavedModel: raw features in, segment and items out
+
+at batch sizes 1, 32, 256 and concurrency 1 and 16: p50/p90/p99 latency, throughput, the load
+generator's own CPU, the servers' CPU per request, and (b, c) the pre+post time KServe measures
+inside the transformer. Then a soak: many requests at concurrency 32 through (b), checking that
+none is lost and that memory stays bounded. Writes results.md, results.json and latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from scripts.loadgen import LoadResult, have_wrk, run_load
+from scripts.localstack import ROOT, LocalStack, StackError
+
+MODEL = "embedder"
+FUSED = "embedder-fused"
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    label: str
+    url: str
+    bodies: dict[int, bytes]  # batch size -> request body
+    processes: tuple  # psutil.Process of the servers on its path
+    metrics_url: str | None = None  # transformer /metrics, for KServe's stage histograms
+
+
+def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict]:
+    """Transformer bodies (raw rows), predictor bodies (scaled rows), fused bodies (raw rows)."""
+    import joblib
+
+    from model.data import make_synthetic
+
+    manifest = json.loads((build / "bundle" / "manifest.json").read_text())
+    scaler = joblib.load(build / "bundle" / "scaler.joblib")
+    n_items = manifest["model"]["n_items"]
+    raw = make_synthetic(n_users=max(batches), n_items=n_items, seed=2024).features
+    scaled = scaler.transform(raw).astype(np.float32)
+    signature = manifest["model"]["signature_name"]
+    transformer, predictor, fused = {}, {}, {}
+    for b in batches:
+        transformer[b] = json.dumps({"instances": raw[:b].tolist()}).encode()
+        predictor[b] = json.dumps({"signature_name": signature,
+                                   "inputs": [[float(v) for v in row] for row in scaled[:b]]}).encode()
+        fused[b] = json.dumps({"inputs": raw[:b].astype(np.float32).astype(np.float64).tolist()}).encode()
+    return transformer, predictor, fused
+
+
+_STAGE = re.compile(r'^request_(pre|post)process_seconds_(sum|count)\{model_name="' + MODEL + r'"\} (\S+)$', re.M)
+
+
+def stage_totals(metrics_url: str) -> dict[str, float]:
+    text = httpx.get(metrics_url, timeout=10).text
+    return {f"{stage}_{kind}": float(value) for stage, kind, value in _STAGE.findall(text)}
+
+
+def cpu_seconds(processes) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def measure(target: Target, batch: int, concurrency: int, seconds: float, warmup: float) -> LoadResult:
+    body = target.bodies[batch]
+    run_load(target.url, body, concurrency, warmup)
+    stages_before = stage_totals(target.metrics_url) if target.metrics_url else {}
+    cpu_before = cpu_seconds(target.processes)
+    result = run_load(target.url, body, concurrency, seconds)
+    server_cpu = cpu_seconds(target.processes) - cpu_before
+    result.extra["server_cpu_ms_per_request"] = 1000.0 * server_cpu / max(result.requests, 1)
+    result.extra["server_cpu_share"] = server_cpu / result.seconds
+    if target.metrics_url:
+        after = stage_totals(target.metrics_url)
+        count = after["pre_count"] - stages_before["pre_count"]
+        spent = (after["pre_sum"] - stages_before["pre_sum"]) + (after["post_sum"] - stages_before["post_sum"])
+        result.extra["pre_post_us"] = 1e6 * spent / max(count, 1)
+    return result
+
+
+def kernel_microbenchmark(build: Path, repeats: int) -> dict[str, float]:
+    """Median pre+post compute for one row, in this process: parse, scale, segment, rank, encode."""
+    from model.data import make_synthetic
+    from transformer.model import EmbedderTransformer
+
+    results = {}
+    for kernels in ("numpy", "sklearn"):
+        model = EmbedderTransformer(MODEL, build / "bundle", kernels=kernels)
+        model.load()
+        spec = model.spec
+        doc = {"instances": make_synthetic(n_users=1, n_items=spec.n_items, seed=5).features.tolist()}
+        rng = np.random.default_rng(0)
+        embedding = rng.normal(size=(1, spec.embedding_dim)).astype(np.float32)
+        scores = rng.random((1, spec.n_items), dtype=np.float32)
+        from transformer.codec import parse_instances
+
+        timings = []
+        for _ in range(repeats):
+            t0 = time.perf_counter_ns()
+            X = parse_instances(doc, model.feature_names, model.max_rows)
+            model.metrics.observe_rows(X)
+            model.scaler.transform(X).astype(np.float32)
+            model._rank(embedding, scores)
+            timings.append(time.perf_counter_ns() - t0)
+        results[kernels] = float(np.median(timings) / 1000.0)
+    return results
+
+
+def soak(stack: LocalStack, body: bytes, requests: int, concurrency: int) -> dict:
+    """``requests`` requests at ``concurrency`` through the transformer: every one answered, memory bounded."""
+    import asyncio
+
+    transformer = psutil.Process(stack.processes["transformer"].pid)
+    rss_before = transformer.memory_info().rss
+    statuses: dict[int, int] = {}
+    errors = 0
+
+    async def run() -> float:
+        nonlocal errors
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        queue = iter(range(requests))
+        async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+            async def worker():
+                nonlocal errors
+                for _ in queue:
+                    try:
+                        response = await client.post(f"{stack.transformer_url}/v1/models/{MODEL}:predict",
+                                                     content=body, headers={"content-type": "application/json"})
+                        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    except httpx.HTTPError:
+                        errors += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return time.perf_counter() - started
+
+    seconds = asyncio.run(run())
+    rss_after = transformer.memory_info().rss
+    answered = sum(statuses.values())
+    return {
+        "requests": requests, "concurrency": concurrency, "seconds": seconds, "answered": answered,
+        "ok": statuses.get(200, 0), "statuses": {str(k): v for k, v in statuses.items()}, "transport_errors": errors,
+        "lost": requests - answered - errors, "rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20,
+        "rss_growth_mb": (rss_after - rss_before) / 2**20,
+    }
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from importlib.metadata import version
+
+    import sklearn
+    import tensorflow as tf
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(), "python": platform.python_version(), "kserve": version("kserve"),
+        "tensorflow": tf.__version__, "scikit-learn": sklearn.__version__,
+        "load_generator": "wrk " + (os.popen("wrk -v 2>&1").read().split()[1] if have_wrk() else "absent: python httpx"),
+        "predictor": "python -m model.serve (TF Serving REST stand-in; no container engine here)",
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    labels = {t["key"]: t["label"] for t in results["targets"]}
+    batches = sorted({r["batch"] for r in runs})
+    concurrencies = sorted({r["concurrency"] for r in runs})
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for col, concurrency in enumerate(concurrencies[:2]):
+        ax = axes[0][col]
+        for key in labels:
+            row = next((r for r in runs if r["target"] == key and r["batch"] == 1 and r["concurrency"] == concurrency), None)
+            if row:
+                ps = sorted((float(k), v) for k, v in row["percentiles_ms"].items())
+                ax.plot([v for _, v in ps], [k for k, _ in ps], marker=".", label=labels[key])
+        ax.set_title(f"latency distribution, batch 1, concurrency {concurrency}")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("percentile")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for key in labels:
+        for concurrency, style in zip(concurrencies, ("-", "--")):
+            rows = [next((r for r in runs if r["target"] == key and r["batch"] == b and r["concurrency"] == concurrency), None)
+                    for b in batches]
+            xs = [b for b, r in zip(batches, rows) if r]
+            axes[1][0].plot(xs, [r["percentiles_ms"]["50"] for r in rows if r], style, marker="o",
+                            label=f"{labels[key]}, c={concurrency}")
+            axes[1][1].plot(xs, [r["throughput"] * b for b, r in zip(batches, rows) if r], style, marker="o",
+                            label=f"{labels[key]}, c={concurrency}")
+    axes[1][0].set_title("p50 latency vs batch size")
+    axes[1][0].set_ylabel("ms")
+    axes[1][1].set_title("throughput (rows/s) vs batch size")
+    axes[1][1].set_ylabel("rows / s")
+    for ax in axes[1]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rows per request")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def verdicts(results: dict) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) for each of the performance goals."""
+    runs = {(r["target"], r["batch"], r["concurrency"]): r for r in results["runs"]}
+    out = []
+    kernel = results["kernel_us"]["numpy"]
+    server = runs.get(("b", 1, 1), {}).get("extra", {}).get("pre_post_us")
+    out.append(("pre+post compute for a 1-row request <= 100 us",
+                f"{kernel:.0f} us median in-process; {server:.0f} us mean of KServe's pre+post histograms in the server"
+                if server is not None else f"{kernel:.0f} us", kernel <= 100))
+    if ("a", 1, 1) in runs and ("b", 1, 1) in runs:
+        a, b = runs[("a", 1, 1)]["percentiles_ms"]["50"], runs[("b", 1, 1)]["percentiles_ms"]["50"]
+        out.append(("end-to-end p50 (batch 1, concurrency 1) <= predictor alone + 1.5 ms",
+                    f"{b:.2f} ms vs {a:.2f} ms + 1.5 ms (hop costs {b - a:.2f} ms)", b <= a + 1.5))
+    top = max(c for (_, _, c) in runs)
+    if ("a", 1, top) in runs and ("b", 1, top) in runs:
+        a, b = runs[("a", 1, top)]["throughput"], runs[("b", 1, top)]["throughput"]
+        out.append((f"throughput at concurrency {top} >= 80% of predictor alone (batch 1)",
+                    f"{b:.0f} vs {a:.0f} req/s = {100 * b / a:.0f}%", b >= 0.8 * a))
+    if ("a", 1, 1) in runs and ("d", 1, 1) in runs:
+        a, d = runs[("a", 1, 1)]["percentiles_ms"]["50"], runs[("d", 1, 1)]["percentiles_ms"]["50"]
+        out.append(("fused p50 within 10% of predictor alone (batch 1, concurrency 1)",
+                    f"{d:.2f} ms vs {a:.2f} ms = {100 * (d / a - 1):+.0f}%", d <= 1.1 * a))
+    return out
+
+
+def write_report(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / "latency.png")
+    labels = {t["key"]: t["label"] for t in results["targets"]}
+    runs = results["runs"]
+    lines = [
+        "# Benchmark: every serving path side by side",
+        "",
+        f"Run {results['date']} with `{results['command']}`; {results['seconds']}s measured per cell after "
+        f"{results['warmup']}s warm-up, the same requests for every path.",
+        "",
+        "Machine: " + ", ".join(f"{k}: {v}" for k, v in results["machine"].items()) + ".",
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | met |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {goal} | {measured} | {'yes' if met else '**no**'} |" for goal, measured, met in verdicts(results)]
+    lines += ["", "## Latency and throughput", "",
+              "Ratios are to (a), the predictor alone, at the same batch size and concurrency. Client CPU is the "
+              "load generator's share of one core; server CPU is the path's servers' CPU per request.", ""]
+    for batch in sorted({r["batch"] for r in runs}):
+        for concurrency in sorted({r["concurrency"] for r in runs}):
+            cell = [r for r in runs if r["batch"] == batch and r["concurrency"] == concurrency]
+            if not cell:
+                continue
+            base = next((r for r in cell if r["target"] == "a"), None)
+            lines += [f"### batch {batch}, concurrency {concurrency}", "",
+                      "| path | p50 ms | p90 ms | p99 ms | req/s | rows/s | p50 / (a) | req/s / (a) | errors | client CPU | server CPU ms/req | pre+post us |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for r in cell:
+                p = r["percentiles_ms"]
+                ratio_p = f"{p['50'] / base['percentiles_ms']['50']:.2f}" if base else ""
+                ratio_t = f"{r['throughput'] / base['throughput']:.2f}" if base else ""
+                pre_post = r["extra"].get("pre_post_us")
+                lines.append(
+                    f"| ({r['target']}) {labels[r['target']]} | {p['50']:.2f} | {p['90']:.2f} | {p['99']:.2f} | "
+                    f"{r['throughput']:.0f} | {r['throughput'] * batch:.0f} | {ratio_p} | {ratio_t} | "
+                    f"{r['non_2xx'] + r['socket_errors']} | {100 * r['client_cpu_share']:.0f}% | "
+                    f"{r['extra']['server_cpu_ms_per_request']:.2f} | {'' if pre_post is None else f'{pre_post:.0f}'} |")
+            lines.append("")
+    k = results["kernel_us"]
+    lines += ["## Pre+post compute, one row, in-process", "",
+              f"Median of {results['kernel_repeats']} calls (parse and validate, scale, segment, rank, encode): "
+              f"numpy kernels {k['numpy']:.0f} us, scikit-learn per request {k['sklearn']:.0f} us "
+              f"({k['sklearn'] / k['numpy']:.0f}x).", ""]
+    if results.get("soak"):
+        s = results["soak"]
+        lines += ["## Soak", "",
+                  f"{s['requests']} requests at concurrency {s['concurrency']} through (b) in {s['seconds']:.1f}s "
+                  f"({s['requests'] / s['seconds']:.0f} req/s): {s['ok']} answered 200, statuses {s['statuses']}, "
+                  f"{s['transport_errors']} transport errors, {s['lost']} lost. Transformer resident memory "
+                  f"{s['rss_before_mb']:.0f} MB before, {s['rss_after_mb']:.0f} MB after "
+                  f"({s['rss_growth_mb']:+.1f} MB).", ""]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    lines += ["![latency distributions and scaling](latency.png)", ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a quick run that only shows everything works")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per cell (not measured)")
+    parser.add_argument("--batches", default="1,32,256")
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--soak-requests", type=int, default=20000)
+    parser.add_argument("--soak-concurrency", type=int, default=32)
+    parser.add_argument("--build", type=Path, default=ROOT / "build")
+    parser.add_argument("--out", type=Path, help="report folder (default: benchmarks/, or a temporary one with --smoke)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.warmup, args.batches, args.concurrency = 1.0, 1.0, "1,32", "1,4"
+        args.soak_requests, args.soak_concurrency = min(args.soak_requests, 300), 8
+    out = args.out or (Path(tempfile.mkdtemp(prefix="benchmark-")) if args.smoke else ROOT / "benchmarks")
+    batches = [int(b) for b in args.batches.split(",")]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    if not (args.build / "bundle" / "manifest.json").exists() or not (args.build / "models" / FUSED).exists():
+        print("== training first (build/ is incomplete)")
+        from model.train import main as train
+
+        if train(["--out", str(args.build), "--quiet"]) != 0:
+            return 1
+    if not have_wrk():
+        print("note: wrk is not installed (apt-get install wrk); using the slower Python load generator")
+
+    transformer_bodies, predictor_bodies, fused_bodies = request_bodies(args.build, batches)
+    logs = Path(tempfile.mkdtemp(prefix="benchmark-logs-"))
+    main_stack = LocalStack(build=args.build, predictor="local", log_dir=logs / "main")
+    baseline = LocalStack(build=args.build, predictor_port=main_stack.predictor_port, log_dir=logs / "baseline",
+                          transformer_args=["--kernels", "sklearn"])
+    fused = LocalStack(build=args.build, model_name=FUSED, predictor="local", log_dir=logs / "fused")
+    started = time.monotonic()
+    try:
+        main_stack.start()
+        baseline.start_transformer()
+        fused.start_predictor()
+        proc = {name: psutil.Process(s.processes[part].pid) for name, s, part in (
+            ("predictor", main_stack, "predictor"), ("transformer", main_stack, "transformer"),
+            ("baseline", baseline, "transformer"), ("fused", fused, "predictor"))}
+        targets = [
+            Target("a", "predictor alone", f"{main_stack.predictor_url}/v1/models/{MODEL}:predict", predictor_bodies,
+                   (proc["predictor"],)),
+            Target("b", "transformer -> predictor", f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
+                   transformer_bodies, (proc["transformer"], proc["predictor"]),
+                   f"{main_stack.transformer_url}/metrics"),
+            Target("c", "transformer, scikit-learn per request", f"{baseline.transformer_url}/v1/models/{MODEL}:predict",
+                   transformer_bodies, (proc["baseline"], proc["predictor"]), f"{baseline.transformer_url}/metrics"),
+            Target("d", "fused alone", f"{fused.predictor_url}/v1/models/{FUSED}:predict", fused_bodies,
+                   (proc["fused"],)),
+        ]
+        runs = []
+        for batch in batches:
+            for concurrency in concurrencies:
+                for target in targets:
+                    result = measure(target, batch, concurrency, args.seconds, args.warmup)
+                    runs.append({"target": target.key, "batch": batch, "concurrency": concurrency, **result.to_dict()})
+                    print(f"({target.key}) {target.label:40s} batch {batch:3d} c={concurrency:2d}: "
+                          f"p50 {result.p(50):7.2f} ms  p99 {result.p(99):7.2f} ms  {result.throughput:7.0f} req/s  "
+                          f"client CPU {100 * result.client_cpu_share:3.0f}%", flush=True)
+        soak_result = soak(main_stack, transformer_bodies[1], args.soak_requests, args.soak_concurrency)
+        print(f"soak: {soak_result}", flush=True)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for stack in (baseline, main_stack, fused):
+            stack.stop()
+    repeats = 200 if args.smoke else 2000
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python -m scripts.benchmark" + (" --smoke" if args.smoke else ""),
+        "seconds": args.seconds, "warmup": args.warmup, "machine": machine(),
+        "targets": [{"key": t.key, "label": t.label} for t in targets],
+        "runs": runs, "soak": soak_result,
+        "kernel_us": kernel_microbenchmark(args.build, repeats), "kernel_repeats": repeats,
+        "wall_seconds": time.monotonic() - started,
+    }
+    write_report(results, out)
+    shutil.rmtree(logs, ignore_errors=True)
+    print(f"wrote {out / 'results.md'}, results.json and latency.png")
+    for goal, measured, met in verdicts(results):
+        print(f"  [{'met' if met else 'MISSED'}] {goal}: {measured}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

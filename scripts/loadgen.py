@@ -1,0 +1,142 @@
+"""Closed-loop HTTP load: ``wrk`` when installed (C, not the bottleneck), else a Python fallback.
+
+Both send the same POST body over ``concurrency`` keep-alive connections for a
+fixed time and report latency percentiles, throughput, errors and the load
+generator's own CPU use (so a report can show the client was not the limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PERCENTILES = [1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.9]
+
+_LUA = """
+local f = io.open("%(body)s", "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local parts = {}
+  for _, p in ipairs({%(percentiles)s}) do
+    table.insert(parts, string.format('"%%s": %%d', tostring(p), latency:percentile(p)))
+  end
+  io.write(string.format(
+    'WRKJSON{"requests": %%d, "duration_us": %%d, "non_2xx": %%d, "socket_errors": %%d, "percentiles_us": {%%s}}\\n',
+    summary.requests, summary.duration, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    table.concat(parts, ", ")))
+end
+"""
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    non_2xx: int
+    socket_errors: int
+    percentiles_ms: dict[str, float]
+    client_cpu_seconds: float
+    generator: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def client_cpu_share(self) -> float:
+        """Share of one core the load generator used."""
+        return self.client_cpu_seconds / self.seconds if self.seconds else 0.0
+
+    def p(self, q: float) -> float:
+        return self.percentiles_ms[str(q)]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "throughput": self.throughput, "client_cpu_share": self.client_cpu_share}
+
+
+def have_wrk() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_wrk(url: str, body: bytes, concurrency: int, seconds: float) -> LoadResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        body_path = Path(tmp) / "body.json"
+        body_path.write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        script.write_text(_LUA % {"body": body_path, "percentiles": ", ".join(map(str, PERCENTILES))})
+        before = _children_cpu()
+        result = subprocess.run(
+            ["wrk", "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s",
+             "--timeout", "10s", "-s", str(script), url],  # wrk takes whole seconds
+            capture_output=True, text=True, timeout=seconds + 60,
+        )
+        cpu = _children_cpu() - before
+    line = next((l for l in result.stdout.splitlines() if l.startswith("WRKJSON")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {result.stdout[-500:]} {result.stderr[-500:]}")
+    data = json.loads(line[len("WRKJSON"):])
+    return LoadResult(
+        requests=data["requests"], seconds=data["duration_us"] / 1e6, non_2xx=data["non_2xx"],
+        socket_errors=data["socket_errors"],
+        percentiles_ms={k: v / 1000.0 for k, v in data["percentiles_us"].items()},
+        client_cpu_seconds=cpu, generator="wrk",
+    )
+
+
+async def _python_load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[list[float], int, int]:
+    import httpx
+
+    latencies: list[float] = []
+    non_2xx = errors = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
+        async def worker():
+            nonlocal non_2xx, errors
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                try:
+                    response = await client.post(url, content=body, headers={"content-type": "application/json"})
+                    if response.status_code // 100 != 2:
+                        non_2xx += 1
+                except Exception:  # noqa: BLE001 - counted, the load goes on
+                    errors += 1
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, non_2xx, errors
+
+
+def run_python(url: str, body: bytes, concurrency: int, seconds: float) -> LoadResult:
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    latencies, non_2xx, errors = asyncio.run(_python_load(url, body, concurrency, seconds))
+    wall = time.perf_counter() - wall_before
+    values = np.percentile(np.array(latencies) * 1000.0, PERCENTILES) if latencies else [float("nan")] * len(PERCENTILES)
+    return LoadResult(
+        requests=len(latencies), seconds=wall, non_2xx=non_2xx, socket_errors=errors,
+        percentiles_ms={str(p): float(v) for p, v in zip(PERCENTILES, values)},
+        client_cpu_seconds=time.process_time() - cpu_before, generator="python",
+    )
+
+
+def run_load(url: str, body: bytes, concurrency: int, seconds: float) -> LoadResult:
+    return run_wrk(url, body, concurrency, seconds) if have_wrk() else run_python(url, body, concurrency, seconds)
