@@ -22,13 +22,17 @@ SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "features"
 EMBEDDING_OUTPUT = "embedding"
 SCORES_OUTPUT = "scores"
+CANDIDATES_SIGNATURE = "candidates"
+CANDIDATE_IDS_OUTPUT = "candidate_ids"
+CANDIDATE_SCORES_OUTPUT = "candidate_scores"
 
 
 class EmbedderGraph(tf.Module):
     """The user tower and item scoring as TensorFlow ops over tf.Variables."""
 
-    def __init__(self, weights: EmbedderWeights):
+    def __init__(self, weights: EmbedderWeights, n_candidates: int = 10):
         super().__init__(name="embedder")
+        self.n_candidates = min(n_candidates, weights.n_items)
         self.dense = [
             (tf.Variable(k, trainable=False, name=f"dense_{i}_kernel"), tf.Variable(b, trainable=False, name=f"dense_{i}_bias"))
             for i, (k, b) in enumerate(weights.dense)
@@ -42,10 +46,9 @@ class EmbedderGraph(tf.Module):
         self.item_bias = tf.Variable(weights.item_bias, trainable=False, name="item_bias")
         self.temperature = tf.Variable(np.float32(np.exp(weights.log_temperature)), trainable=False, name="temperature")
         self.n_features = weights.n_features
-        self.serve = tf.function(
-            self.embed_and_score,
-            input_signature=[tf.TensorSpec([None, self.n_features], tf.float32, name=INPUT_NAME)],
-        )
+        spec = [tf.TensorSpec([None, self.n_features], tf.float32, name=INPUT_NAME)]
+        self.serve = tf.function(self.embed_and_score, input_signature=spec)
+        self.serve_candidates = tf.function(self.best_candidates, input_signature=spec)
 
     def embed_and_score(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
         """features (batch, F) float32, already scaled -> embedding (batch, D), scores (batch, n_items)."""
@@ -55,6 +58,16 @@ class EmbedderGraph(tf.Module):
         embedding = tf.math.l2_normalize(tf.matmul(h, self.projection_kernel) + self.projection_bias, axis=1)
         logits = self.temperature * tf.matmul(embedding, self.item_matrix) + self.item_bias
         return {EMBEDDING_OUTPUT: embedding, SCORES_OUTPUT: tf.math.sigmoid(logits)}
+
+    def best_candidates(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The embedding and the ``n_candidates`` best items, best first (equal scores: lower id first).
+
+        The answer's size does not grow with the catalogue, unlike every score.
+        """
+        out = self.embed_and_score(features)
+        scores, ids = tf.math.top_k(out[SCORES_OUTPUT], k=self.n_candidates, sorted=True)
+        return {EMBEDDING_OUTPUT: out[EMBEDDING_OUTPUT], CANDIDATE_IDS_OUTPUT: tf.cast(ids, tf.int64),
+                CANDIDATE_SCORES_OUTPUT: scores}
 
 
 def next_version(model_dir: Path) -> int:
@@ -82,6 +95,8 @@ def save_versioned(module: tf.Module, model_dir: str | Path, version: int, signa
     return target
 
 
-def export_embedder(weights: EmbedderWeights, model_dir: str | Path, version: int) -> Path:
-    graph = EmbedderGraph(weights)
-    return save_versioned(graph, model_dir, version, {SIGNATURE_NAME: graph.serve})
+def export_embedder(weights: EmbedderWeights, model_dir: str | Path, version: int, n_candidates: int) -> Path:
+    """Signatures ``serving_default`` (embedding, every score) and ``candidates`` (embedding, best items)."""
+    graph = EmbedderGraph(weights, n_candidates)
+    return save_versioned(graph, model_dir, version,
+                          {SIGNATURE_NAME: graph.serve, CANDIDATES_SIGNATURE: graph.serve_candidates})

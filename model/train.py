@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     rules = parser.add_argument_group("rules")
     rules.add_argument("--top-k", type=int, default=10, help="items returned per user at most")
+    rules.add_argument("--candidates", type=int, default=0,
+                       help="best items the model's 'candidates' signature returns (at least --top-k); "
+                            "raise it to allow a larger top-k later without retraining")
     rules.add_argument("--min-score", type=float, default=0.3, help="items scoring below this are not returned")
 
     out = parser.add_argument_group("output")
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from model.embedder import train_embedder
     from model.export import (
-        EMBEDDING_OUTPUT, INPUT_NAME, SCORES_OUTPUT, SIGNATURE_NAME, EmbedderGraph, export_embedder, next_version,
+        CANDIDATE_IDS_OUTPUT, CANDIDATE_SCORES_OUTPUT, CANDIDATES_SIGNATURE, EMBEDDING_OUTPUT, INPUT_NAME,
+        SCORES_OUTPUT, SIGNATURE_NAME, EmbedderGraph, export_embedder, next_version,
     )
 
     train_rows, test_rows = split_users(data.n_users, args.test_fraction, args.seed)
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Export: SavedModel in TF Serving's layout, then the bundle that matches it.
     model_dir = args.out / "models" / args.model_name
     version = args.version or (next_version(model_dir) if args.new_version else 1)
-    saved = export_embedder(weights, model_dir, version)
+    n_candidates = min(max(args.top_k, args.candidates), data.n_items)
+    saved = export_embedder(weights, model_dir, version, n_candidates)
     bundle_dir = write_bundle(
         args.out / "bundle",
         scaler=scaler,
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             name=args.model_name, version=version, signature_name=SIGNATURE_NAME, input_name=INPUT_NAME,
             embedding_output=EMBEDDING_OUTPUT, scores_output=SCORES_OUTPUT,
             n_features=len(data.feature_names), embedding_dim=weights.embedding_dim, n_items=data.n_items,
+            candidates_signature=CANDIDATES_SIGNATURE, candidate_ids_output=CANDIDATE_IDS_OUTPUT,
+            candidate_scores_output=CANDIDATE_SCORES_OUTPUT, n_candidates=n_candidates,
         ),
         rules=Rules(min_score=args.min_score, top_k=args.top_k),
         extra={

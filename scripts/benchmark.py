@@ -117,8 +117,9 @@ def kernel_microbenchmark(build: Path, repeats: int) -> dict[str, float]:
         spec = model.spec
         doc = {"instances": make_synthetic(n_users=1, n_items=spec.n_items, seed=5).features.tolist()}
         rng = np.random.default_rng(0)
-        embedding = rng.normal(size=(1, spec.embedding_dim)).astype(np.float32)
-        scores = rng.random((1, spec.n_items), dtype=np.float32)
+        result = {name: (rng.integers(0, spec.n_items, (1, width)) if dtype == "DT_INT64"
+                         else rng.random((1, width), dtype=np.float32))
+                  for name, (dtype, width) in model.contract.outputs.items()}
         from transformer.codec import parse_instances
 
         timings = []
@@ -127,7 +128,7 @@ def kernel_microbenchmark(build: Path, repeats: int) -> dict[str, float]:
             X = parse_instances(doc, model.feature_names, model.max_rows)
             model.metrics.observe_rows(X)
             model.scaler.transform(X).astype(np.float32)
-            model._rank(embedding, scores)
+            model._rank(result)
             timings.append(time.perf_counter_ns() - t0)
         results[kernels] = float(np.median(timings) / 1000.0)
     return results

@@ -88,8 +88,8 @@ def test_response_shape_and_float32_values():
         labels=np.array([2, 0]),
         distances=np.array([0.123456789, 1.0]),
         item_ids=np.array([[4, 1], [0, 3]]),
+        item_scores=np.array([[0.75, 0.5], [0.9, 0.3]], dtype=np.float32),
         keep=np.array([[True, False], [True, True]]),
-        item_scores=np.array([[0.0, 0.5, 0.0, 0.0, 0.75], [0.9, 0.0, 0.0, 0.3, 0.0]], dtype=np.float32),
     )
     assert body["predictions"][0]["segment"] == 2
     assert body["predictions"][0]["items"] == [{"id": 4, "score": np.float32(0.75)}]

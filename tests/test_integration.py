@@ -132,3 +132,21 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(stack, raw_users, body, s
     assert response.status_code == status
     assert fragment in response.json()["error"]
     assert post(stack, {"instances": raw_users[:1].tolist()}).status_code == 200
+
+
+def test_every_score_path_gives_the_same_answers(stack, offline, raw_users, tmp_path):
+    """--full_scores asks TF Serving for all item scores instead of its best candidates: same results."""
+    from scripts.localstack import LocalStack
+
+    full = LocalStack(build=stack.build, predictor_port=stack.predictor_port, log_dir=tmp_path,
+                      transformer_args=["--full_scores"])
+    full.start_transformer()
+    try:
+        rows = raw_users[:80]
+        response = httpx.post(predict_url(full), json={"instances": rows.tolist()}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert_same_predictions(response.json()["predictions"], offline.predictions(rows))
+        metrics = httpx.get(f"{full.transformer_url}/metrics").text
+        assert 'embedder_predictor_call_rows_sum{model_name="embedder"} 80.0' in metrics
+    finally:
+        full.stop()

@@ -9,7 +9,9 @@ from sklearn.cluster import KMeans
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScaler, StandardScaler
 
-from transformer.kernels import NearestCentroid, QuantileScaler, UnsupportedEstimator, scaler_kernel, top_items
+from transformer.kernels import (
+    NearestCentroid, QuantileScaler, UnsupportedEstimator, rules_on_candidates, scaler_kernel, top_items,
+)
 
 
 def heavy_tailed(rng, n, f=6):
@@ -169,14 +171,15 @@ def test_top_items_threshold_ties_and_k():
         ],
         dtype=np.float32,
     )
-    ids, keep = top_items(scores, 0.3, 3)
+    ids, best, keep = top_items(scores, 0.3, 3)
     assert as_lists(ids, keep) == [[1, 4, 0], [], [0, 1, 2]]
+    np.testing.assert_array_equal(best, np.take_along_axis(scores, ids, axis=1))
     assert as_lists(ids, keep) == reference_top_items(scores, 0.3, 3)
 
 
 def test_top_items_k_larger_than_catalogue():
     scores = np.array([[0.4, 0.8]], dtype=np.float32)
-    ids, keep = top_items(scores, 0.0, 10)
+    ids, _, keep = top_items(scores, 0.0, 10)
     assert as_lists(ids, keep) == [[1, 0]]
 
 
@@ -187,5 +190,22 @@ def test_top_items_k_larger_than_catalogue():
     st.integers(1, 15),
 )
 def test_top_items_matches_reference(scores, min_score, k):
-    ids, keep = top_items(scores, min_score, k)
+    ids, _, keep = top_items(scores, min_score, k)
+    assert as_lists(ids, keep) == reference_top_items(scores, min_score, k)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    arrays(np.float32, (3, 12), elements=st.sampled_from([0.0, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0])),
+    st.sampled_from([0.0, 0.25, 0.3, 1.0]),
+    st.integers(1, 12),
+    st.integers(0, 6),
+)
+def test_rules_on_ranked_candidates_equal_rules_on_every_score(scores, min_score, k, extra):
+    """What the 'candidates' signature returns (TF's top_k: best first, ties to the lower id), ruled,
+    equals the rules on every score."""
+    n_candidates = min(12, k + extra)
+    ranked_ids = np.argsort(-scores, axis=1, kind="stable")[:, :n_candidates]
+    ranked_scores = np.take_along_axis(scores, ranked_ids, axis=1)
+    ids, best, keep = rules_on_candidates(ranked_ids, ranked_scores, min_score, k)
     assert as_lists(ids, keep) == reference_top_items(scores, min_score, k)

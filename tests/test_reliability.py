@@ -342,7 +342,8 @@ def test_transformer_refuses_bad_artifacts_at_start(build_dir, tmp_path, tamper,
 def test_transformer_refuses_a_predictor_model_that_does_not_fit(stack, build_dir, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(build_dir / "bundle", bundle)
-    edit_manifest(bundle, lambda m: m["model"].__setitem__("n_items", 999))
+    edit_manifest(bundle, lambda m: m["model"].__setitem__("n_candidates", 7))  # the model returns 5
     result = start_transformer(bundle, f"127.0.0.1:{stack.predictor_port}")
     assert result.returncode == 2
-    assert "the predictor's model does not fit the bundle: output 'scores' is DT_FLOAT" in result.stderr
+    assert ("the predictor's model does not fit the bundle: output 'candidate_ids' is DT_INT64 [-1, 5], "
+            "the bundle expects DT_INT64 [-1, 7]") in result.stderr

@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="request body size accepted (413 past it, without reading the rest)")
     ours.add_argument("--graceful_shutdown_seconds", type=int, default=20,
                       help="on SIGTERM, how long in-flight requests may take to finish")
+    ours.add_argument("--coalesce_inflight", type=int, default=2,
+                      help="predictor calls in flight before concurrent requests are merged into one call "
+                           "(0: never merge)")
+    ours.add_argument("--coalesce_rows", type=int, default=256, help="rows in one merged predictor call, at most")
+    ours.add_argument("--full_scores", action="store_true",
+                      help="ask TF Serving for every item's score even when the model offers its best "
+                           "candidates (a larger answer; the same results)")
     ours.add_argument("--kernels", choices=["numpy", "sklearn"], default="numpy",
                       help="numpy: the fitted steps as numpy kernels; sklearn: call scikit-learn per request "
                            "(the naive baseline, for benchmarks)")
@@ -75,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         retry=RetryPolicy(attempts=args.predictor_retries + 1),
         max_rows=args.max_rows,
         kernels=args.kernels,
+        coalesce_inflight=args.coalesce_inflight,
+        coalesce_rows=args.coalesce_rows,
+        full_scores=args.full_scores,
     )
     try:
         model.load()
     except (BundleError, UnsupportedEstimator) as exc:
         print(f"error: cannot load the artifact bundle: {exc}", file=sys.stderr)
         return 2
-    problems = asyncio.run(check_predictor(args.predictor_host, args.model_name, model.spec))
+    problems = asyncio.run(check_predictor(args.predictor_host, args.model_name, model.contract))
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run closed its loop; KServe expects one
     if problems:
         print("error: the predictor's model does not fit the bundle: " + "; ".join(problems)
@@ -91,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def check_predictor(host: str, model_name: str, spec) -> list[str]:
+async def check_predictor(host: str, model_name: str, contract) -> list[str]:
     """Compare TF Serving's model metadata with the bundle, if TF Serving answers already.
 
     An unreachable predictor is not an error here: readiness stays false until it answers
     and fits (the same check runs there)."""
     client = PredictorClient(host, model_name, timeout=3.0, retry=RetryPolicy(attempts=1))
     try:
-        return metadata_problems(await client.metadata(), spec)
+        return metadata_problems(await client.metadata(), contract)
     except PredictorError as exc:
         logging.getLogger("transformer").warning("predictor not checked at start-up (%s); "
                                                  "readiness stays false until it answers", exc)

@@ -48,6 +48,12 @@ class ModelSpec:
     n_features: int
     embedding_dim: int
     n_items: int
+    # Optional second signature: the best n_candidates items per row instead of every score,
+    # so the answer does not grow with the catalogue ("" when the model has none).
+    candidates_signature: str = ""
+    candidate_ids_output: str = "candidate_ids"
+    candidate_scores_output: str = "candidate_scores"
+    n_candidates: int = 0
 
 
 @dataclass(frozen=True)

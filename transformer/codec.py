@@ -181,12 +181,15 @@ def encode_predictions(
     labels: np.ndarray,
     distances: np.ndarray,
     item_ids: np.ndarray,
-    keep: np.ndarray,
     item_scores: np.ndarray,
+    keep: np.ndarray,
 ) -> dict:
-    """The response body. Numpy float32 values are written by orjson as shortest float32 text."""
+    """The response body from best-first ``item_ids`` and their ``item_scores`` (n, k), filtered by ``keep``.
+
+    Numpy float32 values are written by orjson as the shortest text of that float32.
+    """
     distances = distances.astype(np.float32)
-    scores = np.take_along_axis(item_scores.astype(np.float32, copy=False), item_ids, axis=1)
+    scores = item_scores.astype(np.float32, copy=False)
     ids = item_ids.tolist()
     predictions = []
     for i in range(labels.shape[0]):

@@ -164,19 +164,29 @@ class NearestCentroid:
         return labels, distances
 
 
-def top_items(scores: np.ndarray, min_score: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_items(scores: np.ndarray, min_score: float, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best-first item ids and scores per row, at most ``top_k``, each >= the minimum score.
 
     Ties go to the lower item id. The comparison is done in float32, the
-    precision the model's scores have. Returns (ids, keep) where ``ids`` is
-    (n, min(top_k, n_items)) and ``keep`` marks the entries that pass.
+    precision the model's scores have. Returns (ids, scores, keep), each
+    (n, min(top_k, n_items)); ``keep`` marks the entries that pass.
     """
     scores = np.asarray(scores, dtype=np.float32)
     k = min(top_k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     best = np.take_along_axis(scores, order, axis=1)
-    keep = best >= np.float32(min_score)
-    return order, keep
+    return order, best, best >= np.float32(min_score)
+
+
+def rules_on_candidates(ids: np.ndarray, scores: np.ndarray, min_score: float, top_k: int):
+    """The same rules on candidates the model already ranked best-first (ties to the lower id).
+
+    Filtering by score commutes with taking the best k, so this equals
+    :func:`top_items` on every score whenever ``top_k`` <= the candidate count.
+    """
+    ids = np.asarray(ids)[:, :top_k].astype(np.int64, copy=False)
+    scores = np.asarray(scores, dtype=np.float32)[:, :top_k]
+    return ids, scores, scores >= np.float32(min_score)
 
 
 class SklearnScaler:

@@ -7,6 +7,7 @@
                                                          range (below/above): a drift signal
     embedder_segment_assignments_total{segment}          rows assigned to each segment
     embedder_predictor_request_seconds                   TF Serving calls, retries included
+    embedder_predictor_call_rows                         rows per TF Serving call (coalescing at work)
     embedder_predictor_retries_total{reason}             retried predictor calls
 """
 
@@ -26,6 +27,8 @@ OUT_OF_RANGE = Counter("embedder_feature_out_of_range_total",
 SEGMENTS = Counter("embedder_segment_assignments_total", "Rows assigned to each segment", [LABEL, "segment"])
 PREDICTOR_SECONDS = Histogram("embedder_predictor_request_seconds", "TF Serving predict calls, retries included",
                               [LABEL], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+PREDICTOR_ROWS = Histogram("embedder_predictor_call_rows", "Rows per TF Serving call (requests coalesced under load)",
+                           [LABEL], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 PREDICTOR_RETRIES = Counter("embedder_predictor_retries_total", "Predictor calls tried again", [LABEL, "reason"])
 
 
@@ -36,6 +39,7 @@ class ModelMetrics:
         self.model_name = model_name
         self.rows = ROWS.labels(model_name)
         self.predictor_seconds = PREDICTOR_SECONDS.labels(model_name)
+        self.predictor_rows = PREDICTOR_ROWS.labels(model_name)
         self.feature_min = np.asarray(feature_min, dtype=np.float64)
         self.feature_max = np.asarray(feature_max, dtype=np.float64)
         self.below = [OUT_OF_RANGE.labels(model_name, f, "below") for f in feature_names]

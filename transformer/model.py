@@ -20,10 +20,13 @@ import kserve
 import numpy as np
 
 from transformer.bundle import Bundle, load_bundle
+from transformer.coalesce import Coalescer
 from transformer.codec import decode_body, encode_predictions, parse_instances
-from transformer.kernels import NearestCentroid, SklearnScaler, SklearnSegmenter, scaler_kernel, top_items
+from transformer.kernels import (
+    NearestCentroid, SklearnScaler, SklearnSegmenter, rules_on_candidates, scaler_kernel, top_items,
+)
 from transformer.metrics import ModelMetrics
-from transformer.predictor import PredictorClient, PredictorError, ReadinessProbe, RetryPolicy
+from transformer.predictor import Contract, PredictorClient, PredictorError, ReadinessProbe, RetryPolicy
 
 log = logging.getLogger("transformer")
 
@@ -42,6 +45,9 @@ class EmbedderTransformer(kserve.Model):
         max_rows: int = 1024,
         offload_rows: int = 64,
         kernels: str = "numpy",
+        coalesce_inflight: int = 2,
+        coalesce_rows: int = 256,
+        full_scores: bool = False,
     ):
         super().__init__(name)
         self.bundle_dir = Path(bundle_dir)
@@ -50,6 +56,10 @@ class EmbedderTransformer(kserve.Model):
         if kernels not in ("numpy", "sklearn"):
             raise ValueError(f"kernels must be 'numpy' or 'sklearn', got {kernels!r}")
         self.kernels = kernels
+        self.coalesce_inflight = coalesce_inflight
+        self.coalesce_rows = coalesce_rows
+        self.full_scores = full_scores
+        self._coalescer: Coalescer | None = None
         self._predictor_host = predictor_host
         self._predictor_timeout = predictor_timeout
         self._retry = retry
@@ -72,12 +82,31 @@ class EmbedderTransformer(kserve.Model):
         self.feature_names = bundle.feature_names
         self.spec = bundle.model
         self.rules = bundle.rules
+        self.contract = self._contract(bundle)
         self.metrics = ModelMetrics(self.name, bundle.feature_names, bundle.feature_min, bundle.feature_max,
                                     int(bundle.segments.n_clusters))
         if bundle.model.name != self.name:
             log.info("bundle was trained for model %r, serving it as %r", bundle.model.name, self.name)
         self.ready = True
         return self.ready
+
+    def _contract(self, bundle: Bundle) -> Contract:
+        """Ask for the model's best candidates when it offers enough of them, else for every score."""
+        spec, rules = bundle.model, bundle.rules
+        outputs = {spec.embedding_output: ("DT_FLOAT", spec.embedding_dim)}
+        self.use_candidates = bool(spec.candidates_signature) and not self.full_scores
+        if self.use_candidates and spec.n_candidates < min(rules.top_k, spec.n_items):
+            log.info("the model ranks %d candidates, the rules want %d: asking for every score",
+                     spec.n_candidates, rules.top_k)
+            self.use_candidates = False
+        if self.use_candidates:
+            outputs[spec.candidate_ids_output] = ("DT_INT64", spec.n_candidates)
+            outputs[spec.candidate_scores_output] = ("DT_FLOAT", spec.n_candidates)
+            signature = spec.candidates_signature
+        else:
+            outputs[spec.scores_output] = ("DT_FLOAT", spec.n_items)
+            signature = spec.signature_name
+        return Contract(signature, spec.input_name, spec.n_features, outputs)
 
     @property
     def predictor(self) -> PredictorClient:
@@ -87,7 +116,7 @@ class EmbedderTransformer(kserve.Model):
                 raise PredictorError(503, "no predictor host configured: start with --predictor_host HOST:PORT")
             self._predictor = PredictorClient(host, self.name, timeout=self._predictor_timeout, retry=self._retry,
                                               on_retry=self.metrics.retry)
-            self._readiness = ReadinessProbe(self._predictor, self.spec)
+            self._readiness = ReadinessProbe(self._predictor, self.contract)
         return self._predictor
 
     async def healthy(self) -> bool:
@@ -117,32 +146,31 @@ class EmbedderTransformer(kserve.Model):
         scaled = await self._compute(self.scaler.transform, X.shape[0], X)
         return scaled.astype(np.float32)
 
-    async def predict(self, payload: np.ndarray, headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    async def _call_predictor(self, features: np.ndarray) -> dict[str, np.ndarray]:
         with self.metrics.predictor_seconds.time():
-            outputs = await self.predictor.predict(payload, self.spec.signature_name)
-        n = payload.shape[0]
-        expected = {
-            self.spec.embedding_output: (n, self.spec.embedding_dim),
-            self.spec.scores_output: (n, self.spec.n_items),
-        }
-        for name, shape in expected.items():
-            got = outputs.get(name)
-            if got is None or got.shape != shape:
-                raise PredictorError(
-                    502,
-                    f"the predictor's output {name!r} has shape "
-                    f"{None if got is None else list(got.shape)}, expected {list(shape)}: "
-                    "is the predictor serving the model this bundle was trained with?",
-                    "predictor_bad_answer",
-                )
+            return await self.predictor.predict(features, self.contract)
+
+    async def predict(self, payload: np.ndarray, headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+        if self.coalesce_inflight > 0:
+            if self._coalescer is None:
+                self._coalescer = Coalescer(self._call_predictor, self.coalesce_inflight, self.coalesce_rows,
+                                            on_call=self.metrics.predictor_rows.observe)
+            outputs = await self._coalescer(payload)
+        else:
+            self.metrics.predictor_rows.observe(payload.shape[0])
+            outputs = await self._call_predictor(payload)
         return outputs
 
     async def postprocess(self, result: dict[str, np.ndarray], headers: dict[str, str] | None = None) -> dict:
-        embedding = result[self.spec.embedding_output]
-        return await self._compute(self._rank, embedding.shape[0], embedding, result[self.spec.scores_output])
+        return await self._compute(self._rank, result[self.spec.embedding_output].shape[0], result)
 
-    def _rank(self, embedding: np.ndarray, scores: np.ndarray) -> dict:
-        labels, distances = self.segmenter.assign(embedding)
+    def _rank(self, result: dict[str, np.ndarray]) -> dict:
+        labels, distances = self.segmenter.assign(result[self.spec.embedding_output])
         self.metrics.observe_segments(labels)
-        item_ids, keep = top_items(scores, self.rules.min_score, self.rules.top_k)
-        return encode_predictions(labels, distances, item_ids, keep, scores)
+        min_score, top_k = self.rules.min_score, self.rules.top_k
+        if self.use_candidates:
+            ids, scores, keep = rules_on_candidates(result[self.spec.candidate_ids_output],
+                                                    result[self.spec.candidate_scores_output], min_score, top_k)
+        else:
+            ids, scores, keep = top_items(result[self.spec.scores_output], min_score, top_k)
+        return encode_predictions(labels, distances, ids, scores, keep)

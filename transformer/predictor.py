@@ -67,6 +67,22 @@ def _error_text(answer: Answer) -> str:
     return answer.content[:500].decode(errors="replace") or f"HTTP {answer.status}"
 
 
+@dataclass(frozen=True)
+class Contract:
+    """What the transformer asks of TF Serving: a signature, its input, and its outputs.
+
+    ``outputs`` maps each output name to (TF dtype name, width): every output is [batch, width].
+    """
+
+    signature: str
+    input_name: str
+    n_features: int
+    outputs: dict
+
+    def numpy_dtype(self, output: str):
+        return np.int64 if self.outputs[output][0] == "DT_INT64" else np.float32
+
+
 def _loads(content: bytes):
     try:
         return orjson.loads(content)
@@ -154,10 +170,10 @@ class PredictorClient:
             return answer
         raise last
 
-    async def predict(self, features: np.ndarray, signature_name: str) -> dict[str, np.ndarray]:
-        """Columnar predict: float32 features (n, F) -> {output name: array}."""
+    async def predict(self, features: np.ndarray, contract: Contract) -> dict[str, np.ndarray]:
+        """Columnar predict: float32 features (n, F) -> {output name: array}, shapes checked."""
         body = orjson.dumps(
-            {"signature_name": signature_name, "inputs": features.astype(np.float32, copy=False)},
+            {"signature_name": contract.signature, "inputs": features.astype(np.float32, copy=False)},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         answer = await self._send("POST", self._predict_url, body)
@@ -170,10 +186,18 @@ class PredictorClient:
             )
         try:
             outputs = answer.json()["outputs"]
-            return {name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()}
+            arrays = {name: np.asarray(outputs[name], dtype=contract.numpy_dtype(name)) for name in contract.outputs}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PredictorError(502, f"the predictor's answer is not a columnar predict response ({exc})",
+            raise PredictorError(502, f"the predictor's answer is not a columnar predict response with "
+                                 f"{', '.join(contract.outputs)} ({type(exc).__name__}: {exc})",
                                  "predictor_bad_answer") from None
+        n = features.shape[0]
+        for name, (_, width) in contract.outputs.items():
+            if arrays[name].shape != (n, width):
+                raise PredictorError(
+                    502, f"the predictor's output {name!r} has shape {list(arrays[name].shape)}, expected "
+                    f"{[n, width]}: is it serving the model this bundle was trained with?", "predictor_bad_answer")
+        return arrays
 
     async def model_state(self) -> tuple[str, str]:
         """(version, state) TF Serving reports for the newest version (state ``AVAILABLE`` when it serves)."""
@@ -200,30 +224,30 @@ def _dims(tensor_info: dict) -> list[int] | None:
     return [int(d.get("size", -1)) for d in shape.get("dim", [])]
 
 
-def metadata_problems(metadata: dict, spec) -> list[str]:
-    """What in TF Serving's model metadata does not fit the bundle's ModelSpec (empty when all fits)."""
+def metadata_problems(metadata: dict, contract: Contract) -> list[str]:
+    """What in TF Serving's model metadata does not fit the contract (empty when all fits)."""
     try:
         signatures = metadata["metadata"]["signature_def"]["signature_def"]
     except (KeyError, TypeError):
         return ["the predictor's metadata has no signature_def map"]
-    signature = signatures.get(spec.signature_name)
+    signature = signatures.get(contract.signature)
     if signature is None:
-        return [f"the predictor's model has no signature '{spec.signature_name}' "
+        return [f"the predictor's model has no signature '{contract.signature}' "
                 f"(it has: {', '.join(sorted(signatures))})"]
     problems = []
-    expected_inputs = {spec.input_name: [-1, spec.n_features]}
-    expected_outputs = {spec.embedding_output: [-1, spec.embedding_dim], spec.scores_output: [-1, spec.n_items]}
-    for kind, expected in (("inputs", expected_inputs), ("outputs", expected_outputs)):
+    expected = {"inputs": {contract.input_name: ("DT_FLOAT", contract.n_features)}, "outputs": contract.outputs}
+    for kind, tensors_expected in expected.items():
         tensors = signature.get(kind) or {}
-        for name, dims in expected.items():
+        for name, (dtype, width) in tensors_expected.items():
             info = tensors.get(name)
             if info is None:
-                problems.append(f"signature '{spec.signature_name}' has no {kind[:-1]} '{name}' "
+                problems.append(f"signature '{contract.signature}' has no {kind[:-1]} '{name}' "
                                 f"(it has: {', '.join(sorted(tensors))})")
                 continue
             got = _dims(info)
-            if info.get("dtype") != "DT_FLOAT" or (got is not None and got != dims):
-                problems.append(f"{kind[:-1]} '{name}' is {info.get('dtype')} {got}, the bundle expects DT_FLOAT {dims}")
+            if info.get("dtype") != dtype or (got is not None and got != [-1, width]):
+                problems.append(f"{kind[:-1]} '{name}' is {info.get('dtype')} {got}, the bundle expects "
+                                f"{dtype} {[-1, width]}")
     return problems
 
 
@@ -234,9 +258,9 @@ class ReadinessProbe:
     fits the bundle (checked once per version).
     """
 
-    def __init__(self, client: PredictorClient, spec=None, ttl: float = 1.0):
+    def __init__(self, client: PredictorClient, contract: Contract | None = None, ttl: float = 1.0):
         self.client = client
-        self.spec = spec
+        self.contract = contract
         self.ttl = ttl
         self._checked_at = -float("inf")
         self._ready = False
@@ -264,8 +288,8 @@ class ReadinessProbe:
         version, state = await self.client.model_state()
         if state != "AVAILABLE":
             return False, f"the predictor reports the model {state}"
-        if self.spec is not None and version != self._verified_version:
-            problems = metadata_problems(await self.client.metadata(), self.spec)
+        if self.contract is not None and version != self._verified_version:
+            problems = metadata_problems(await self.client.metadata(), self.contract)
             if problems:
                 return False, "the predictor's model does not fit the bundle: " + "; ".join(problems)
             self._verified_version = version
