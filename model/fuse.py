@@ -50,26 +50,29 @@ PAD_SCORE = -1.0
 FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
 
 
-def _interp(x: tf.Tensor, xp: tf.Tensor, fp: tf.Tensor) -> tf.Tensor:
-    """``np.interp`` for each row of ``x`` [F, n] against its own ``xp`` [F, m] and shared ``fp`` [m].
+def _interp_tables(xp: np.ndarray, fp: np.ndarray) -> dict[str, tf.Tensor]:
+    """Knots [R, m], values [R, m] and the slope of each segment, computed once with numpy's arithmetic."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slopes = (fp[:, 1:] - fp[:, :-1]) / (xp[:, 1:] - xp[:, :-1])
+    slopes = np.where(np.isfinite(slopes), slopes, 0.0)  # repeated knots: never used (see below)
+    return {"xp": tf.constant(xp), "fp": tf.constant(fp), "slope": tf.constant(slopes),
+            "first": tf.constant(fp[:, :1]), "last": tf.constant(fp[:, -1:])}
 
-    Same arithmetic as numpy: below/above the range -> first/last value; exactly on
-    a knot -> that knot's value (the last of repeated knots); otherwise
-    ``slope * (x - xp[j]) + fp[j]`` with ``slope = (fp[j+1] - fp[j]) / (xp[j+1] - xp[j])``.
+
+def _interp(x: tf.Tensor, t: dict[str, tf.Tensor]) -> tf.Tensor:
+    """``np.interp`` for each row of ``x`` [R, n] against its own knots (row r of the tables).
+
+    As numpy: below the first knot -> the first value; at or above the last -> the last value;
+    otherwise, with j the last knot <= x (so knot j+1 > x: never a repeated pair),
+    ``slope[j] * (x - xp[j]) + fp[j]``, which is exactly ``fp[j]`` on a knot.
     """
-    m = tf.shape(xp)[1]
-    j = tf.searchsorted(xp, x, side="right") - 1  # last knot <= x
-    inside = (j >= 0) & (j < m - 1)
+    m = t["xp"].shape[1]
+    j = tf.searchsorted(t["xp"], x, side="right") - 1
     jj = tf.clip_by_value(j, 0, m - 2)
-    x0 = tf.gather(xp, jj, batch_dims=1)
-    x1 = tf.gather(xp, jj + 1, batch_dims=1)
-    y0 = tf.gather(fp, jj)
-    y1 = tf.gather(fp, jj + 1)
-    slope = (y1 - y0) / (x1 - x0)
-    between = slope * (x - x0) + y0
-    result = tf.where(x == x0, y0, between)
-    result = tf.where(inside, result, tf.where(j < 0, fp[0], fp[-1]))
-    return result
+    inner = tf.gather(t["slope"], jj, batch_dims=1) * (x - tf.gather(t["xp"], jj, batch_dims=1)) \
+        + tf.gather(t["fp"], jj, batch_dims=1)
+    edge = tf.where(j < 0, t["first"], t["last"])
+    return tf.where((j >= 0) & (j < m - 1), inner, edge)
 
 
 class _Quantile:
@@ -80,29 +83,30 @@ class _Quantile:
             )
         q = np.asarray(estimator.quantiles_, dtype=np.float64).T  # [F, m]
         ref = np.asarray(estimator.references_, dtype=np.float64)
+        n_features = q.shape[0]
         self.normal = estimator.output_distribution == "normal"
-        self.q = tf.constant(q)
-        self.q_rev = tf.constant(np.ascontiguousarray(-q[:, ::-1]))
-        self.ref = tf.constant(ref)
-        self.ref_rev = tf.constant(np.ascontiguousarray(-ref[::-1]))
+        # Forward and backward interpolation in one pass: rows 0..F-1 interpolate x on the
+        # quantiles, rows F..2F-1 interpolate -x on the reversed, negated quantiles.
+        knots = np.vstack([q, -q[:, ::-1]])
+        values = np.vstack([np.tile(ref, (n_features, 1)), np.tile(-ref[::-1], (n_features, 1))])
+        self.tables = _interp_tables(knots, values)
+        self.n_features = n_features
         self.low = tf.constant(q[:, 0])
         self.high = tf.constant(q[:, -1])
         self.clip_min = float(ndtri(BOUNDS_THRESHOLD - np.spacing(1)))
         self.clip_max = float(ndtri(1 - (BOUNDS_THRESHOLD - np.spacing(1))))
 
     def __call__(self, X: tf.Tensor) -> tf.Tensor:
-        xt = tf.transpose(X)  # [F, batch]: one searchsorted row per feature
-        forward = _interp(xt, self.q, self.ref)
-        backward = _interp(-xt, self.q_rev, self.ref_rev)
-        out = tf.transpose(0.5 * (forward - backward))
+        xt = tf.transpose(X)  # [F, batch]: one row of knots per feature
+        both = _interp(tf.concat([xt, -xt], axis=0), self.tables)
+        out = tf.transpose(0.5 * (both[: self.n_features] - both[self.n_features:]))
         if self.normal:
             lower = X - BOUNDS_THRESHOLD < self.low
             upper = X + BOUNDS_THRESHOLD > self.high
         else:
             lower = tf.equal(X, self.low)
             upper = tf.equal(X, self.high)
-        out = tf.where(upper, tf.ones_like(out), out)
-        out = tf.where(lower, tf.zeros_like(out), out)
+        out = tf.where(lower, tf.zeros_like(out), tf.where(upper, tf.ones_like(out), out))
         if self.normal:
             out = tf.clip_by_value(tf.math.ndtri(out), self.clip_min, self.clip_max)
         return out

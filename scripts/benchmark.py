@@ -47,7 +47,7 @@ class Target:
     label: str
     url: str
     bodies: dict[int, bytes]  # batch size -> request body
-    processes: tuple  # psutil.Process of the servers on its path
+    processes: dict  # name -> psutil.Process of each server on its path
     metrics_url: str | None = None  # transformer /metrics, for KServe's stage histograms
 
 
@@ -62,7 +62,9 @@ def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict]:
     n_items = manifest["model"]["n_items"]
     raw = make_synthetic(n_users=max(batches), n_items=n_items, seed=2024).features
     scaled = scaler.transform(raw).astype(np.float32)
-    signature = manifest["model"]["signature_name"]
+    # The predictor alone answers the same signature the transformer asks for (its best candidates
+    # when the model has them), so (a) and (b) differ by the transformer hop only.
+    signature = manifest["model"].get("candidates_signature") or manifest["model"]["signature_name"]
     transformer, predictor, fused = {}, {}, {}
     for b in batches:
         transformer[b] = json.dumps({"instances": raw[:b].tolist()}).encode()
@@ -80,12 +82,8 @@ def stage_totals(metrics_url: str) -> dict[str, float]:
     return {f"{stage}_{kind}": float(value) for stage, kind, value in _STAGE.findall(text)}
 
 
-def cpu_seconds(processes) -> float:
-    total = 0.0
-    for process in processes:
-        times = process.cpu_times()
-        total += times.user + times.system
-    return total
+def cpu_seconds(processes: dict) -> dict[str, float]:
+    return {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
 
 
 def measure(target: Target, batch: int, concurrency: int, seconds: float, warmup: float) -> LoadResult:
@@ -94,9 +92,10 @@ def measure(target: Target, batch: int, concurrency: int, seconds: float, warmup
     stages_before = stage_totals(target.metrics_url) if target.metrics_url else {}
     cpu_before = cpu_seconds(target.processes)
     result = run_load(target.url, body, concurrency, seconds)
-    server_cpu = cpu_seconds(target.processes) - cpu_before
-    result.extra["server_cpu_ms_per_request"] = 1000.0 * server_cpu / max(result.requests, 1)
-    result.extra["server_cpu_share"] = server_cpu / result.seconds
+    cpu_after = cpu_seconds(target.processes)
+    spent = {name: cpu_after[name] - cpu_before[name] for name in cpu_after}
+    result.extra["server_cpu_ms_per_request"] = 1000.0 * sum(spent.values()) / max(result.requests, 1)
+    result.extra["cpu_share"] = {name: cpu / result.seconds for name, cpu in spent.items()}
     if target.metrics_url:
         after = stage_totals(target.metrics_url)
         count = after["pre_count"] - stages_before["pre_count"]
@@ -205,13 +204,14 @@ def plot(results: dict, path: Path) -> None:
     batches = sorted({r["batch"] for r in runs})
     concurrencies = sorted({r["concurrency"] for r in runs})
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    colors = {key: f"C{i}" for i, key in enumerate(labels)}
     for col, concurrency in enumerate(concurrencies[:2]):
         ax = axes[0][col]
         for key in labels:
             row = next((r for r in runs if r["target"] == key and r["batch"] == 1 and r["concurrency"] == concurrency), None)
             if row:
                 ps = sorted((float(k), v) for k, v in row["percentiles_ms"].items())
-                ax.plot([v for _, v in ps], [k for k, _ in ps], marker=".", label=labels[key])
+                ax.plot([v for _, v in ps], [k for k, _ in ps], marker=".", color=colors[key], label=labels[key])
         ax.set_title(f"latency distribution, batch 1, concurrency {concurrency}")
         ax.set_xlabel("latency (ms)")
         ax.set_ylabel("percentile")
@@ -224,9 +224,9 @@ def plot(results: dict, path: Path) -> None:
                     for b in batches]
             xs = [b for b, r in zip(batches, rows) if r]
             axes[1][0].plot(xs, [r["percentiles_ms"]["50"] for r in rows if r], style, marker="o",
-                            label=f"{labels[key]}, c={concurrency}")
+                            color=colors[key], label=f"{labels[key]}, c={concurrency}")
             axes[1][1].plot(xs, [r["throughput"] * b for b, r in zip(batches, rows) if r], style, marker="o",
-                            label=f"{labels[key]}, c={concurrency}")
+                            color=colors[key], label=f"{labels[key]}, c={concurrency}")
     axes[1][0].set_title("p50 latency vs batch size")
     axes[1][0].set_ylabel("ms")
     axes[1][1].set_title("throughput (rows/s) vs batch size")
@@ -288,7 +288,8 @@ def write_report(results: dict, out: Path) -> None:
     lines += [f"| {goal} | {measured} | {'yes' if met else '**no**'} |" for goal, measured, met in verdicts(results)]
     lines += ["", "## Latency and throughput", "",
               "Ratios are to (a), the predictor alone, at the same batch size and concurrency. Client CPU is the "
-              "load generator's share of one core; server CPU is the path's servers' CPU per request.", ""]
+              "load generator's share of one core; server CPU is the path's servers' CPU per request; busy cores is "
+              "how many cores each server kept busy (2 in all on this machine, shared with the load generator).", ""]
     for batch in sorted({r["batch"] for r in runs}):
         for concurrency in sorted({r["concurrency"] for r in runs}):
             cell = [r for r in runs if r["batch"] == batch and r["concurrency"] == concurrency]
@@ -296,8 +297,8 @@ def write_report(results: dict, out: Path) -> None:
                 continue
             base = next((r for r in cell if r["target"] == "a"), None)
             lines += [f"### batch {batch}, concurrency {concurrency}", "",
-                      "| path | p50 ms | p90 ms | p99 ms | req/s | rows/s | p50 / (a) | req/s / (a) | errors | client CPU | server CPU ms/req | pre+post us |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                      "| path | p50 ms | p90 ms | p99 ms | req/s | rows/s | p50 / (a) | req/s / (a) | errors | client CPU | server CPU ms/req | busy cores | pre+post us |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
             for r in cell:
                 p = r["percentiles_ms"]
                 ratio_p = f"{p['50'] / base['percentiles_ms']['50']:.2f}" if base else ""
@@ -307,7 +308,9 @@ def write_report(results: dict, out: Path) -> None:
                     f"| ({r['target']}) {labels[r['target']]} | {p['50']:.2f} | {p['90']:.2f} | {p['99']:.2f} | "
                     f"{r['throughput']:.0f} | {r['throughput'] * batch:.0f} | {ratio_p} | {ratio_t} | "
                     f"{r['non_2xx'] + r['socket_errors']} | {100 * r['client_cpu_share']:.0f}% | "
-                    f"{r['extra']['server_cpu_ms_per_request']:.2f} | {'' if pre_post is None else f'{pre_post:.0f}'} |")
+                    f"{r['extra']['server_cpu_ms_per_request']:.2f} | "
+                    + ", ".join(f"{name} {share:.2f}" for name, share in r["extra"]["cpu_share"].items())
+                    + f" | {'' if pre_post is None else f'{pre_post:.0f}'} |")
             lines.append("")
     k = results["kernel_us"]
     lines += ["## Pre+post compute, one row, in-process", "",
@@ -342,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="report folder (default: benchmarks/, or a temporary one with --smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seconds, args.warmup, args.batches, args.concurrency = 1.0, 1.0, "1,32", "1,4"
+        args.seconds, args.warmup, args.batches, args.concurrency = 1.0, 1.0, "1,32", "4"
         args.soak_requests, args.soak_concurrency = min(args.soak_requests, 300), 8
     out = args.out or (Path(tempfile.mkdtemp(prefix="benchmark-")) if args.smoke else ROOT / "benchmarks")
     batches = [int(b) for b in args.batches.split(",")]
@@ -373,14 +376,15 @@ def main(argv: list[str] | None = None) -> int:
             ("baseline", baseline, "transformer"), ("fused", fused, "predictor"))}
         targets = [
             Target("a", "predictor alone", f"{main_stack.predictor_url}/v1/models/{MODEL}:predict", predictor_bodies,
-                   (proc["predictor"],)),
+                   {"predictor": proc["predictor"]}),
             Target("b", "transformer -> predictor", f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
-                   transformer_bodies, (proc["transformer"], proc["predictor"]),
+                   transformer_bodies, {"transformer": proc["transformer"], "predictor": proc["predictor"]},
                    f"{main_stack.transformer_url}/metrics"),
             Target("c", "transformer, scikit-learn per request", f"{baseline.transformer_url}/v1/models/{MODEL}:predict",
-                   transformer_bodies, (proc["baseline"], proc["predictor"]), f"{baseline.transformer_url}/metrics"),
+                   transformer_bodies, {"transformer": proc["baseline"], "predictor": proc["predictor"]},
+                   f"{baseline.transformer_url}/metrics"),
             Target("d", "fused alone", f"{fused.predictor_url}/v1/models/{FUSED}:predict", fused_bodies,
-                   (proc["fused"],)),
+                   {"predictor": proc["fused"]}),
         ]
         runs = []
         for batch in batches:
