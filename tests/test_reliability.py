@@ -347,3 +347,13 @@ def test_transformer_refuses_a_predictor_model_that_does_not_fit(stack, build_di
     assert result.returncode == 2
     assert ("the predictor's model does not fit the bundle: output 'candidate_ids' is DT_INT64 [-1, 5], "
             "the bundle expects DT_INT64 [-1, 7]") in result.stderr
+
+
+def test_bounded_soak_loses_nothing(stack, raw_users):
+    """3,000 requests at concurrency 32: every one answered 200, memory bounded.
+    (The benchmark runs the same soak with 20,000 requests and reports it.)"""
+    from scripts.benchmark import soak
+
+    result = soak(stack, json.dumps(valid_body(raw_users)).encode(), requests=3000, concurrency=32)
+    assert result["ok"] == 3000 and result["lost"] == 0 and result["transport_errors"] == 0, result
+    assert result["rss_growth_mb"] < 25, result
