@@ -40,7 +40,7 @@ import tensorflow as tf
 import model  # noqa: F401  (TensorFlow environment defaults)
 from model.export import next_version, save_versioned
 from transformer.bundle import Bundle, BundleError, Rules, load_bundle
-from transformer.kernels import BOUNDS_THRESHOLD, SUPPORTED_SCALERS, UnsupportedEstimator
+from transformer.kernels import BOUNDS_THRESHOLD, AffineStep, QuantileStep, UnsupportedEstimator, scaler_steps
 from scipy.special import ndtri
 
 FUSED_SIGNATURE = "serving_default"
@@ -76,15 +76,11 @@ def _interp(x: tf.Tensor, t: dict[str, tf.Tensor]) -> tf.Tensor:
 
 
 class _Quantile:
-    def __init__(self, estimator):
-        if estimator.output_distribution not in ("uniform", "normal"):
-            raise UnsupportedEstimator(
-                f"QuantileTransformer(output_distribution={estimator.output_distribution!r}) is not supported"
-            )
-        q = np.asarray(estimator.quantiles_, dtype=np.float64).T  # [F, m]
-        ref = np.asarray(estimator.references_, dtype=np.float64)
+    def __init__(self, step: QuantileStep):
+        q = step.quantiles.T  # [F, m]
+        ref = step.references
         n_features = q.shape[0]
-        self.normal = estimator.output_distribution == "normal"
+        self.normal = step.output_distribution == "normal"
         # Forward and backward interpolation in one pass: rows 0..F-1 interpolate x on the
         # quantiles, rows F..2F-1 interpolate -x on the reversed, negated quantiles.
         knots = np.vstack([q, -q[:, ::-1]])
@@ -113,12 +109,13 @@ class _Quantile:
 
 
 class _Affine:
-    def __init__(self, subtract=None, divide=None, multiply=None, add=None, clip=None):
+    def __init__(self, step: AffineStep):
         def const(v):
             return None if v is None else tf.constant(np.asarray(v, dtype=np.float64))
 
-        self.subtract, self.divide, self.multiply, self.add = map(const, (subtract, divide, multiply, add))
-        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+        self.subtract, self.divide, self.multiply, self.add = map(
+            const, (step.subtract, step.divide, step.multiply, step.add))
+        self.clip = None if step.clip is None else (float(step.clip[0]), float(step.clip[1]))
 
     def __call__(self, X: tf.Tensor) -> tf.Tensor:
         if self.subtract is not None:
@@ -134,36 +131,16 @@ class _Affine:
         return X
 
 
-class _Chain:
-    def __init__(self, steps):
-        self.steps = steps
-
-    def __call__(self, X):
-        for step in self.steps:
-            X = step(X)
-        return X
-
-
 def compile_scaler(estimator: Any):
     """A TF function (float64 [batch, F] -> float64) equal to ``estimator.transform``."""
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, StandardScaler
+    ops = [_Quantile(s) if isinstance(s, QuantileStep) else _Affine(s) for s in scaler_steps(estimator)]
 
-    if isinstance(estimator, Pipeline):
-        return _Chain([compile_scaler(s) for _, s in estimator.steps if s not in (None, "passthrough")])
-    if not hasattr(estimator, "n_features_in_"):
-        raise UnsupportedEstimator(f"the {type(estimator).__name__} is not fitted; fit it before compiling")
-    if isinstance(estimator, QuantileTransformer):
-        return _Quantile(estimator)
-    if isinstance(estimator, StandardScaler):
-        return _Affine(subtract=estimator.mean_ if estimator.with_mean else None,
-                       divide=estimator.scale_ if estimator.with_std else None)
-    if isinstance(estimator, MinMaxScaler):
-        return _Affine(multiply=estimator.scale_, add=estimator.min_,
-                       clip=estimator.feature_range if estimator.clip else None)
-    raise UnsupportedEstimator(
-        f"cannot compile {type(estimator).__name__} into the graph; supported scalers: {SUPPORTED_SCALERS}"
-    )
+    def apply(X: tf.Tensor) -> tf.Tensor:
+        for op in ops:
+            X = op(X)
+        return X
+
+    return apply
 
 
 class _NearestCentroid:

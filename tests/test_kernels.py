@@ -85,7 +85,7 @@ def test_quantile_any_finite_input(rows):
 
 
 def test_unsupported_scaler_is_named():
-    with pytest.raises(UnsupportedEstimator, match="RobustScaler; supported scalers: QuantileTransformer, StandardScaler"):
+    with pytest.raises(UnsupportedEstimator, match="RobustScaler is not supported as the scaler; supported scalers: QuantileTransformer, StandardScaler"):
         scaler_kernel(RobustScaler().fit(np.ones((3, 2))))
 
 

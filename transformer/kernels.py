@@ -9,6 +9,7 @@ proves their parity with scikit-learn.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,19 +27,68 @@ class UnsupportedEstimator(TypeError):
     """The fitted object has no kernel here."""
 
 
+SUPPORTED_SCALERS = "QuantileTransformer, StandardScaler, MinMaxScaler, or a Pipeline of these"
+
+
+@dataclass(frozen=True)
+class QuantileStep:
+    """A fitted ``QuantileTransformer``: its quantiles (n_quantiles, F), references, output distribution."""
+
+    quantiles: np.ndarray
+    references: np.ndarray
+    output_distribution: str
+
+
+@dataclass(frozen=True)
+class AffineStep:
+    """A fitted ``StandardScaler`` or ``MinMaxScaler``, in scikit-learn's order of operations:
+    subtract, divide, multiply, add, then clip (each optional)."""
+
+    subtract: np.ndarray | None = None
+    divide: np.ndarray | None = None
+    multiply: np.ndarray | None = None
+    add: np.ndarray | None = None
+    clip: tuple[float, float] | None = None
+
+
+def scaler_steps(estimator: Any) -> list[QuantileStep | AffineStep]:
+    """The fitted numbers of a supported scaler, in the order they apply.
+
+    The one place that reads scikit-learn's fitted attributes: the numpy kernels here and the
+    TensorFlow compiler (``model/fuse.py``) both build on it.
+    """
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, StandardScaler
+
+    name = type(estimator).__name__
+    if isinstance(estimator, Pipeline):
+        return [s for _, step in estimator.steps if step not in (None, "passthrough") for s in scaler_steps(step)]
+    if not isinstance(estimator, (QuantileTransformer, StandardScaler, MinMaxScaler)):
+        raise UnsupportedEstimator(f"{name} is not supported as the scaler; supported scalers: {SUPPORTED_SCALERS}")
+    if not hasattr(estimator, "n_features_in_"):
+        raise UnsupportedEstimator(f"the {name} is not fitted; fit it before bundling")
+    if isinstance(estimator, QuantileTransformer):
+        if estimator.output_distribution not in ("uniform", "normal"):
+            raise UnsupportedEstimator(
+                f"QuantileTransformer(output_distribution={estimator.output_distribution!r}) is not "
+                "supported; use 'uniform' or 'normal'"
+            )
+        return [QuantileStep(np.asarray(estimator.quantiles_, dtype=np.float64),
+                             np.asarray(estimator.references_, dtype=np.float64), estimator.output_distribution)]
+    if isinstance(estimator, StandardScaler):
+        return [AffineStep(subtract=estimator.mean_ if estimator.with_mean else None,
+                           divide=estimator.scale_ if estimator.with_std else None)]
+    return [AffineStep(multiply=estimator.scale_, add=estimator.min_,
+                       clip=tuple(estimator.feature_range) if estimator.clip else None)]
+
+
 class QuantileScaler:
     """``QuantileTransformer.transform`` for dense float64 input, either output distribution."""
 
-    def __init__(self, quantiles: np.ndarray, references: np.ndarray, output_distribution: str):
-        if output_distribution not in ("uniform", "normal"):
-            raise UnsupportedEstimator(
-                f"QuantileTransformer(output_distribution={output_distribution!r}) is not "
-                "supported; use 'uniform' or 'normal'"
-            )
-        quantiles = np.asarray(quantiles, dtype=np.float64)
-        references = np.asarray(references, dtype=np.float64)
+    def __init__(self, step: QuantileStep):
+        quantiles, references = step.quantiles, step.references
         self.n_features = quantiles.shape[1]
-        self.normal = output_distribution == "normal"
+        self.normal = step.output_distribution == "normal"
         # One contiguous row per feature, plus the mirrored copies the backward
         # interpolation needs, so nothing is sliced or reversed per request.
         self._q = np.ascontiguousarray(quantiles.T)
@@ -50,7 +100,8 @@ class QuantileScaler:
 
     @classmethod
     def from_estimator(cls, estimator: Any) -> "QuantileScaler":
-        return cls(estimator.quantiles_, estimator.references_, estimator.output_distribution)
+        (step,) = scaler_steps(estimator)
+        return cls(step)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Scale raw features (n, F) float64; returns float64 like scikit-learn."""
@@ -77,28 +128,29 @@ class QuantileScaler:
 
 
 class AffineScaler:
-    """``StandardScaler`` and ``MinMaxScaler``: ``(X - shift) / divide`` or ``X * scale + offset``, clipped."""
+    """``StandardScaler`` and ``MinMaxScaler``, operation for operation."""
 
-    def __init__(self, *, subtract=None, divide=None, multiply=None, add=None, clip=None):
-        self.subtract, self.divide, self.multiply, self.add, self.clip = subtract, divide, multiply, add, clip
+    def __init__(self, step: AffineStep):
+        self.step = step
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         X = np.array(X, dtype=np.float64)  # a copy, operated on in place in scikit-learn's order
-        if self.subtract is not None:
-            X -= self.subtract
-        if self.divide is not None:
-            X /= self.divide
-        if self.multiply is not None:
-            X *= self.multiply
-        if self.add is not None:
-            X += self.add
-        if self.clip is not None:
-            np.clip(X, self.clip[0], self.clip[1], out=X)
+        step = self.step
+        if step.subtract is not None:
+            X -= step.subtract
+        if step.divide is not None:
+            X /= step.divide
+        if step.multiply is not None:
+            X *= step.multiply
+        if step.add is not None:
+            X += step.add
+        if step.clip is not None:
+            np.clip(X, step.clip[0], step.clip[1], out=X)
         return X
 
 
 class ChainedScaler:
-    """A ``Pipeline`` of supported scalers, applied in order."""
+    """Several steps (a ``Pipeline``), applied in order."""
 
     def __init__(self, steps: list):
         self.steps = steps
@@ -109,28 +161,10 @@ class ChainedScaler:
         return X
 
 
-SUPPORTED_SCALERS = "QuantileTransformer, StandardScaler, MinMaxScaler, or a Pipeline of these"
-
-
 def scaler_kernel(estimator: Any):
-    """The kernel for a fitted scaler, or a clear error naming what is supported."""
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, StandardScaler
-
-    if isinstance(estimator, Pipeline):
-        steps = [step for _, step in estimator.steps if step not in (None, "passthrough")]
-        return ChainedScaler([scaler_kernel(step) for step in steps])
-    if not hasattr(estimator, "n_features_in_"):
-        raise UnsupportedEstimator(f"the {type(estimator).__name__} is not fitted; fit it before bundling")
-    if isinstance(estimator, QuantileTransformer):
-        return QuantileScaler.from_estimator(estimator)
-    if isinstance(estimator, StandardScaler):
-        return AffineScaler(subtract=estimator.mean_ if estimator.with_mean else None,
-                            divide=estimator.scale_ if estimator.with_std else None)
-    if isinstance(estimator, MinMaxScaler):
-        return AffineScaler(multiply=estimator.scale_, add=estimator.min_,
-                            clip=estimator.feature_range if estimator.clip else None)
-    raise UnsupportedEstimator(f"no kernel for {type(estimator).__name__}; supported scalers: {SUPPORTED_SCALERS}")
+    """The numpy kernel of a fitted scaler, or a clear error naming what is supported."""
+    kernels = [QuantileScaler(s) if isinstance(s, QuantileStep) else AffineScaler(s) for s in scaler_steps(estimator)]
+    return kernels[0] if len(kernels) == 1 else ChainedScaler(kernels)
 
 
 class NearestCentroid:
