@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 response = client.post(url, content=body, headers={"content-type": "application/json"})
                 show(f"{title}  [scripts/requests/{name}]", response, (time.perf_counter() - t0) * 1000)
-            print("\n   try it yourself while it runs:  python -m scripts.localstack up  then")
-            print(f"   curl -s -H 'content-type: application/json' -d @scripts/requests/one-user.json "
+            print("\n   to try it yourself, keep both running with  .venv/bin/python -m scripts.localstack up  and send")
+            print("   curl -s -H 'content-type: application/json' -d @scripts/requests/one-user.json "
                   "http://127.0.0.1:8080/v1/models/embedder:predict")
             ok = client.post(url, content=(REQUESTS / "batch.json").read_bytes(),
                              headers={"content-type": "application/json"}).status_code == 200

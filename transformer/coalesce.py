@@ -21,13 +21,12 @@ Outputs = dict[str, np.ndarray]
 
 class Coalescer:
     def __init__(self, call: Callable[[np.ndarray], Awaitable[Outputs]], max_inflight: int = 2,
-                 max_rows: int = 256, on_call: Callable[[int], None] | None = None):
+                 max_rows: int = 256):
         if max_inflight < 1 or max_rows < 1:
             raise ValueError("max_inflight and max_rows must be at least 1")
         self.call = call
         self.max_inflight = max_inflight
         self.max_rows = max_rows
-        self.on_call = on_call or (lambda rows: None)
         self.inflight = 0
         self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
 
@@ -35,7 +34,6 @@ class Coalescer:
         if self.inflight < self.max_inflight and not self.pending:
             self.inflight += 1
             try:
-                self.on_call(features.shape[0])
                 return await self.call(features)
             finally:
                 self.inflight -= 1
@@ -60,7 +58,6 @@ class Coalescer:
     async def _run(self, group: list[tuple[np.ndarray, asyncio.Future]]) -> None:
         try:
             features = np.concatenate([f for f, _ in group]) if len(group) > 1 else group[0][0]
-            self.on_call(features.shape[0])
             outputs = await self.call(features)
             start = 0
             for part, future in group:

@@ -59,7 +59,6 @@ class EmbedderTransformer(kserve.Model):
         self.coalesce_inflight = coalesce_inflight
         self.coalesce_rows = coalesce_rows
         self.full_scores = full_scores
-        self._coalescer: Coalescer | None = None
         self._predictor_host = predictor_host
         self._predictor_timeout = predictor_timeout
         self._retry = retry
@@ -82,31 +81,34 @@ class EmbedderTransformer(kserve.Model):
         self.feature_names = bundle.feature_names
         self.spec = bundle.model
         self.rules = bundle.rules
-        self.contract = self._contract(bundle)
+        self.contract, self.use_candidates = self._contract(bundle)
         self.metrics = ModelMetrics(self.name, bundle.feature_names, bundle.feature_min, bundle.feature_max,
                                     int(bundle.segments.n_clusters))
+        # Under load, concurrent requests share predictor calls (see coalesce.py).
+        self._forward = (Coalescer(self._call_predictor, self.coalesce_inflight, self.coalesce_rows)
+                         if self.coalesce_inflight > 0 else self._call_predictor)
         if bundle.model.name != self.name:
             log.info("bundle was trained for model %r, serving it as %r", bundle.model.name, self.name)
         self.ready = True
         return self.ready
 
-    def _contract(self, bundle: Bundle) -> Contract:
+    def _contract(self, bundle: Bundle) -> tuple[Contract, bool]:
         """Ask for the model's best candidates when it offers enough of them, else for every score."""
         spec, rules = bundle.model, bundle.rules
         outputs = {spec.embedding_output: ("DT_FLOAT", spec.embedding_dim)}
-        self.use_candidates = bool(spec.candidates_signature) and not self.full_scores
-        if self.use_candidates and spec.n_candidates < min(rules.top_k, spec.n_items):
+        use_candidates = bool(spec.candidates_signature) and not self.full_scores
+        if use_candidates and spec.n_candidates < min(rules.top_k, spec.n_items):
             log.info("the model ranks %d candidates, the rules want %d: asking for every score",
                      spec.n_candidates, rules.top_k)
-            self.use_candidates = False
-        if self.use_candidates:
+            use_candidates = False
+        if use_candidates:
             outputs[spec.candidate_ids_output] = ("DT_INT64", spec.n_candidates)
             outputs[spec.candidate_scores_output] = ("DT_FLOAT", spec.n_candidates)
             signature = spec.candidates_signature
         else:
             outputs[spec.scores_output] = ("DT_FLOAT", spec.n_items)
             signature = spec.signature_name
-        return Contract(signature, spec.input_name, spec.n_features, outputs)
+        return Contract(signature, spec.input_name, spec.n_features, outputs), use_candidates
 
     @property
     def predictor(self) -> PredictorClient:
@@ -126,12 +128,6 @@ class EmbedderTransformer(kserve.Model):
         self.predictor  # creates the readiness probe
         return await self._readiness.ready()
 
-    @property
-    def not_ready_reason(self) -> str:
-        if not self.ready:
-            return "the artifact bundle is not loaded"
-        return self._readiness.reason if self._readiness else "not checked yet"
-
     async def _compute(self, fn: Callable[..., Any], rows: int, *args: Any) -> Any:
         """Run CPU work inline for small batches, in a worker thread for large ones."""
         if rows > self.offload_rows:
@@ -147,19 +143,13 @@ class EmbedderTransformer(kserve.Model):
         return scaled.astype(np.float32)
 
     async def _call_predictor(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """One TF Serving call (possibly carrying the rows of several requests)."""
+        self.metrics.predictor_rows.observe(features.shape[0])
         with self.metrics.predictor_seconds.time():
             return await self.predictor.predict(features, self.contract)
 
     async def predict(self, payload: np.ndarray, headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-        if self.coalesce_inflight > 0:
-            if self._coalescer is None:
-                self._coalescer = Coalescer(self._call_predictor, self.coalesce_inflight, self.coalesce_rows,
-                                            on_call=self.metrics.predictor_rows.observe)
-            outputs = await self._coalescer(payload)
-        else:
-            self.metrics.predictor_rows.observe(payload.shape[0])
-            outputs = await self._call_predictor(payload)
-        return outputs
+        return await self._forward(payload)
 
     async def postprocess(self, result: dict[str, np.ndarray], headers: dict[str, str] | None = None) -> dict:
         return await self._compute(self._rank, result[self.spec.embedding_output].shape[0], result)
