@@ -88,6 +88,10 @@ def same(a: list[tuple[int, dict]], b: list[tuple[int, dict]], tol: float = 1e-5
             continue
         if status_a != 200:
             continue
+        if len(body_a["predictions"]) != len(body_b["predictions"]):
+            problems.append(f"{name}: {len(body_a['predictions'])} predictions on the cluster, "
+                            f"{len(body_b['predictions'])} locally")
+            continue
         for i, (p, q) in enumerate(zip(body_a["predictions"], body_b["predictions"])):
             if p["segment"] != q["segment"] or [x["id"] for x in p["items"]] != [x["id"] for x in q["items"]]:
                 problems.append(f"{name} row {i}: {p} != {q}")

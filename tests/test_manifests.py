@@ -320,3 +320,17 @@ def test_grafana_dashboard_shows_the_transformer_metrics():
     assert "request_predict_seconds_bucket" in exprs  # KServe's stage histograms
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_smoke_comparison_catches_differences():
+    from scripts.cluster import same
+
+    ok = [(200, {"predictions": [{"segment": 1, "segment_distance": 0.5, "items": [{"id": 3, "score": 0.9}]}]}),
+          (200, {"predictions": []}), (400, {"error": "x"})]
+    assert same(ok, ok) == []
+    other_item = [(200, {"predictions": [{"segment": 1, "segment_distance": 0.5, "items": [{"id": 4, "score": 0.9}]}]}),
+                  ok[1], ok[2]]
+    assert len(same(other_item, ok)) == 1
+    fewer = [(200, {"predictions": []}), ok[1], ok[2]]
+    assert "1 locally" in same(fewer, ok)[0]
+    assert "status 500" in same([ok[0], ok[1], (500, {})], ok)[0]
