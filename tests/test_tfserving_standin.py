@@ -1,5 +1,6 @@
 """``python -m model.serve`` answers like TF Serving's REST API (g3doc/api_rest.md)."""
 
+import json
 import shutil
 import time
 
@@ -7,6 +8,8 @@ import httpx
 import numpy as np
 import pytest
 from conftest import MODEL_NAME
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model.tfjson import TensorJsonError, TensorSpecInfo, parse_predict_request, render_predict_response
 
@@ -186,3 +189,19 @@ def test_b64_objects_are_values_not_rows():
     specs = {"x": TensorSpecInfo(np.dtype(object), (None,))}
     _, arrays, form = parse_predict_request({"instances": [{"b64": "aGk="}, "plain"]}, lambda _: specs)
     assert form == "row" and arrays["x"].tolist() == [b"hi", "plain"]
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers(min_value=-(10**30), max_value=10**30) | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["instances", "inputs", "signature_name", "features", "b64"]), children, max_size=3),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_values)
+def test_generated_requests_get_tf_serving_statuses_never_500(api, doc):
+    response = httpx.post(f"{api}:predict", content=json.dumps(doc, allow_nan=True).encode(), timeout=30)
+    assert response.status_code in (200, 400), (doc, response.text)
+    assert response.status_code == 200 or "error" in response.json()
