@@ -51,7 +51,7 @@ def test_mixed_row_forms_in_one_request(stack, offline, raw_users):
 
 
 def test_many_rows_in_one_request(stack, offline, raw_users):
-    rows = raw_users  # 400 rows: the large-batch path runs the kernels off the event loop
+    rows = raw_users  # 400 rows in one request
     response = post(stack, {"instances": rows.tolist()})
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
@@ -135,11 +135,12 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(stack, raw_users, body, s
 
 
 def test_every_score_path_gives_the_same_answers(stack, offline, raw_users, tmp_path):
-    """--full_scores asks TF Serving for all item scores instead of its best candidates: same results."""
+    """--full_scores asks TF Serving for all item scores instead of its best candidates, and
+    --offload_rows runs large batches in a worker thread: same results."""
     from scripts.localstack import LocalStack
 
     full = LocalStack(build=stack.build, predictor_port=stack.predictor_port, log_dir=tmp_path,
-                      transformer_args=["--full_scores"])
+                      transformer_args=["--full_scores", "--offload_rows", "64"])
     full.start_transformer()
     try:
         rows = raw_users[:80]

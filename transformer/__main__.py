@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="predictor calls in flight before concurrent requests are merged into one call "
                            "(0: never merge)")
     ours.add_argument("--coalesce_rows", type=int, default=256, help="rows in one merged predictor call, at most")
+    ours.add_argument("--offload_rows", type=int, default=0,
+                      help="run pre/post-processing of requests with more rows than this in a worker thread "
+                           "(0: never; measured slower, see benchmarks/results.md)")
     ours.add_argument("--full_scores", action="store_true",
                       help="ask TF Serving for every item's score even when the model offers its best "
                            "candidates (a larger answer; the same results)")
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         coalesce_inflight=args.coalesce_inflight,
         coalesce_rows=args.coalesce_rows,
         full_scores=args.full_scores,
+        offload_rows=args.offload_rows,
     )
     try:
         model.load()
