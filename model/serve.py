@@ -23,9 +23,8 @@ import gc
 import logging
 import re
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +78,6 @@ class Servable:
     path: Path
     signatures: dict[str, Signature]
     signature_defs: dict  # JSON form of the MetaGraphDef's signature_def map
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> "Servable":

@@ -260,25 +260,27 @@ def _from_instances(instances: list, specs: dict[str, TensorSpecInfo]) -> dict[s
     for name, items in columns.items():
         spec = specs[name]
         first_shape = _dense_shape(items[0])
+        flat: list = []  # every element is checked and collected in one pass
         for index, item in enumerate(items):
-            if _dense_shape(item) != first_shape:
-                size = int(np.prod(_dense_shape(item))) if _dense_shape(item) else 1
+            shape = _dense_shape(item)
+            if shape != first_shape:
+                size = int(np.prod(shape)) if shape else 1
                 expected = int(np.prod(first_shape)) if first_shape else 1
                 detail = (
                     f"Expecting tensor size: {expected} but got: {size}" if size != expected
                     else f"Expecting shape [{','.join(map(str, first_shape))}] but got: "
-                    f"[{','.join(map(str, _dense_shape(item)))}]"
+                    f"[{','.join(map(str, shape))}]"
                 )
                 raise TensorJsonError(
                     f"Failed to process element: {index} of 'instances' list. Error: INVALID_ARGUMENT: {detail}"
                 )
             try:
-                _fill(item, 0, first_shape, spec, [])
+                _fill(item, 0, first_shape, spec, flat)
             except TensorJsonError as exc:
                 raise TensorJsonError(
                     f"Failed to process element: {index} of 'instances' list. Error: INVALID_ARGUMENT: {exc}"
                 ) from None
-        arrays[name] = value_to_array(items, spec)
+        arrays[name] = np.array(flat, dtype=spec.dtype).reshape([len(items), *first_shape])
     return arrays
 
 

@@ -33,6 +33,15 @@ def stack(build_dir, tmp_path_factory):
         yield running
 
 
+def reference_top_items(scores, min_score, k) -> list[list[int]]:
+    """The rules in plain Python: sort by (-score, id), keep the first k, drop those below the minimum."""
+    out = []
+    for row in scores:
+        ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+        out.append([i for i in ranked if row[i] >= np.float32(min_score)])
+    return out
+
+
 class Offline:
     """The answers computed without the servers: scikit-learn and the SavedModel called directly."""
 
@@ -64,16 +73,12 @@ class Offline:
         e64 = embedding.astype(np.float64)
         labels = self.kmeans.predict(e64)
         distances = self.kmeans.transform(e64)[np.arange(len(labels)), labels]
-        k, threshold = self.rules["top_k"], np.float32(self.rules["min_score"])
-        result = []
-        for label, distance, row in zip(labels, distances, scores):
-            ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
-            result.append({
-                "segment": int(label),
-                "segment_distance": float(distance),
-                "items": [{"id": i, "score": float(row[i])} for i in ranked if row[i] >= threshold],
-            })
-        return result
+        items = reference_top_items(scores, self.rules["min_score"], self.rules["top_k"])
+        return [
+            {"segment": int(label), "segment_distance": float(distance),
+             "items": [{"id": i, "score": float(row[i])} for i in kept]}
+            for label, distance, row, kept in zip(labels, distances, scores, items)
+        ]
 
 
 @pytest.fixture(scope="session")

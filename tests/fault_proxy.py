@@ -15,11 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
+from scripts.localstack import free_port
+
 
 class FaultProxy:
     def __init__(self, upstream: str, port: int | None = None):
         self.upstream = upstream
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.mode: tuple = ("forward",)
         self.requests = 0
         self._connections: set[socket.socket] = set()
@@ -96,8 +98,3 @@ class FaultProxy:
         self.stop()
         self._client.close()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

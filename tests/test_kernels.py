@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from conftest import reference_top_items
 from sklearn.cluster import KMeans
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScaler, StandardScaler
@@ -147,15 +148,6 @@ def test_nearest_centroid_ties_go_to_lowest_index():
 def test_nearest_centroid_refuses_other_estimators():
     with pytest.raises(UnsupportedEstimator, match="supported segmenters: KMeans"):
         NearestCentroid.from_estimator(StandardScaler())
-
-
-def reference_top_items(scores, min_score, k):
-    """Plain Python: sort by (-score, id), keep the first k, drop those below the minimum."""
-    out = []
-    for row in scores:
-        ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
-        out.append([i for i in ranked if row[i] >= np.float32(min_score)])
-    return out
 
 
 def as_lists(ids, keep):

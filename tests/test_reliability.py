@@ -16,6 +16,7 @@ from conftest import MODEL_NAME
 from fault_proxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import json_documents
 
 from scripts.localstack import ROOT, LocalStack
 
@@ -121,12 +122,7 @@ def test_chunked_body_past_the_limit_is_refused(stack, raw_users):
     assert_still_serving(stack.transformer_url, raw_users)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.floats() | st.integers(min_value=-(10**30), max_value=10**30) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(
-        st.sampled_from(["instances", "inputs", "sessions_30d", "spend_90d", "x"]), children, max_size=5),
-    max_leaves=40,
-)
+json_values = json_documents(["instances", "inputs", "sessions_30d", "spend_90d", "x"], max_leaves=40)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import MODEL_NAME
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from strategies import json_documents
 
 from model.tfjson import TensorJsonError, TensorSpecInfo, parse_predict_request, render_predict_response
 
@@ -191,12 +191,7 @@ def test_b64_objects_are_values_not_rows():
     assert form == "row" and arrays["x"].tolist() == [b"hi", "plain"]
 
 
-_values = st.recursive(
-    st.none() | st.booleans() | st.floats() | st.integers(min_value=-(10**30), max_value=10**30) | st.text(max_size=6),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.sampled_from(["instances", "inputs", "signature_name", "features", "b64"]), children, max_size=3),
-    max_leaves=30,
-)
+_values = json_documents(["instances", "inputs", "signature_name", "features", "b64"])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
