@@ -1,7 +1,10 @@
 """Export the embedding model as a SavedModel in TF Serving's folder layout.
 
 ``<base>/<name>/<version>/saved_model.pb`` plus ``variables/``: the layout TF
-Serving (and ``python -m model.serve``) loads, highest version first. The graph
+Serving (and ``python -m model.serve``) loads, highest version first. The
+transformer's bundle is written into the same folder before it is renamed into
+place (``assets.extra/transformer-bundle/``), and a version, once written, is
+never replaced. The graph
 is written in plain TensorFlow ops from :class:`model.embedder.EmbedderWeights`,
 so no Keras or Python code is needed to serve it.
 """
@@ -12,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -70,33 +74,51 @@ class EmbedderGraph(tf.Module):
                 CANDIDATE_SCORES_OUTPUT: scores}
 
 
+class VersionExists(FileExistsError):
+    """Training never overwrites a model version: versions are immutable once written."""
+
+
 def next_version(model_dir: Path) -> int:
     """One more than the highest numeric version folder (1 for a new model)."""
-    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.is_dir() and p.name.isdigit()]
     return max(versions, default=0) + 1
 
 
-def save_versioned(module: tf.Module, model_dir: str | Path, version: int, signatures: dict) -> Path:
-    """Write ``model_dir/version`` atomically: TF Serving never sees a half-written version."""
+def save_versioned(module: tf.Module, model_dir: str | Path, version: int, signatures: dict,
+                   complete: Callable[[Path], object] | None = None) -> Path:
+    """Write ``model_dir/version`` atomically: TF Serving never sees a half-written version.
+
+    ``complete(staging)`` adds files to the version folder before it is renamed into place (the
+    transformer's bundle goes there), so the model and everything made from it appear together.
+    An existing version is never replaced: a served version must not change under its number.
+    """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     target = model_dir / str(version)
+    if target.exists():
+        raise VersionExists(f"{target} exists already: model versions are never overwritten; train into "
+                            f"the next free version (the default) or remove {target} yourself")
     # A name TF Serving ignores (not all digits) while it is being written.
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
     try:
         tf.saved_model.save(module, str(staging), signatures=signatures)
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; TF Serving may run as another user
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        if complete is not None:
+            complete(staging)
+        for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+            os.chmod(folder, 0o755)  # mkdtemp makes it 0700; TF Serving may run as another user
+        os.rename(staging, target)  # fails rather than replaces if the version appeared meanwhile
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
-def export_embedder(weights: EmbedderWeights, model_dir: str | Path, version: int, n_candidates: int) -> Path:
-    """Signatures ``serving_default`` (embedding, every score) and ``candidates`` (embedding, best items)."""
+def export_embedder(weights: EmbedderWeights, model_dir: str | Path, version: int, n_candidates: int,
+                    complete: Callable[[Path], object] | None = None) -> Path:
+    """Signatures ``serving_default`` (embedding, every score) and ``candidates`` (embedding, best items).
+
+    ``complete`` writes the version's bundle into the staging folder (see :func:`save_versioned`).
+    """
     graph = EmbedderGraph(weights, n_candidates)
     return save_versioned(graph, model_dir, version,
-                          {SIGNATURE_NAME: graph.serve, CANDIDATES_SIGNATURE: graph.serve_candidates})
+                          {SIGNATURE_NAME: graph.serve, CANDIDATES_SIGNATURE: graph.serve_candidates}, complete)

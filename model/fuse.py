@@ -1,6 +1,6 @@
 """Fused mode: the fitted scikit-learn steps compiled into TensorFlow ops, one SavedModel.
 
-    python -m model.fuse                       # build/bundle + build/models/embedder -> build/models/embedder-fused
+    python -m model.fuse      # the newest build/models/embedder/<v> (model + bundle) -> build/models/embedder-fused/<v>
 
 The usual advice is ``tf.py_function`` around scikit-learn; TF Serving cannot
 load such a graph (the Python callback is not saved) and the call holds the
@@ -38,8 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 import model  # noqa: F401  (TensorFlow environment defaults)
-from model.export import next_version, save_versioned
-from transformer.bundle import Bundle, BundleError, Rules, load_bundle
+from model.export import VersionExists, save_versioned
+from transformer.bundle import Bundle, BundleError, Rules, load_bundle, model_versions
 from transformer.kernels import BOUNDS_THRESHOLD, AffineStep, QuantileStep, UnsupportedEstimator, scaler_steps
 from scipy.special import ndtri
 
@@ -251,16 +251,17 @@ def graph_ops(saved_model_dir: str | Path) -> set[str]:
     return ops
 
 
-def export_fused(bundle_dir: str | Path, model_dir: str | Path, out_dir: str | Path, version: int | None = None) -> Path:
-    """Compile the bundle around the newest (or the bundle's) embedder version; write ``out_dir/<version>``."""
-    bundle = load_bundle(bundle_dir)
-    source = Path(model_dir) / str(bundle.model.version)
-    if not (source / "saved_model.pb").is_file():
-        raise BundleError(f"no SavedModel at {source}: the bundle was made for version {bundle.model.version}")
-    pipeline = FusedPipeline(bundle, tf.saved_model.load(str(source)))
-    out_dir = Path(out_dir)
+def export_fused(version_dir: str | Path, out_dir: str | Path, version: int | None = None) -> Path:
+    """Compile an embedder version folder (SavedModel + its bundle) into ``out_dir/<version>``.
+
+    The fused model takes the embedder's version number by default, so both modes name a
+    model the same way.
+    """
+    version_dir = Path(version_dir)
+    bundle = load_bundle(version_dir)
+    pipeline = FusedPipeline(bundle, tf.saved_model.load(str(version_dir)))
     target = save_versioned(
-        pipeline, out_dir, version if version is not None else next_version(out_dir),
+        pipeline, out_dir, version if version is not None else bundle.version,
         {FUSED_SIGNATURE: pipeline.serve, FLOAT64_SIGNATURE: pipeline.serve_float64},
     )
     forbidden = graph_ops(target) & FORBIDDEN_OPS
@@ -272,21 +273,25 @@ def export_fused(bundle_dir: str | Path, model_dir: str | Path, out_dir: str | P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m model.fuse",
-        description="Compile the fitted scikit-learn steps and the embedding model into one SavedModel "
-                    "that TF Serving serves alone.",
+        description="Compile the fitted scikit-learn steps and the embedding model of one version into one "
+                    "SavedModel that TF Serving serves alone.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--bundle", type=Path, default=Path("build/bundle"))
     parser.add_argument("--model-dir", type=Path, default=Path("build/models/embedder"),
-                        help="the embedder's version folders")
+                        help="the embedder's version folders (each with its transformer bundle)")
+    parser.add_argument("--model-version", type=int, help="embedder version to compile (default: the newest)")
     parser.add_argument("--out", type=Path, default=Path("build/models/embedder-fused"),
                         help="where the fused model's version folders go")
     parser.add_argument("--version", type=int, help="version folder to write (default: the embedder's version)")
     args = parser.parse_args(argv)
+    versions = model_versions(args.model_dir)
+    if not versions:
+        print(f"error: no version folders under {args.model_dir}; run `python -m model.train` first",
+              file=sys.stderr)
+        return 2
     try:
-        bundle_version = load_bundle(args.bundle).model.version
-        target = export_fused(args.bundle, args.model_dir, args.out, args.version or bundle_version)
-    except (BundleError, UnsupportedEstimator) as exc:
+        target = export_fused(args.model_dir / str(args.model_version or versions[-1]), args.out, args.version)
+    except (BundleError, UnsupportedEstimator, VersionExists) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {target}  (signatures {FUSED_SIGNATURE}: float32 input, {FLOAT64_SIGNATURE}: float64 input)")

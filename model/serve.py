@@ -2,9 +2,13 @@
 
 For machines without ``tensorflow_model_server`` (it ships only as the
 ``tensorflow/serving`` container image). It takes the same flags, reads the
-same layout (``<model_base_path>/<version>/saved_model.pb``), serves the
-highest version and picks up new ones as they appear, and answers like TF
-Serving's REST API (``tensorflow_serving/g3doc/api_rest.md``):
+same layout (``<model_base_path>/<version>/saved_model.pb``) and serves the
+versions TF Serving's version policy names (the latest one by default; a
+``--model_config_file`` may say ``latest { num_versions: N }``, ``all`` or
+``specific``). Like TF Serving it watches the folder: a new version is loaded
+before an older one is unloaded (availability preserving), a version whose
+folder is removed is unloaded. It answers like TF Serving's REST API
+(``tensorflow_serving/g3doc/api_rest.md``):
 
     GET  /v1/models/<name>[/versions/<v>]              model status
     GET  /v1/models/<name>[/versions/<v>]/metadata     signature defs
@@ -23,6 +27,7 @@ import gc
 import logging
 import re
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ import numpy as np
 import orjson
 
 import model  # noqa: F401  (TensorFlow environment defaults)
+from model.serving_config import ConfigError, VersionPolicy, read_model_config
 from model.tfjson import (
     TensorJsonError,
     TensorSpecInfo,
@@ -137,42 +143,56 @@ def _version_dirs(base: Path) -> list[int]:
 
 
 class ModelStore:
-    """Serves the highest version under ``base_path`` (TF Serving's default policy, latest 1)."""
+    """The versions of one model that the version policy aspires to, loaded from ``base_path``."""
 
-    def __init__(self, name: str, base_path: Path):
+    def __init__(self, name: str, base_path: Path, policy: VersionPolicy = VersionPolicy()):
         self.name = name
         self.base_path = base_path
-        self.current: Servable | None = None
-        self.retired: list[int] = []
+        self.policy = policy
+        self.loaded: dict[int, Servable] = {}
+        self.retired: set[int] = set()
+        self.failed: set[int] = set()
 
     def refresh(self) -> bool:
-        """Load a newer version if one appeared. Returns True when the served version changed."""
-        versions = _version_dirs(self.base_path)
-        if not versions or (self.current is not None and versions[-1] <= self.current.version):
-            return False
-        newest = versions[-1]
-        servable = Servable.load(self.name, newest, self.base_path / str(newest))
-        if self.current is not None:
-            self.retired.append(self.current.version)
-        self.current = servable
-        log.info("serving %s version %d from %s", self.name, newest, servable.path)
-        return True
+        """Load the aspired versions not loaded yet, then unload the others (TF Serving's
+        availability-preserving order). Returns True when the served set changed."""
+        aspired = self.policy.aspired(_version_dirs(self.base_path))
+        changed = False
+        for version in sorted(set(aspired) - set(self.loaded) - self.failed, reverse=True):
+            try:
+                servable = Servable.load(self.name, version, self.base_path / str(version))
+            except Exception:  # noqa: BLE001 - a broken version must not stop serving the others
+                log.exception("could not load version %d of %s; serving the others", version, self.name)
+                self.failed.add(version)
+                continue
+            self.loaded[version] = servable
+            self.retired.discard(version)
+            changed = True
+            log.info("serving %s version %d from %s", self.name, version, servable.path)
+        for version in set(self.loaded) - set(aspired):
+            del self.loaded[version]
+            self.retired.add(version)
+            changed = True
+            log.info("unloaded %s version %d", self.name, version)
+        self.failed &= set(_version_dirs(self.base_path))  # a version folder written again is tried again
+        return changed
 
     def _check_name(self, name: str, missing_message: str) -> None:
-        if name != self.name or self.current is None:
+        if name != self.name or not self.loaded:
             raise ServingError(404, missing_message)
 
     def servable(self, name: str, version: str | None, label: str | None) -> Servable:
         request = (f"Specific({name}, {version})" if version else
                    f"Label({name}, {label})" if label else f"Latest({name})")
         self._check_name(name, f"Servable not found for request: {request}")
-        if label or (version and int(version) != self.current.version):
+        if label or (version and int(version) not in self.loaded):
             raise ServingError(404, f"Servable not found for request: {request}")
-        return self.current
+        return self.loaded[int(version) if version else max(self.loaded)]
 
     def status(self, name: str, version: str | None) -> dict:
-        self._check_name(name, f"Could not find any versions of model {name}")
-        entries = [(v, "END") for v in self.retired] + [(self.current.version, "AVAILABLE")]
+        if name != self.name or not (self.loaded or self.retired):
+            raise ServingError(404, f"Could not find any versions of model {name}")
+        entries = sorted([(v, "END") for v in self.retired] + [(v, "AVAILABLE") for v in self.loaded])
         if version is not None:
             entries = [e for e in entries if e[0] == int(version)]
             if not entries:
@@ -272,10 +292,20 @@ class TFServingApp:
         return render_predict_response(outputs, form)
 
 
-async def _poll(store: ModelStore, seconds: float) -> None:
+async def _poll(store: ModelStore, seconds: float, config_file: Path | None, config_seconds: float) -> None:
+    """Look for new and removed versions every ``seconds``, and re-read the config file every
+    ``config_seconds`` (0: never), as ``--model_config_file_poll_wait_seconds`` does."""
     loop = asyncio.get_running_loop()
+    config_read = time.monotonic()
     while True:
         await asyncio.sleep(seconds)
+        if config_file is not None and config_seconds > 0 and time.monotonic() - config_read >= config_seconds:
+            config_read = time.monotonic()
+            try:
+                (config,) = read_model_config(config_file)
+                store.policy, store.base_path = config.policy, config.base_path
+            except (ConfigError, ValueError) as exc:
+                log.error("keeping the previous model config: %s", exc)
         try:
             await loop.run_in_executor(None, store.refresh)
         except Exception:  # noqa: BLE001 - a broken new version must not stop serving the old one
@@ -296,7 +326,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rest_api_host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--rest_api_num_threads", type=int, default=4, help="threads running the model")
     parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
-                        help="how often to look for a new version (0 to never look)")
+                        help="how often to look for new and removed versions (0 to never look)")
+    parser.add_argument("--model_config_file", type=Path,
+                        help="a text-format ModelServerConfig naming the model, its base path and its version "
+                             "policy (latest { num_versions: N }, all {}, specific { versions: V }); "
+                             "--model_name and --model_base_path are then ignored, as in TF Serving")
+    parser.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+                        help="how often to re-read --model_config_file (0: read it once)")
     return parser.parse_args(argv)
 
 
@@ -305,10 +341,22 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = ModelStore(args.model_name, args.model_base_path)
-    if not _version_dirs(args.model_base_path):
+    if args.model_config_file is not None:
+        try:
+            configs = read_model_config(args.model_config_file)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if len(configs) != 1:
+            print(f"error: {args.model_config_file} configures {len(configs)} models; this server serves one",
+                  file=sys.stderr)
+            return 2
+        store = ModelStore(configs[0].name, configs[0].base_path, configs[0].policy)
+    else:
+        store = ModelStore(args.model_name, args.model_base_path)
+    if not _version_dirs(store.base_path):
         print(
-            f"error: no version folder with a saved_model.pb under {args.model_base_path}; "
+            f"error: no version folder with a saved_model.pb under {store.base_path}; "
             "run `python -m model.train` first (it writes build/models/<name>/<version>/)",
             file=sys.stderr,
         )
@@ -323,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(config)
 
     async def run() -> None:
-        poller = (asyncio.create_task(_poll(store, args.file_system_poll_wait_seconds))
+        poller = (asyncio.create_task(_poll(store, args.file_system_poll_wait_seconds, args.model_config_file,
+                                            args.model_config_file_poll_wait_seconds))
                   if args.file_system_poll_wait_seconds > 0 else None)
-        log.info("REST API at http://%s:%d/v1/models/%s", args.rest_api_host, args.rest_api_port, args.model_name)
+        log.info("REST API at http://%s:%d/v1/models/%s (versions %s)", args.rest_api_host, args.rest_api_port,
+                 store.name, ", ".join(map(str, sorted(store.loaded))))
         try:
             await server.serve()
         finally:

@@ -3,11 +3,12 @@
     python -m model.train                       # synthetic data, writes build/
     python -m model.train --data users.csv      # your own users (see model/data.py)
 
-Writes, in TF Serving's layout and the transformer's bundle format:
+Each run writes a new model version (never replacing an earlier one), in TF
+Serving's layout with the transformer's bundle inside it:
 
-    build/models/<name>/<version>/   SavedModel (features -> embedding, scores)
-    build/bundle/                    manifest.json, scaler.joblib, segments.joblib
-    build/models/<name>-fused/<ver>/ the fitted steps compiled into the graph (model/fuse.py)
+    build/models/<name>/<version>/                  SavedModel (features -> embedding, scores)
+        assets.extra/transformer-bundle/            manifest.json, scaler.joblib, segments.joblib
+    build/models/<name>-fused/<version>/            the fitted steps compiled into the graph (model/fuse.py)
 
 and prints a quality summary: agreement of the learned segments with known
 segments (adjusted Rand index) and recall@k on held-out users.
@@ -26,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.data import UserData, load_csv, make_synthetic
-from transformer.bundle import ModelSpec, Rules, write_bundle
+from transformer.bundle import BUNDLE_SUBDIR, ModelSpec, Rules, write_bundle
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("build"), help="build folder (models/ and bundle/ go inside)")
     out.add_argument("--model-name", default="embedder", help="model name on TF Serving")
-    out.add_argument("--version", type=int, help="SavedModel version folder (default: 1, or the next free one with --new-version)")
-    out.add_argument("--new-version", action="store_true", help="write the next free version instead of replacing version 1")
+    out.add_argument("--version", type=int, help="model version to write (default: the next free one); "
+                     "an existing version is never overwritten")
     out.add_argument("--no-fused", action="store_true", help="skip the fused model (build/models/<name>-fused)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -84,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--min-score must be within [0, 1] (scores are probabilities)")
     if args.data is not None and not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
+    if args.version is not None:
+        if args.version < 1:
+            parser.error("--version must be at least 1")
+        if (args.out / "models" / args.model_name / str(args.version)).exists():
+            parser.error(f"--version {args.version}: {args.out / 'models' / args.model_name / str(args.version)} "
+                         "exists already and model versions are never overwritten; leave --version out to "
+                         "write the next free one")
     return args
 
 
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.embedder import train_embedder
     from model.export import (
         CANDIDATE_IDS_OUTPUT, CANDIDATE_SCORES_OUTPUT, CANDIDATES_SIGNATURE, EMBEDDING_OUTPUT, INPUT_NAME,
-        SCORES_OUTPUT, SIGNATURE_NAME, EmbedderGraph, export_embedder, next_version,
+        SCORES_OUTPUT, SIGNATURE_NAME, EmbedderGraph, VersionExists, export_embedder, next_version,
     )
 
     train_rows, test_rows = split_users(data.n_users, args.test_fraction, args.seed)
@@ -179,50 +187,58 @@ def main(argv: list[str] | None = None) -> int:
         k=args.top_k,
     )
 
-    # 5. Export: SavedModel in TF Serving's layout, then the bundle that matches it.
+    # 5. Export: the SavedModel in TF Serving's layout with its bundle inside, as one new version folder.
     model_dir = args.out / "models" / args.model_name
-    version = args.version or (next_version(model_dir) if args.new_version else 1)
+    version = args.version or next_version(model_dir)
     n_candidates = min(max(args.top_k, args.candidates), data.n_items)
-    saved = export_embedder(weights, model_dir, version, n_candidates)
-    bundle_dir = write_bundle(
-        args.out / "bundle",
-        scaler=scaler,
-        segments=segments,
-        feature_names=data.feature_names,
-        feature_min=tuple(train.features.min(axis=0)),
-        feature_max=tuple(train.features.max(axis=0)),
-        model=ModelSpec(
-            name=args.model_name, version=version, signature_name=SIGNATURE_NAME, input_name=INPUT_NAME,
-            embedding_output=EMBEDDING_OUTPUT, scores_output=SCORES_OUTPUT,
-            n_features=len(data.feature_names), embedding_dim=weights.embedding_dim, n_items=data.n_items,
-            candidates_signature=CANDIDATES_SIGNATURE, candidate_ids_output=CANDIDATE_IDS_OUTPUT,
-            candidate_scores_output=CANDIDATE_SCORES_OUTPUT, n_candidates=n_candidates,
-        ),
-        rules=Rules(min_score=args.min_score, top_k=args.top_k),
-        extra={
-            "training": {
-                "data": source,
-                "n_train_users": train.n_users,
-                "quality": quality.__dict__,
-                "tensorflow": tf.__version__,
-            }
-        },
-    )
+
+    def add_bundle(version_dir: Path) -> None:
+        write_bundle(
+            version_dir,
+            scaler=scaler,
+            segments=segments,
+            feature_names=data.feature_names,
+            feature_min=tuple(train.features.min(axis=0)),
+            feature_max=tuple(train.features.max(axis=0)),
+            model=ModelSpec(
+                name=args.model_name, version=version, signature_name=SIGNATURE_NAME, input_name=INPUT_NAME,
+                embedding_output=EMBEDDING_OUTPUT, scores_output=SCORES_OUTPUT,
+                n_features=len(data.feature_names), embedding_dim=weights.embedding_dim, n_items=data.n_items,
+                candidates_signature=CANDIDATES_SIGNATURE, candidate_ids_output=CANDIDATE_IDS_OUTPUT,
+                candidate_scores_output=CANDIDATE_SCORES_OUTPUT, n_candidates=n_candidates,
+            ),
+            rules=Rules(min_score=args.min_score, top_k=args.top_k),
+            extra={
+                "training": {
+                    "data": source,
+                    "seed": args.seed,
+                    "n_train_users": train.n_users,
+                    "quality": quality.__dict__,
+                    "tensorflow": tf.__version__,
+                }
+            },
+        )
+
+    try:
+        saved = export_embedder(weights, model_dir, version, n_candidates, complete=add_bundle)
+    except VersionExists as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     # 6. Fused mode: the same fitted steps compiled into one graph TF Serving can answer alone.
     fused = None
     if not args.no_fused:
         from model.fuse import export_fused
 
-        fused = export_fused(bundle_dir, model_dir, args.out / "models" / f"{args.model_name}-fused", version)
+        fused = export_fused(saved, args.out / "models" / f"{args.model_name}-fused", version)
 
     say("")
     say(f"quality on {quality.n_test_users} held-out users:")
     if quality.adjusted_rand_index is not None:
         say(f"  segments  adjusted Rand index vs known segments: {quality.adjusted_rand_index:.3f}")
     say(f"  items     recall@{quality.k}: {quality.recall_at_k:.3f}  (popularity baseline {quality.popularity_recall_at_k:.3f})")
-    say(f"wrote {saved}, {bundle_dir}" + (f" and {fused}" if fused else "")
-        + f" in {time.monotonic() - started:.1f}s")
+    say(f"wrote model version {version}: {saved} (with its transformer bundle in {BUNDLE_SUBDIR})"
+        + (f" and {fused}" if fused else "") + f" in {time.monotonic() - started:.1f}s")
     return 0
 
 

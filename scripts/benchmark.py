@@ -36,6 +36,7 @@ import psutil
 
 from scripts.loadgen import LoadResult, have_wrk, run_load
 from scripts.localstack import ROOT, LocalStack, StackError
+from transformer.bundle import bundle_dir, model_versions
 
 MODEL = "embedder"
 FUSED = "embedder-fused"
@@ -51,14 +52,20 @@ class Target:
     metrics_url: str | None = None  # transformer /metrics, for KServe's stage histograms
 
 
+def newest_version_dir(build: Path) -> Path:
+    """The newest model version folder (SavedModel + bundle), the one the transformer serves."""
+    return build / "models" / MODEL / str(model_versions(build / "models" / MODEL)[-1])
+
+
 def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict]:
     """Transformer bodies (raw rows), predictor bodies (scaled rows), fused bodies (raw rows)."""
     import joblib
 
     from model.data import make_synthetic
 
-    manifest = json.loads((build / "bundle" / "manifest.json").read_text())
-    scaler = joblib.load(build / "bundle" / "scaler.joblib")
+    bundle = bundle_dir(newest_version_dir(build))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    scaler = joblib.load(bundle / "scaler.joblib")
     n_items = manifest["model"]["n_items"]
     raw = make_synthetic(n_users=max(batches), n_items=n_items, seed=2024).features
     scaled = scaler.transform(raw).astype(np.float32)
@@ -107,27 +114,32 @@ def measure(target: Target, batch: int, concurrency: int, seconds: float, warmup
 def kernel_microbenchmark(build: Path, repeats: int) -> dict[str, float]:
     """Median pre+post compute for one row, in this process: parse, scale, segment, rank, encode."""
     from model.data import make_synthetic
-    from transformer.model import EmbedderTransformer
+    from transformer.bundle import load_bundle
+    from transformer.codec import encode_predictions, parse_instances
+    from transformer.metrics import VersionMetrics
+    from transformer.pipeline import Pipeline
 
     results = {}
     for kernels in ("numpy", "sklearn"):
-        model = EmbedderTransformer(MODEL, build / "bundle", kernels=kernels)
-        model.load()
-        spec = model.spec
+        pipeline = Pipeline(load_bundle(newest_version_dir(build)), kernels=kernels)
+        metrics = VersionMetrics(MODEL, pipeline.version, pipeline.feature_names, pipeline.bundle.feature_min,
+                                 pipeline.bundle.feature_max, int(pipeline.bundle.segments.n_clusters))
+        spec = pipeline.spec
         doc = {"instances": make_synthetic(n_users=1, n_items=spec.n_items, seed=5).features.tolist()}
         rng = np.random.default_rng(0)
         result = {name: (rng.integers(0, spec.n_items, (1, width)) if dtype == "DT_INT64"
                          else rng.random((1, width), dtype=np.float32))
-                  for name, (dtype, width) in model.contract.outputs.items()}
-        from transformer.codec import parse_instances
+                  for name, (dtype, width) in pipeline.contract.outputs.items()}
 
         timings = []
         for _ in range(repeats):
             t0 = time.perf_counter_ns()
-            X = parse_instances(doc, model.feature_names, model.max_rows)
-            model.metrics.observe_rows(X)
-            model.scaler.transform(X).astype(np.float32)
-            model._rank(result)
+            X = parse_instances(doc, pipeline.feature_names, 1024)
+            metrics.observe_rows(X)
+            pipeline.scale(X)
+            ranked = pipeline.rank(result)
+            metrics.observe_segments(ranked.labels)
+            encode_predictions(ranked.labels, ranked.distances, ranked.item_ids, ranked.item_scores, ranked.keep)
             timings.append(time.perf_counter_ns() - t0)
         results[kernels] = float(np.median(timings) / 1000.0)
     return results
@@ -138,7 +150,7 @@ def graph_microbenchmark(build: Path, repeats: int) -> dict[str, float]:
     transformer uses, and the fused model (what each predictor spends inside TensorFlow)."""
     import tensorflow as tf
 
-    manifest = json.loads((build / "bundle" / "manifest.json").read_text())
+    manifest = json.loads((bundle_dir(newest_version_dir(build)) / "manifest.json").read_text())
     spec = manifest["model"]
     embedder = tf.saved_model.load(str(build / "models" / MODEL / str(spec["version"])))
     fused = tf.saved_model.load(str(build / "models" / FUSED / str(spec["version"])))
@@ -427,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
-    if not (args.build / "bundle" / "manifest.json").exists() or not (args.build / "models" / FUSED).exists():
+    if not model_versions(args.build / "models" / MODEL) or not (args.build / "models" / FUSED).exists():
         print("== training first (build/ is incomplete)")
         from model.train import main as train
 

@@ -1,7 +1,9 @@
 """The whole pipeline on this machine: train, serve, send real requests, show the answers, stop.
 
     python -m scripts.demo              # what ./scripts/demo.sh runs
-    python -m scripts.demo --no-train   # reuse build/ from an earlier run
+    python -m scripts.demo --no-train   # serve the newest version already in build/
+
+Each training run adds a model version to build/models/embedder/ (earlier ones stay, for rollback).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import time
 import httpx
 
 from scripts.localstack import ROOT, LocalStack, StackError
+from transformer.bundle import model_versions
 
 REQUESTS = ROOT / "scripts" / "requests"
 
 
 def show(title: str, response: httpx.Response, elapsed_ms: float) -> None:
-    print(f"\n== {title}: HTTP {response.status_code} in {elapsed_ms:.1f} ms")
+    version = response.headers.get("x-model-version")
+    print(f"\n== {title}: HTTP {response.status_code} in {elapsed_ms:.1f} ms"
+          + (f", model version {version}" if version else ""))
     body = response.json()
     if response.status_code != 200:
         print(f"   error: {body.get('error')}")
@@ -31,13 +36,13 @@ def show(title: str, response: httpx.Response, elapsed_ms: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-train", action="store_true", help="reuse the model and bundle already in build/")
+    parser.add_argument("--no-train", action="store_true", help="serve the newest model version already in build/")
     parser.add_argument("--predictor", choices=["auto", "container", "local"], default="auto",
                         help="container: tensorflow/serving image; local: python -m model.serve; auto: container if one runs")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    if not args.no_train or not (ROOT / "build" / "bundle" / "manifest.json").exists():
+    if not args.no_train or not model_versions(ROOT / "build" / "models" / "embedder"):
         print("== training (synthetic users; see `python -m model.train --help` for your own CSV)")
         from model.train import main as train
 

@@ -8,7 +8,7 @@ need_kind_tools
 engine=$(container_engine)
 
 scripts/setup.sh
-if [ ! -f build/bundle/manifest.json ] || [ ! -d build/models/embedder ]; then
+if ! ls build/models/embedder/*/assets.extra/transformer-bundle/manifest.json >/dev/null 2>&1; then
   echo "== training (build/ is empty)"
   .venv/bin/python -m model.train
 fi

@@ -24,6 +24,16 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+# TF Serving keeps this many newest versions loaded (manifests/base/models.config says the same), so a
+# new version is served beside the previous one and the transformer switches with no gap.
+VERSIONS_SERVED = 2
+
+
+def model_config(name: str, base_path: str, versions: int = VERSIONS_SERVED) -> str:
+    """TF Serving's --model_config_file text for one model with the latest ``versions`` versions."""
+    return (f'model_config_list {{\n  config {{\n    name: "{name}"\n    base_path: "{base_path}"\n'
+            f'    model_platform: "tensorflow"\n'
+            f"    model_version_policy {{ latest {{ num_versions: {versions} }} }}\n  }}\n}}\n")
 
 
 def pinned(name: str) -> str:
@@ -122,21 +132,26 @@ class LocalStack:
         engine = container_engine() if self.predictor_choice in ("auto", "container") else None
         if self.predictor_choice == "container" and engine is None:
             raise StackError("--predictor container: no docker or podman engine answers on this machine")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        config = self.log_dir / "models.config"
         if engine:
             image = f"{pinned('TF_SERVING_IMAGE')}:{pinned('TF_SERVING_VERSION')}"
             name = f"embedder-predictor-{self.predictor_port}"
             self._container = (engine, name)
             self.predictor_kind = f"{image} on {engine}"
+            config.write_text(model_config(self.model_name, f"/models/{self.model_name}"))
             self._spawn("predictor", [
                 engine, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{self.predictor_port}:8501",
                 "-v", f"{self.model_dir.resolve()}:/models/{self.model_name}:ro",
-                "-e", f"MODEL_NAME={self.model_name}", image,
+                "-v", f"{config.resolve()}:/config/models.config:ro", image,
+                "--model_config_file=/config/models.config",
             ])
         else:
             self.predictor_kind = "python -m model.serve"
+            config.write_text(model_config(self.model_name, str(self.model_dir.resolve())))
             self._spawn("predictor", [
-                sys.executable, "-m", "model.serve", "--model_name", self.model_name,
-                "--model_base_path", str(self.model_dir), "--rest_api_port", str(self.predictor_port),
+                sys.executable, "-m", "model.serve", "--model_config_file", str(config),
+                "--rest_api_port", str(self.predictor_port),
             ])
 
         def available(response: httpx.Response) -> bool:
@@ -150,7 +165,7 @@ class LocalStack:
     def start_transformer(self, timeout: float = 60.0) -> None:
         self._spawn("transformer", [
             sys.executable, "-m", "transformer", "--model_name", self.model_name,
-            "--predictor_host", f"127.0.0.1:{self.predictor_port}", "--bundle", str(self.build / "bundle"),
+            "--predictor_host", f"127.0.0.1:{self.predictor_port}", "--model_base_path", str(self.model_dir),
             "--http_port", str(self.transformer_port), "--enable_latency_logging", "false",
             *self.transformer_args,
         ])

@@ -42,22 +42,33 @@ def reference_top_items(scores, min_score, k) -> list[list[int]]:
     return out
 
 
-class Offline:
-    """The answers computed without the servers: scikit-learn and the SavedModel called directly."""
+def version_dir(build: Path, version: int = 1) -> Path:
+    """A model version folder: the SavedModel with its transformer bundle inside."""
+    return build / "models" / MODEL_NAME / str(version)
 
-    def __init__(self, build: Path):
+
+def bundle_path(build: Path, version: int = 1) -> Path:
+    from transformer.bundle import bundle_dir
+
+    return bundle_dir(version_dir(build, version))
+
+
+class Offline:
+    """The answers computed without the servers: scikit-learn and the SavedModel of one version called directly."""
+
+    def __init__(self, build: Path, version: int = 1):
         import joblib
         import tensorflow as tf
 
         from transformer.bundle import read_manifest
 
-        self.manifest = read_manifest(build / "bundle")
-        self.scaler = joblib.load(build / "bundle" / "scaler.joblib")
-        self.kmeans = joblib.load(build / "bundle" / "segments.joblib")
-        version = self.manifest["model"]["version"]
-        self.signature = tf.saved_model.load(str(build / "models" / MODEL_NAME / str(version))).signatures[
-            "serving_default"
-        ]
+        bundle = bundle_path(build, version)
+        self.version = version
+        self.manifest = read_manifest(bundle)
+        self.scaler = joblib.load(bundle / "scaler.joblib")
+        self.kmeans = joblib.load(bundle / "segments.joblib")
+        assert self.manifest["model"]["version"] == version
+        self.signature = tf.saved_model.load(str(version_dir(build, version))).signatures["serving_default"]
         self.feature_names = [f["name"] for f in self.manifest["features"]]
         self.rules = self.manifest["rules"]
 

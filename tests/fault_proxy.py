@@ -1,9 +1,11 @@
 """A controllable HTTP proxy in front of the real predictor, for fault tests.
 
 Modes: forward (default), status (answer with a code and a TF Serving error body),
-delay (wait, then forward), drop (close the connection without answering). stop()
-and start() close and reopen the listening socket on the same port, so the
-transformer sees connection refused in between.
+delay (wait, then forward), drop (close the connection without answering). A mode
+applies to predict calls (POST); the model status and metadata reads (GET), which
+the transformer makes every second, are always forwarded. stop() and start()
+close and reopen the listening socket on the same port, so the transformer sees
+connection refused in between.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class FaultProxy:
         self.upstream = upstream
         self.port = port or free_port()
         self.mode: tuple = ("forward",)
-        self.requests = 0
+        self.requests = 0  # predict calls (POST) received
         self._connections: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._client = httpx.Client(base_url=upstream, timeout=30.0)
@@ -52,8 +54,10 @@ class FaultProxy:
             def _handle(self):
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
-                proxy.requests += 1
-                mode = proxy.mode
+                mode = ("forward",)
+                if self.command == "POST":
+                    proxy.requests += 1
+                    mode = proxy.mode
                 if mode[0] == "drop":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)

@@ -4,7 +4,7 @@ import httpx
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_same_predictions
+from conftest import assert_same_predictions, version_dir
 from sklearn.cluster import KMeans
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScaler, StandardScaler
@@ -140,7 +140,7 @@ def test_unsupported_estimator_fails_at_compile_time():
 
 
 def test_feature_count_mismatch_fails_at_compile_time(build_dir):
-    bundle = load_bundle(build_dir / "bundle")
+    bundle = load_bundle(version_dir(build_dir))
     rng = np.random.default_rng(0)
     wrong = QuantileTransformer(n_quantiles=10).fit(rng.normal(size=(50, len(bundle.feature_names) + 1)))
     import dataclasses
@@ -154,11 +154,24 @@ def test_feature_count_mismatch_fails_at_compile_time(build_dir):
         FusedPipeline(short, embedder)
 
 
-def test_export_refuses_a_bundle_without_its_model(build_dir, tmp_path):
+def test_export_refuses_a_model_version_without_its_bundle(build_dir, tmp_path):
+    import shutil
+
     from transformer.bundle import BundleError
 
-    with pytest.raises(BundleError, match="no SavedModel at"):
-        export_fused(build_dir / "bundle", tmp_path / "nothing", tmp_path / "out")
+    bare = tmp_path / "embedder" / "1"
+    shutil.copytree(version_dir(build_dir), bare)
+    shutil.rmtree(bare / "assets.extra")
+    with pytest.raises(BundleError, match="this model version has no transformer bundle"):
+        export_fused(bare, tmp_path / "out")
+
+
+def test_fused_export_never_overwrites_a_version(build_dir, tmp_path):
+    from model.export import VersionExists
+
+    (tmp_path / "out" / "1").mkdir(parents=True)
+    with pytest.raises(VersionExists, match="model versions are never overwritten"):
+        export_fused(version_dir(build_dir), tmp_path / "out")
 
 
 def test_fused_server_answers_like_the_transformer(stack, fused_server, raw_users):

@@ -184,7 +184,8 @@ def dockerfile() -> str:
 
 @pytest.mark.parametrize("overlay", WITH_TRANSFORMER)
 def test_names_ports_and_paths_agree_everywhere(overlay):
-    from transformer.__main__ import DEFAULT_BUNDLE, build_parser
+    from model.serving_config import parse_model_config
+    from transformer.__main__ import DEFAULT_MODEL_BASE_PATH, build_parser
 
     service = isvc(overlay)
     name = service["metadata"]["name"]
@@ -203,20 +204,29 @@ def test_names_ports_and_paths_agree_everywhere(overlay):
     assert container["readinessProbe"]["httpGet"]["port"] == container["livenessProbe"]["httpGet"]["port"] == port
     assert re.search(rf"^EXPOSE {port}$", dockerfile(), re.M)
     assert f'"--http_port={port}"' in docker_cmd
-    # Bundle path: where the storage initializer puts STORAGE_URI, the flag, the default, the Dockerfile.
-    assert arg_value(args, "--bundle") == DEFAULT_BUNDLE == defaults.bundle == "/mnt/models"
-    assert f'"--bundle={DEFAULT_BUNDLE}"' in docker_cmd
-    assert any(e["name"] == "STORAGE_URI" for e in container["env"])
+    # Model store: where the storage initializer puts STORAGE_URI, the flag, the default, the Dockerfile;
+    # and it is the predictor's own storage URI, so both sides read the same version folders.
+    base_path = arg_value(args, "--model_base_path")
+    assert base_path == DEFAULT_MODEL_BASE_PATH == defaults.model_base_path == "/mnt/models"
+    assert f'"--model_base_path={DEFAULT_MODEL_BASE_PATH}"' in docker_cmd
+    storage_uri = next(e["value"] for e in container["env"] if e["name"] == "STORAGE_URI")
+    assert storage_uri == service["spec"]["predictor"]["model"]["storageUri"]
     # Versions: TF Serving runtime and transformer image from scripts/versions.env.
     assert service["spec"]["predictor"]["model"]["runtimeVersion"] == pinned("TF_SERVING_VERSION")
     assert container["image"].split(":")[0] == pinned("TRANSFORMER_IMAGE").split(":")[0]
-    # The batching file the predictor is told to read is where the ConfigMap is mounted.
+    # The batching and model config files the predictor is told to read are where the ConfigMap is mounted.
     model = service["spec"]["predictor"]["model"]
-    batching_file = arg_value(model["args"], "--batching_parameters_file")
     mounts = {m["mountPath"] for m in model["volumeMounts"]}
-    assert str(Path(batching_file).parent) in mounts
     (config_map,) = objects(overlay, "ConfigMap")
-    assert Path(batching_file).name in config_map["data"]
+    for flag in ("--batching_parameters_file", "--model_config_file"):
+        path = Path(arg_value(model["args"], flag))
+        assert str(path.parent) in mounts and path.name in config_map["data"], flag
+    # TF Serving's model config: the InferenceService's model name, the runtime's mount, and as many
+    # versions kept loaded as the transformer loads bundles for.
+    (config,) = parse_model_config(config_map["data"]["models.config"])
+    assert config.name == name and str(config.base_path) == "/mnt/models"
+    assert config.policy.kind == "latest"
+    assert config.policy.num_versions == int(arg_value(args, "--model_versions")) == defaults.model_versions == 2
 
 
 def test_kind_storage_points_at_the_mounted_build_folder():
@@ -224,11 +234,10 @@ def test_kind_storage_points_at_the_mounted_build_folder():
     (claim,) = objects("kind", "PersistentVolumeClaim")
     (volume,) = objects("kind", "PersistentVolume")
     model_uri = service["spec"]["predictor"]["model"]["storageUri"]
-    bundle_uri = next(e["value"] for e in service["spec"]["transformer"]["containers"][0]["env"]
-                      if e["name"] == "STORAGE_URI")
+    transformer_uri = next(e["value"] for e in service["spec"]["transformer"]["containers"][0]["env"]
+                           if e["name"] == "STORAGE_URI")
     claim_name = claim["metadata"]["name"]
-    assert model_uri == f"pvc://{claim_name}/models/{service['metadata']['name']}"  # build/models/<name>
-    assert bundle_uri == f"pvc://{claim_name}/bundle"  # build/bundle
+    assert model_uri == transformer_uri == f"pvc://{claim_name}/models/{service['metadata']['name']}"  # build/models/<name>
     assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
     kind_up = (ROOT / "scripts" / "kind-up.sh").read_text()
     assert f"containerPath: {volume['spec']['hostPath']['path']}" in kind_up
@@ -300,7 +309,7 @@ def test_transformer_runs_without_tensorflow(build_dir):
         "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
         "from transformer.__main__ import build_parser\n"
         "from transformer.model import EmbedderTransformer\n"
-        f"m = EmbedderTransformer('embedder', {str(build_dir / 'bundle')!r}); m.load(); print(m.ready)\n"
+        f"m = EmbedderTransformer('embedder', {str(build_dir / 'models' / 'embedder')!r}); m.load(); print(m.ready)\n"
     )
     result = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import signal
 import socket
@@ -12,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL_NAME
+from conftest import MODEL_NAME, bundle_path, version_dir
 from fault_proxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -102,7 +103,13 @@ def test_too_large_body_is_refused_without_being_read(stack, raw_users):
             f"content-length: {100 * 1024 * 1024}\r\n\r\n{{\"instances\": [".encode()
         )
         started = time.monotonic()
-        reply = conn.recv(65536).decode(errors="replace")
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"content-length: (\d+)", reply).group(1)):
+            chunk = conn.recv(65536)  # headers and body may come in separate segments
+            assert chunk, reply
+            reply += chunk
+        reply = reply.decode(errors="replace")
     assert reply.startswith("HTTP/1.1 413"), reply[:200]
     assert "at most 8388608 are accepted" in reply
     assert time.monotonic() - started < 5
@@ -153,10 +160,13 @@ def test_metrics_count_outcomes_rows_drift_and_segments(stack, raw_users):
     httpx.post(predict_url(stack.transformer_url), json={"instances": [far.tolist()]}, timeout=30)
     httpx.post(predict_url(stack.transformer_url), json={"instances": [[1]]}, timeout=30)
     text = httpx.get(f"{stack.transformer_url}/metrics").text
-    assert 'embedder_requests_total{cause="ok",model_name="embedder",outcome="ok"}' in text
-    assert 'embedder_requests_total{cause="invalid_row",model_name="embedder",outcome="client_error"}' in text
-    assert 'embedder_feature_out_of_range_total{feature="spend_90d",model_name="embedder",side="above"}' in text
-    assert 'embedder_segment_assignments_total{model_name="embedder",segment=' in text
+    assert 'embedder_requests_total{cause="ok",model_name="embedder",model_version="1",outcome="ok"}' in text
+    assert ('embedder_requests_total{cause="invalid_row",model_name="embedder",model_version="1",'
+            'outcome="client_error"}') in text
+    assert ('embedder_feature_out_of_range_total{feature="spend_90d",model_name="embedder",model_version="1",'
+            'side="above"}') in text
+    assert 'embedder_segment_assignments_total{model_name="embedder",model_version="1",segment=' in text
+    assert 'embedder_model_version{model_name="embedder"} 1.0' in text
     assert "embedder_request_rows_bucket" in text and "embedder_predictor_request_seconds_bucket" in text
     assert "request_preprocess_seconds_bucket" in text  # KServe's own histograms stay
 
@@ -187,7 +197,9 @@ def timed_post(base, raw_users):
         (("status", 400, '{"error": "Matrix size-incompatible"}'), 400,
          "the predictor rejected the request: Matrix size-incompatible"),
         (("status", 500, '{"error": "Internal: kernel crashed"}'), 502, "the predictor answered 500: Internal: kernel crashed"),
-        (("status", 404, '{"error": "Servable not found for request: Latest(embedder)"}'), 502, "answered 404"),
+        # Calls are pinned to the bundle's version: a 404 means TF Serving does not serve it (any more).
+        (("status", 404, '{"error": "Servable not found for request: Specific(embedder, 1)"}'), 503,
+         "TF Serving does not serve version 1 of model 'embedder' (Servable not found"),
         (("status", 503, '{"error": "overloaded"}'), 503, "the predictor is unavailable: overloaded"),
         (("status", 200, '{"predictions": []}'), 502, "not a columnar predict response"),
         (("drop",), 502, "the connection to the predictor failed"),
@@ -229,8 +241,10 @@ def test_connection_refused_answers_503_at_once_and_readiness_follows(proxied, r
         assert response.status_code == 503
         assert "unreachable" in response.json()["error"]
         assert elapsed < 2.0
-        time.sleep(1.1)  # readiness is cached for a second
-        assert httpx.get(f"{base}/v1/models/{MODEL_NAME}").status_code == 503
+        deadline = time.monotonic() + 5  # the transformer looks at TF Serving every second
+        while httpx.get(f"{base}/v1/models/{MODEL_NAME}").status_code != 503:
+            assert time.monotonic() < deadline, "readiness did not turn false"
+            time.sleep(0.1)
         assert httpx.get(f"{base}/").status_code == 200  # alive all the same
     finally:
         proxy.start()
@@ -301,12 +315,19 @@ def test_sigterm_lets_in_flight_requests_finish(stack, raw_users, tmp_path):
 
 # -- artifacts -----------------------------------------------------------------------------------
 
-def start_transformer(bundle, predictor_host="127.0.0.1:9"):
+def start_transformer(base_path, predictor_host="127.0.0.1:9"):
     return subprocess.run(
         [sys.executable, "-m", "transformer", "--model_name", MODEL_NAME, "--predictor_host", predictor_host,
-         "--bundle", str(bundle), "--http_port", "0"],
+         "--model_base_path", str(base_path), "--http_port", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
+
+
+def copy_of_version_1(build_dir, tmp_path):
+    """A model base path holding a copy of version 1; returns (base path, its bundle folder)."""
+    base = tmp_path / "models" / MODEL_NAME
+    shutil.copytree(version_dir(build_dir), base / "1")
+    return base, bundle_path(tmp_path)
 
 
 def edit_manifest(bundle, change):
@@ -327,21 +348,19 @@ def edit_manifest(bundle, change):
     ids=["altered", "missing", "unlisted", "sklearn-version"],
 )
 def test_transformer_refuses_bad_artifacts_at_start(build_dir, tmp_path, tamper, fragment):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(build_dir / "bundle", bundle)
+    base, bundle = copy_of_version_1(build_dir, tmp_path)
     tamper(bundle)
-    result = start_transformer(bundle)
+    result = start_transformer(base)
     assert result.returncode == 2
     assert "cannot load the artifact bundle" in result.stderr and fragment in result.stderr
 
 
 def test_transformer_refuses_a_predictor_model_that_does_not_fit(stack, build_dir, tmp_path):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(build_dir / "bundle", bundle)
+    base, bundle = copy_of_version_1(build_dir, tmp_path)
     edit_manifest(bundle, lambda m: m["model"].__setitem__("n_candidates", 7))  # the model returns 5
-    result = start_transformer(bundle, f"127.0.0.1:{stack.predictor_port}")
+    result = start_transformer(base, f"127.0.0.1:{stack.predictor_port}")
     assert result.returncode == 2
-    assert ("the predictor's model does not fit the bundle: output 'candidate_ids' is DT_INT64 [-1, 5], "
+    assert ("the predictor's model does not fit the bundle: version 1: output 'candidate_ids' is DT_INT64 [-1, 5], "
             "the bundle expects DT_INT64 [-1, 7]") in result.stderr
 
 

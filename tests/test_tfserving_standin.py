@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import httpx
@@ -12,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from strategies import json_documents
 
 from model.tfjson import TensorJsonError, TensorSpecInfo, parse_predict_request, render_predict_response
+from scripts.localstack import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -134,27 +137,83 @@ def test_not_found_and_malformed_routes(stack, api):
     assert classify.status_code == 400 and "tensorflow/serving/classify" in classify.json()["error"]
 
 
-def test_new_version_is_picked_up(build_dir, tmp_path):
-    from scripts.localstack import LocalStack
+def wait_for_states(url: str, expected: dict, timeout: float = 30.0) -> dict:
+    """Poll TF Serving's model status until the version states are ``expected`` (or time runs out)."""
+    deadline = time.monotonic() + timeout
+    states = {}
+    while time.monotonic() < deadline:
+        states = {s["version"]: s["state"] for s in httpx.get(url).json()["model_version_status"]}
+        if states == expected:
+            break
+        time.sleep(0.2)
+    return states
+
+
+@pytest.mark.parametrize("policy", ["default", "latest 2"])
+def test_new_and_removed_versions_follow_the_version_policy(build_dir, tmp_path, policy):
+    """TF Serving's default serves the newest version only; ``latest { num_versions: 2 }`` (what the
+    local stack and the manifests use) keeps the previous one loaded beside it. A removed version
+    is unloaded, and the policy then aspires the next one again."""
+    from scripts.localstack import LocalStack, model_config
 
     models = tmp_path / "models" / MODEL_NAME
     shutil.copytree(build_dir / "models" / MODEL_NAME / "1", models / "1")
     stack = LocalStack(build=tmp_path, predictor="local", log_dir=tmp_path / "logs")
-    stack.start_predictor()
+    if policy == "default":  # no --model_config_file: the flags alone, as `tensorflow_model_server` takes them
+        stack._spawn("predictor", [sys.executable, "-m", "model.serve", "--model_name", MODEL_NAME,
+                                   "--model_base_path", str(models), "--rest_api_port", str(stack.predictor_port)])
+        stack._wait("predictor", f"{stack.predictor_url}/v1/models/{MODEL_NAME}", lambda r: r.status_code == 200, 60)
+    else:
+        stack.start_predictor()
+        assert "num_versions: 2" in (tmp_path / "logs" / "models.config").read_text()
+        assert (tmp_path / "logs" / "models.config").read_text() == model_config(MODEL_NAME, str(models.resolve()))
     try:
         url = f"{stack.predictor_url}/v1/models/{MODEL_NAME}"
         shutil.copytree(models / "1", models / "2")
-        deadline = time.monotonic() + 30
-        states = []
-        while time.monotonic() < deadline:
-            states = httpx.get(url).json()["model_version_status"]
-            if any(s["version"] == "2" and s["state"] == "AVAILABLE" for s in states):
-                break
-            time.sleep(0.3)
-        assert {s["version"]: s["state"] for s in states} == {"1": "END", "2": "AVAILABLE"}
-        assert httpx.get(f"{url}/metadata").json()["model_spec"]["version"] == "2"
+        both = {"1": "AVAILABLE", "2": "AVAILABLE"} if policy == "latest 2" else {"1": "END", "2": "AVAILABLE"}
+        assert wait_for_states(url, both) == both
+        assert httpx.get(f"{url}/metadata").json()["model_spec"]["version"] == "2"  # Latest: the newest
+        pinned = httpx.post(f"{url}/versions/1:predict", json={"instances": [[0.0] * 12]})
+        if policy == "latest 2":
+            assert pinned.status_code == 200, pinned.text
+            assert httpx.get(f"{url}/versions/1/metadata").json()["model_spec"]["version"] == "1"
+        else:
+            assert (pinned.status_code, pinned.json()["error"]) == (
+                404, f"Servable not found for request: Specific({MODEL_NAME}, 1)")
+        shutil.rmtree(models / "2")
+        back = {"1": "AVAILABLE", "2": "END"}
+        assert wait_for_states(url, back) == back
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model_config_list { config { name: 'm' base_path: '/x' model_platform: 'pytorch' } }", "platform 'pytorch'"),
+    ("model_config_list { }", "configures no model"),
+    ("model_config_list { config { name: 'm' ", "Invalid protobuf file"),
+])
+def test_bad_model_config_files_are_refused(tmp_path, text, message):
+    config = tmp_path / "models.config"
+    config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "model.serve", "--model_config_file", str(config)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_model_config_policies():
+    from model.serving_config import parse_model_config
+
+    def aspired(policy_text):
+        (config,) = parse_model_config(
+            f"model_config_list {{ config {{ name: 'm' base_path: '/x' {policy_text} }} }}")
+        return config.policy.aspired([1, 2, 3, 5])
+
+    assert aspired("") == [5]
+    assert aspired("model_version_policy { latest { num_versions: 2 } }") == [3, 5]
+    assert aspired("model_version_policy: { all: {} }") == [1, 2, 3, 5]
+    assert aspired("model_version_policy { specific { versions: 2 versions: 4 } }") == [2]
+    # Fields this server does not use (labels, logging) are skipped, as a config written for TF Serving has them.
+    assert aspired("version_labels { key: 'stable' value: 3 } model_version_policy { latest {} }") == [5]
 
 
 # The JSON mapping itself, for shapes our model does not have.

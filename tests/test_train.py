@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import bundle_path
+
 from model.data import load_csv, make_synthetic, write_csv
 from scripts.localstack import ROOT
 
@@ -51,7 +53,8 @@ def test_csv_errors_name_line_and_column(tmp_path, text, message):
 def test_build_layout_and_reported_quality(build_dir):
     version_dir = build_dir / "models" / "embedder" / "1"
     assert (version_dir / "saved_model.pb").is_file() and (version_dir / "variables").is_dir()
-    manifest = json.loads((build_dir / "bundle" / "manifest.json").read_text())
+    manifest = json.loads((bundle_path(build_dir) / "manifest.json").read_text())
+    assert manifest["model"]["version"] == 1
     quality = manifest["training"]["quality"]
     assert quality["recall_at_k"] > quality["popularity_recall_at_k"]  # the model learned something
     assert quality["adjusted_rand_index"] > 0.5
@@ -67,7 +70,7 @@ def test_train_on_a_csv_from_the_command_line(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    manifest = json.loads((tmp_path / "build" / "bundle" / "manifest.json").read_text())
+    manifest = json.loads((bundle_path(tmp_path / "build") / "manifest.json").read_text())
     assert [f["name"] for f in manifest["features"]] == list(data.feature_names)
     assert manifest["model"]["n_items"] == 20
 
@@ -85,3 +88,24 @@ def test_every_command_explains_itself(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_training_adds_a_version_and_never_overwrites_one(tmp_path):
+    """Each run writes the next version folder with its own bundle; an existing version is refused."""
+    from transformer.bundle import load_bundle
+
+    out = tmp_path / "build"
+    args = ["--users", "200", "--items", "15", "--epochs", "1", "--out", str(out), "--quiet", "--no-fused"]
+    from model.train import main as train
+
+    assert train([*args, "--seed", "1"]) == 0
+    first = (bundle_path(out, 1) / "scaler.joblib").read_bytes()
+    assert train([*args, "--seed", "2"]) == 0
+    assert load_bundle(out / "models" / "embedder" / "2").version == 2
+    assert (bundle_path(out, 1) / "scaler.joblib").read_bytes() == first  # version 1 untouched
+
+    result = subprocess.run([sys.executable, "-m", "model.train", *args, "--version", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "exists already and model versions are never overwritten" in result.stderr
+    assert (bundle_path(out, 1) / "scaler.joblib").read_bytes() == first

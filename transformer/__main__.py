@@ -17,7 +17,7 @@ from transformer.bundle import BundleError
 from transformer.kernels import UnsupportedEstimator
 from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, metadata_problems
 
-DEFAULT_BUNDLE = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
+DEFAULT_MODEL_BASE_PATH = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ours = parser.add_argument_group("transformer")
-    ours.add_argument("--bundle", default=DEFAULT_BUNDLE,
-                      help="folder with manifest.json, scaler.joblib and segments.joblib")
+    ours.add_argument("--model_base_path", default=DEFAULT_MODEL_BASE_PATH,
+                      help="the model's version folders, the same that TF Serving serves: each holds a "
+                           "SavedModel and, in assets.extra/transformer-bundle/, the fitted steps made with it")
+    ours.add_argument("--model_versions", type=int, default=2,
+                      help="how many of the newest version folders to load (keep it equal to TF Serving's "
+                           "version policy, latest 2 in the manifests, so both sides can serve the previous one)")
+    ours.add_argument("--model_poll_seconds", type=float, default=1.0,
+                      help="how often to look for new version folders and at what TF Serving serves")
     ours.add_argument("--predictor_timeout", type=float, default=5.0,
                       help="seconds to wait for TF Serving before answering 504")
     ours.add_argument("--predictor_retries", type=int, default=2,
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                      "configuration; scale with replicas instead")
     if min(args.max_rows, args.max_body_bytes) < 1 or args.predictor_timeout <= 0 or args.predictor_retries < 0:
         parser.error("--max_rows, --max_body_bytes and --predictor_timeout must be positive, --predictor_retries >= 0")
+    if args.model_versions < 1 or args.model_poll_seconds <= 0:
+        parser.error("--model_versions must be at least 1 and --model_poll_seconds positive")
     configure_logging(args.log_level)
 
     from transformer.model import EmbedderTransformer
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = EmbedderTransformer(
         args.model_name,
-        args.bundle,
+        args.model_base_path,
         predictor_host=args.predictor_host,
         predictor_timeout=args.predictor_timeout,
         retry=RetryPolicy(attempts=args.predictor_retries + 1),
@@ -89,30 +97,40 @@ def main(argv: list[str] | None = None) -> int:
         coalesce_rows=args.coalesce_rows,
         full_scores=args.full_scores,
         offload_rows=args.offload_rows,
+        keep_versions=args.model_versions,
+        poll_seconds=args.model_poll_seconds,
     )
     try:
         model.load()
     except (BundleError, UnsupportedEstimator) as exc:
         print(f"error: cannot load the artifact bundle: {exc}", file=sys.stderr)
         return 2
-    problems = asyncio.run(check_predictor(args.predictor_host, args.model_name, model.contract))
+    contracts = {v: served.pipeline.contract for v, served in model.versions.loaded.items()}
+    problems = asyncio.run(check_predictor(args.predictor_host, args.model_name, contracts))
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run closed its loop; KServe expects one
     if problems:
         print("error: the predictor's model does not fit the bundle: " + "; ".join(problems)
-              + ". Deploy the SavedModel trained with this bundle (same build/ folder).", file=sys.stderr)
+              + ". TF Serving and the transformer must read the same model base path (same storage URI).",
+              file=sys.stderr)
         return 2
     serve(model, args)
     return 0
 
 
-async def check_predictor(host: str, model_name: str, contract) -> list[str]:
-    """Compare TF Serving's model metadata with the bundle, if TF Serving answers already.
+async def check_predictor(host: str, model_name: str, contracts: dict) -> list[str]:
+    """Compare TF Serving's metadata with each loaded bundle whose version it serves, if it answers already.
 
     An unreachable predictor is not an error here: readiness stays false until it answers
-    and fits (the same check runs there)."""
+    and a version fits (the same check runs there)."""
     client = PredictorClient(host, model_name, timeout=3.0, retry=RetryPolicy(attempts=1))
     try:
-        return metadata_problems(await client.metadata(), contract)
+        states = await client.version_states()
+        problems = []
+        for version, contract in sorted(contracts.items()):
+            if states.get(version) == "AVAILABLE":
+                problems += [f"version {version}: {problem}"
+                             for problem in metadata_problems(await client.metadata(version), contract)]
+        return problems
     except PredictorError as exc:
         logging.getLogger("transformer").warning("predictor not checked at start-up (%s); "
                                                  "readiness stays false until it answers", exc)

@@ -1,31 +1,42 @@
 """The artifact bundle: fitted scikit-learn steps plus a manifest that describes them.
 
-Layout of a bundle folder (a ``storageUri`` target, mounted at ``/mnt/models``)::
+A bundle lives *inside* the SavedModel version folder it was fitted on, where TF
+Serving ignores it (it reads only ``assets.extra/tf_serving_warmup_requests``
+from that folder)::
 
-    manifest.json      feature names and order, model name, signature and tensor
-                       names, dims, rules, library versions, sha256 of every file
-    scaler.joblib      the fitted QuantileTransformer
-    segments.joblib    the fitted KMeans
+    <model base path>/<version>/saved_model.pb, variables/, fingerprint.pb   the model
+    <model base path>/<version>/assets.extra/transformer-bundle/
+        manifest.json      the model version and the SavedModel's fingerprint it was
+                           fitted on, feature names and order, model name, signature
+                           and tensor names, dims, rules, library versions, sha256
+                           of every file
+        scaler.joblib      the fitted QuantileTransformer
+        segments.joblib    the fitted KMeans
+
+So a model version and the fitted steps made from it are one folder, written
+and renamed into place together, and cannot be paired wrongly: the transformer
+reads the same base path as TF Serving and pins every call to the version whose
+bundle it uses (see ``versions.py``).
 
 This module is the single place that knows the format: training writes bundles
 with :func:`write_bundle`, the transformer reads them with :func:`load_bundle`.
 Every file is checked against the manifest's sha256 *before* anything is
-unpickled, and artifacts made by another scikit-learn minor version are refused.
+unpickled, the model's ``fingerprint.pb`` against the one recorded at training,
+and artifacts made by another scikit-learn minor version are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BUNDLE_SUBDIR = Path("assets.extra") / "transformer-bundle"
+FINGERPRINT_FILE = "fingerprint.pb"  # written by TensorFlow into every SavedModel
 MANIFEST_FILE = "manifest.json"
 SCALER_FILE = "scaler.joblib"
 SEGMENTS_FILE = "segments.joblib"
@@ -72,9 +83,10 @@ class Rules:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified, loaded bundle."""
+    """A verified, loaded bundle; ``version`` is the model version folder it belongs to."""
 
     path: Path
+    version: int
     feature_names: tuple[str, ...]
     feature_min: tuple[float, ...]
     feature_max: tuple[float, ...]
@@ -109,8 +121,21 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def bundle_dir(version_dir: str | Path) -> Path:
+    """Where the bundle of a model version folder lives."""
+    return Path(version_dir) / BUNDLE_SUBDIR
+
+
+def model_versions(base_path: str | Path) -> list[int]:
+    """The numeric version folders under a model base path, oldest first (as TF Serving sees them)."""
+    base = Path(base_path)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def write_bundle(
-    directory: str | Path,
+    version_dir: str | Path,
     *,
     scaler: Any,
     segments: Any,
@@ -121,56 +146,53 @@ def write_bundle(
     rules: Rules,
     extra: dict | None = None,
 ) -> Path:
-    """Write a bundle atomically: a reader sees the old bundle or the new one, never half.
+    """Write the bundle into a SavedModel version folder, before that folder is renamed into place.
+
+    Training calls this on the staging copy of ``<base>/<version>`` (see ``model/export.py``), so
+    the SavedModel and its fitted steps appear together or not at all.
 
     Args:
-        directory: where the bundle goes (replaced if it exists).
+        version_dir: the SavedModel folder the steps were fitted on; it must hold ``fingerprint.pb``.
         scaler: fitted QuantileTransformer.
         segments: fitted KMeans.
         feature_names: raw feature names, in the model's input order.
         feature_min, feature_max: training range of each feature (drift signal).
-        model: how to call the embedding model.
+        model: how to call the embedding model; ``model.version`` is the version folder's number.
         rules: item filtering rules.
         extra: more manifest entries (training summary, tensorflow version, ...).
     """
     import joblib
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=directory.parent))
-    try:
-        joblib.dump(scaler, staging / SCALER_FILE)
-        joblib.dump(segments, staging / SEGMENTS_FILE)
-        files = {
-            name: {"sha256": sha256_of(staging / name), "bytes": (staging / name).stat().st_size}
-            for name in (SCALER_FILE, SEGMENTS_FILE)
-        }
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "features": [
-                {"name": n, "train_min": float(lo), "train_max": float(hi)}
-                for n, lo, hi in zip(feature_names, feature_min, feature_max, strict=True)
-            ],
-            "model": asdict(model),
-            "rules": asdict(rules),
-            "n_segments": int(segments.n_clusters),
-            "versions": library_versions(),
-            "files": files,
-            **(extra or {}),
-        }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(staging, 0o755)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    version_dir = Path(version_dir)
+    fingerprint = version_dir / FINGERPRINT_FILE
+    if not fingerprint.is_file():
+        raise BundleError(f"{version_dir} has no {FINGERPRINT_FILE}: write the SavedModel (TensorFlow >= 2.12) "
+                          "before its bundle")
+    directory = bundle_dir(version_dir)
+    if directory.exists():
+        raise BundleError(f"{directory} exists already: a bundle is written once, with its model version")
+    directory.mkdir(parents=True)
+    joblib.dump(scaler, directory / SCALER_FILE)
+    joblib.dump(segments, directory / SEGMENTS_FILE)
+    files = {
+        name: {"sha256": sha256_of(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in (SCALER_FILE, SEGMENTS_FILE)
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "saved_model": {"fingerprint_sha256": sha256_of(fingerprint)},
+        "features": [
+            {"name": n, "train_min": float(lo), "train_max": float(hi)}
+            for n, lo, hi in zip(feature_names, feature_min, feature_max, strict=True)
+        ],
+        "model": asdict(model),
+        "rules": asdict(rules),
+        "n_segments": int(segments.n_clusters),
+        "versions": library_versions(),
+        "files": files,
+        **(extra or {}),
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
 
 
@@ -178,8 +200,8 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise BundleError(
-            f"no {MANIFEST_FILE} in {directory}: point --bundle at a folder written by "
-            "`python -m model.train` (it writes build/bundle/)"
+            f"no {MANIFEST_FILE} in {directory}: this model version has no transformer bundle; "
+            "train it with `python -m model.train`, which writes both into one version folder"
         )
     try:
         manifest = json.loads(path.read_text())
@@ -241,23 +263,47 @@ def check_versions(manifest: dict) -> None:
         )
 
 
-def load_bundle(directory: str | Path) -> Bundle:
-    """Read, verify and unpickle a bundle.
+def check_model(version_dir: Path, manifest: dict) -> int:
+    """The bundle belongs to this very SavedModel: same version number, same fingerprint."""
+    recorded = (manifest.get("model") or {}).get("version")
+    if str(recorded) != version_dir.name:
+        raise BundleError(
+            f"the bundle in {version_dir} was made for model version {recorded}, but it sits in version "
+            f"folder {version_dir.name}: version folders are written whole by training; do not copy or "
+            "rename bundles between them"
+        )
+    fingerprint = version_dir / FINGERPRINT_FILE
+    expected = (manifest.get("saved_model") or {}).get("fingerprint_sha256")
+    actual = sha256_of(fingerprint) if fingerprint.is_file() else None
+    if actual is None or actual != expected:
+        found = "is missing" if actual is None else f"has sha256 {actual}"
+        raise BundleError(
+            f"{fingerprint} {found}, the bundle was fitted on a SavedModel whose fingerprint has sha256 "
+            f"{expected}: the model in this version folder is not the one the bundle was made with; "
+            "re-run training to write a new version"
+        )
+    return int(version_dir.name)
+
+
+def load_bundle(version_dir: str | Path) -> Bundle:
+    """Read, verify and unpickle the bundle of a model version folder.
 
     Raises:
-        BundleError: missing, unlisted or altered files, incompatible versions, or
-            artifacts that do not fit the manifest.
+        BundleError: no bundle, a bundle of another SavedModel, missing, unlisted or altered
+            files, incompatible versions, or artifacts that do not fit the manifest.
     """
     import joblib
 
-    directory = Path(directory)
-    if not directory.is_dir():
+    version_dir = Path(version_dir)
+    if not version_dir.is_dir():
         raise BundleError(
-            f"bundle folder {directory} does not exist: run `python -m model.train` or pass "
-            "--bundle with the folder that holds manifest.json"
+            f"model version folder {version_dir} does not exist: run `python -m model.train`, and pass "
+            "--model_base_path with the folder that holds the numeric version folders"
         )
+    directory = bundle_dir(version_dir)
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
+    version = check_model(version_dir, manifest)
     check_versions(manifest)
     try:
         model = ModelSpec(**manifest["model"])
@@ -285,6 +331,7 @@ def load_bundle(directory: str | Path) -> Bundle:
         )
     return Bundle(
         path=directory,
+        version=version,
         feature_names=feature_names,
         feature_min=feature_min,
         feature_max=feature_max,

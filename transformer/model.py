@@ -1,45 +1,66 @@
-"""The KServe transformer: scale -> TF Serving -> segment and rank.
+"""The KServe transformer: scale -> TF Serving -> segment and rank, one model version per request.
 
-    preprocess   parse and validate rows, quantile-scale them (float64), float32 out
-    predict      POST the scaled features to TF Serving's REST API
-    postprocess  nearest centroid -> segment; scores -> rules -> best items
+    preprocess   take the active model version; parse and validate rows against its features;
+                 quantile-scale them (float64), float32 out
+    predict      POST the scaled rows to TF Serving, pinned to that version
+    postprocess  nearest centroid -> segment; scores -> rules -> best items; the answer names
+                 the version (``x-model-version``)
 
-The fitted scikit-learn steps are loaded once, verified against the bundle's
-manifest, and run as numpy kernels (see ``kernels.py``): tens of microseconds a
-row, so they run on the event loop. Moving large batches to a worker thread
-(``offload_rows``) is possible but measured slower: the GIL serialises the
-Python parts anyway, and the switching cost 48% of the throughput at 256 rows.
+The request carries its :class:`ServedVersion` from preprocess to postprocess, so a
+model update in between cannot mix two versions' steps in one answer (``versions.py``
+decides which version is active). The fitted steps run as numpy kernels (``kernels.py``):
+tens of microseconds a row, so they run on the event loop. Moving large batches to a worker
+thread (``offload_rows``) is possible but measured slower: the GIL serialises the Python
+parts anyway, and the switching cost 48% of the throughput at 256 rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import kserve
 import numpy as np
 
-from transformer.bundle import Bundle, load_bundle
+from transformer.bundle import Bundle, BundleError
 from transformer.coalesce import Coalescer
 from transformer.codec import decode_body, encode_predictions, parse_instances
-from transformer.kernels import (
-    NearestCentroid, SklearnScaler, SklearnSegmenter, rules_on_candidates, scaler_kernel, top_items,
-)
-from transformer.metrics import ModelMetrics
-from transformer.predictor import Contract, PredictorClient, PredictorError, ReadinessProbe, RetryPolicy
+from transformer.metrics import ModelMetrics, VersionMetrics
+from transformer.pipeline import Pipeline
+from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, VersionNotServed
+from transformer.versions import ModelVersions, NoServableVersion, ServedVersion
 
 log = logging.getLogger("transformer")
 
+VERSION_HEADER = "x-model-version"
+
+# Set for the one retry of a request whose version TF Serving stopped serving: the version to avoid.
+_avoid_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("avoid_version", default=None)
+# The version a request was given, for its log line and outcome counter (set by preprocess, read by
+# the endpoint that awaited it in the same context).
+request_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_version", default=None)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows on their way through one model version: scaled features, then TF Serving's outputs."""
+
+    served: ServedVersion
+    data: Any
+
 
 class EmbedderTransformer(kserve.Model):
-    """A ``kserve.Model`` holding the fitted steps around the TF Serving embedding model."""
+    """A ``kserve.Model`` holding the fitted steps of each model version around TF Serving."""
 
     def __init__(
         self,
         name: str,
-        bundle_dir: str | Path,
+        model_base_path: str | Path,
         *,
         predictor_host: str | None = None,
         predictor_timeout: float = 5.0,
@@ -50,67 +71,67 @@ class EmbedderTransformer(kserve.Model):
         coalesce_inflight: int = 2,
         coalesce_rows: int = 256,
         full_scores: bool = False,
+        keep_versions: int = 2,
+        poll_seconds: float = 1.0,
     ):
-        super().__init__(name)
-        self.bundle_dir = Path(bundle_dir)
+        super().__init__(name, return_response_headers=True)
+        self.model_base_path = Path(model_base_path)
         self.max_rows = max_rows
         self.offload_rows = offload_rows
-        if kernels not in ("numpy", "sklearn"):
-            raise ValueError(f"kernels must be 'numpy' or 'sklearn', got {kernels!r}")
         self.kernels = kernels
         self.coalesce_inflight = coalesce_inflight
         self.coalesce_rows = coalesce_rows
         self.full_scores = full_scores
+        self.keep_versions = keep_versions
+        self.poll_seconds = poll_seconds
         self._predictor_host = predictor_host
         self._predictor_timeout = predictor_timeout
         self._retry = retry
         self._predictor: PredictorClient | None = None
-        self._readiness: ReadinessProbe | None = None
-        self.bundle: Bundle | None = None
+        self.versions: ModelVersions | None = None
 
     # -- start-up ---------------------------------------------------------------------------
 
     def load(self) -> bool:
-        """Verify and load the bundle; raises BundleError with what to do when it is not usable."""
-        bundle = load_bundle(self.bundle_dir)
-        if self.kernels == "numpy":
-            self.scaler = scaler_kernel(bundle.scaler)
-            self.segmenter = NearestCentroid.from_estimator(bundle.segments)
-        else:  # the naive baseline, for the benchmark
-            self.scaler = SklearnScaler(bundle.scaler)
-            self.segmenter = SklearnSegmenter(bundle.segments)
-        self.bundle = bundle
-        self.feature_names = bundle.feature_names
-        self.spec = bundle.model
-        self.rules = bundle.rules
-        self.contract, self.use_candidates = self._contract(bundle)
-        self.metrics = ModelMetrics(self.name, bundle.feature_names, bundle.feature_min, bundle.feature_max,
-                                    int(bundle.segments.n_clusters))
-        # Under load, concurrent requests share predictor calls (see coalesce.py).
-        self._forward = (Coalescer(self._call_predictor, self.coalesce_inflight, self.coalesce_rows)
-                         if self.coalesce_inflight > 0 else self._call_predictor)
-        if bundle.model.name != self.name:
-            log.info("bundle was trained for model %r, serving it as %r", bundle.model.name, self.name)
+        """Verify and load the bundles of the newest versions; raises BundleError when none is usable.
+
+        Runs once: KServe's DataPlane calls ``load()`` again on every request while ``healthy()`` is
+        false, and the version registry already looks for new bundles by itself.
+        """
+        if self.versions is not None:
+            return self.ready
+        self.metrics = ModelMetrics(self.name)
+        self.versions = ModelVersions(
+            self.model_base_path, _LazyClient(self), self.serve_version, keep=self.keep_versions,
+            poll_seconds=self.poll_seconds, on_switch=self.metrics.switched, on_reject=self.metrics.rejected,
+        )
+        self.versions.scan()
+        if not self.versions.loaded:
+            problems = self.versions.problems()
+            raise BundleError(
+                f"no model version under {self.model_base_path} has a usable bundle"
+                + (": " + "; ".join(problems) if problems else
+                   " (no numeric version folders there): run `python -m model.train`, and point "
+                   "--model_base_path at the folder TF Serving serves (it holds the version folders)")
+            )
         self.ready = True
         return self.ready
 
-    def _contract(self, bundle: Bundle) -> tuple[Contract, bool]:
-        """Ask for the model's best candidates when it offers enough of them, else for every score."""
-        spec, rules = bundle.model, bundle.rules
-        outputs = {spec.embedding_output: ("DT_FLOAT", spec.embedding_dim)}
-        use_candidates = bool(spec.candidates_signature) and not self.full_scores
-        if use_candidates and spec.n_candidates < min(rules.top_k, spec.n_items):
-            log.info("the model ranks %d candidates, the rules want %d: asking for every score",
-                     spec.n_candidates, rules.top_k)
-            use_candidates = False
-        if use_candidates:
-            outputs[spec.candidate_ids_output] = ("DT_INT64", spec.n_candidates)
-            outputs[spec.candidate_scores_output] = ("DT_FLOAT", spec.n_candidates)
-            signature = spec.candidates_signature
-        else:
-            outputs[spec.scores_output] = ("DT_FLOAT", spec.n_items)
-            signature = spec.signature_name
-        return Contract(signature, spec.input_name, spec.n_features, outputs), use_candidates
+    def serve_version(self, bundle: Bundle) -> ServedVersion:
+        """Everything a version needs to answer, built once when its bundle is loaded."""
+        pipeline = Pipeline(bundle, kernels=self.kernels, full_scores=self.full_scores)
+
+        async def call(features: np.ndarray) -> dict[str, np.ndarray]:
+            """One TF Serving call pinned to this version (possibly carrying several requests' rows)."""
+            self.metrics.predictor_rows.observe(features.shape[0])
+            with self.metrics.predictor_seconds.time():
+                return await self.predictor.predict(features, pipeline.contract)
+
+        # Under load, concurrent requests share predictor calls (see coalesce.py); never across versions.
+        forward = Coalescer(call, self.coalesce_inflight, self.coalesce_rows) if self.coalesce_inflight > 0 else call
+        metrics = VersionMetrics(self.name, bundle.version, bundle.feature_names, bundle.feature_min,
+                                 bundle.feature_max, int(bundle.segments.n_clusters))
+        return ServedVersion(pipeline, forward, metrics)
 
     @property
     def predictor(self) -> PredictorClient:
@@ -120,15 +141,11 @@ class EmbedderTransformer(kserve.Model):
                 raise PredictorError(503, "no predictor host configured: start with --predictor_host HOST:PORT")
             self._predictor = PredictorClient(host, self.name, timeout=self._predictor_timeout, retry=self._retry,
                                               on_retry=self.metrics.retry)
-            self._readiness = ReadinessProbe(self._predictor, self.contract)
         return self._predictor
 
     async def healthy(self) -> bool:
-        """Ready when the bundle is loaded, TF Serving reports the model AVAILABLE and its metadata fits."""
-        if not self.ready:
-            return False
-        self.predictor  # creates the readiness probe
-        return await self._readiness.ready()
+        """Ready when a model version is loaded here, TF Serving serves it AVAILABLE and its metadata fits."""
+        return self.ready and await self.versions.ready()
 
     async def _compute(self, fn: Callable[..., Any], rows: int, *args: Any) -> Any:
         """Run CPU work inline, or in a worker thread for batches above ``offload_rows`` (0: never)."""
@@ -138,31 +155,53 @@ class EmbedderTransformer(kserve.Model):
 
     # -- the request path ---------------------------------------------------------------------
 
-    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> np.ndarray:
-        X = parse_instances(decode_body(payload), self.feature_names, self.max_rows)
-        self.metrics.observe_rows(X)
-        scaled = await self._compute(self.scaler.transform, X.shape[0], X)
-        return scaled.astype(np.float32)
+    async def __call__(self, body, headers=None, verb=kserve.model.InferenceVerb.PREDICT):
+        """KServe's pre -> predict -> post, tried once more on another version if TF Serving stopped
+        serving this request's version meanwhile (a rollback, or a predictor pod that has not
+        loaded the newest version yet). The retry starts from the raw request: no mixing."""
+        started = time.monotonic()
+        try:
+            return await super().__call__(body, headers, verb)
+        except VersionNotServed as exc:
+            await self.versions.version_missing(exc.version, started)
+            try:
+                self.versions.current(exclude=exc.version)
+            except NoServableVersion:
+                raise exc from None  # no other version to answer with: TF Serving's own words say why
+            token = _avoid_version.set(exc.version)
+            try:
+                return await super().__call__(body, headers, verb)
+            finally:
+                _avoid_version.reset(token)
 
-    async def _call_predictor(self, features: np.ndarray) -> dict[str, np.ndarray]:
-        """One TF Serving call (possibly carrying the rows of several requests)."""
-        self.metrics.predictor_rows.observe(features.shape[0])
-        with self.metrics.predictor_seconds.time():
-            return await self.predictor.predict(features, self.contract)
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
+        served = self.versions.current(exclude=_avoid_version.get())
+        request_version.set(served.version)
+        pipeline = served.pipeline
+        X = parse_instances(decode_body(payload), pipeline.feature_names, self.max_rows)
+        self.metrics.rows.observe(X.shape[0])
+        served.metrics.observe_rows(X)
+        return Batch(served, await self._compute(pipeline.scale, X.shape[0], X))
 
-    async def predict(self, payload: np.ndarray, headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-        return await self._forward(payload)
+    async def predict(self, batch: Batch, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Batch:
+        return Batch(batch.served, await batch.served.forward(batch.data))
 
-    async def postprocess(self, result: dict[str, np.ndarray], headers: dict[str, str] | None = None) -> dict:
-        return await self._compute(self._rank, result[self.spec.embedding_output].shape[0], result)
+    async def postprocess(self, batch: Batch, headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> dict:
+        served = batch.served
+        if response_headers is not None:
+            response_headers[VERSION_HEADER] = str(served.version)
+        ranked = await self._compute(served.pipeline.rank, len(next(iter(batch.data.values()))), batch.data)
+        served.metrics.observe_segments(ranked.labels)
+        return encode_predictions(ranked.labels, ranked.distances, ranked.item_ids, ranked.item_scores, ranked.keep)
 
-    def _rank(self, result: dict[str, np.ndarray]) -> dict:
-        labels, distances = self.segmenter.assign(result[self.spec.embedding_output])
-        self.metrics.observe_segments(labels)
-        min_score, top_k = self.rules.min_score, self.rules.top_k
-        if self.use_candidates:
-            ids, scores, keep = rules_on_candidates(result[self.spec.candidate_ids_output],
-                                                    result[self.spec.candidate_scores_output], min_score, top_k)
-        else:
-            ids, scores, keep = top_items(result[self.spec.scores_output], min_score, top_k)
-        return encode_predictions(labels, distances, ids, scores, keep)
+
+class _LazyClient:
+    """The predictor client, made on first use (the host may come from KServe's predictor config)."""
+
+    def __init__(self, model: EmbedderTransformer):
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model.predictor, name)

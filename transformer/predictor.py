@@ -6,9 +6,15 @@ not be made or dropped before the answer, or TF Serving said 503); every
 failure mapped to a status the client can act on:
 
     predictor unreachable / 503 after retries  -> 503
+    the pinned model version is not served    -> 503 (VersionNotServed: the transformer
+                                                 looks again at what TF Serving serves)
     no answer within the timeout              -> 504
     TF Serving answered 400                   -> 400, with its message
     any other answer that is not 200          -> 502
+
+Every predict call names the model version whose fitted steps scaled its input
+(``/v1/models/<name>/versions/<v>:predict``), so TF Serving loading a newer
+version never changes what an answer means.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import asyncio
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +39,14 @@ class PredictorError(Exception):
         super().__init__(message)
         self.status = status
         self.cause = cause
+
+
+class VersionNotServed(PredictorError):
+    """TF Serving does not (or no longer) serve the version a request is pinned to."""
+
+    def __init__(self, version: int, message: str):
+        super().__init__(503, message, "version_not_served")
+        self.version = version
 
 
 @dataclass(frozen=True)
@@ -72,12 +85,14 @@ class Contract:
     """What the transformer asks of TF Serving: a signature, its input, and its outputs.
 
     ``outputs`` maps each output name to (TF dtype name, width): every output is [batch, width].
+    ``version`` pins the calls to one model version (None: whatever TF Serving serves newest).
     """
 
     signature: str
     input_name: str
     n_features: int
     outputs: dict
+    version: int | None = None
 
     def numpy_dtype(self, output: str):
         return np.int64 if self.outputs[output][0] == "DT_INT64" else np.float32
@@ -116,8 +131,10 @@ class PredictorClient:
         self.max_connections = max_connections
         self._on_retry = on_retry or (lambda reason: None)
         self._session: aiohttp.ClientSession | None = None
-        self._predict_url = f"{self.base_url}/v1/models/{model_name}:predict"
         self._status_url = f"{self.base_url}/v1/models/{model_name}"
+
+    def _url(self, version: int | None, suffix: str = "") -> str:
+        return self._status_url + (f"/versions/{version}" if version is not None else "") + suffix
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:  # made on first use, inside the running loop
@@ -171,15 +188,18 @@ class PredictorClient:
         raise last
 
     async def predict(self, features: np.ndarray, contract: Contract) -> dict[str, np.ndarray]:
-        """Columnar predict: float32 features (n, F) -> {output name: array}, shapes checked."""
+        """Columnar predict on the contract's version: float32 features (n, F) -> {output: array}, shapes checked."""
         body = orjson.dumps(
             {"signature_name": contract.signature, "inputs": features.astype(np.float32, copy=False)},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
-        answer = await self._send("POST", self._predict_url, body)
+        answer = await self._send("POST", self._url(contract.version, ":predict"), body)
         if answer.status == 400:
             raise PredictorError(400, f"the predictor rejected the request: {_error_text(answer)}",
                                  "predictor_rejected")
+        if answer.status == 404 and contract.version is not None:
+            raise VersionNotServed(contract.version, f"TF Serving does not serve version {contract.version} of "
+                                   f"model {self.model_name!r} ({_error_text(answer)})")
         if answer.status != 200:
             raise PredictorError(
                 502, f"the predictor answered {answer.status}: {_error_text(answer)}", "predictor_failed"
@@ -199,19 +219,20 @@ class PredictorClient:
                     f"{[n, width]}: is it serving the model this bundle was trained with?", "predictor_bad_answer")
         return arrays
 
-    async def model_state(self) -> tuple[str, str]:
-        """(version, state) TF Serving reports for the newest version (state ``AVAILABLE`` when it serves)."""
+    async def version_states(self) -> dict[int, str]:
+        """{version: state} for every version TF Serving knows (``AVAILABLE`` when it serves it)."""
         answer = await self._send("GET", self._status_url, retry=False)
+        if answer.status == 404:
+            return {}  # TF Serving has no version of this model (yet)
         if answer.status != 200:
             raise PredictorError(502, f"model status answered {answer.status}: {_error_text(answer)}")
-        statuses = answer.json().get("model_version_status") or []
-        if not statuses:
-            return "", "UNKNOWN"
-        newest = max(statuses, key=lambda s: int(s.get("version", 0)))
-        return str(newest.get("version", "")), str(newest.get("state", "UNKNOWN"))
+        try:
+            return {int(s["version"]): str(s.get("state", "UNKNOWN")) for s in answer.json()["model_version_status"]}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PredictorError(502, f"model status is not TF Serving's format ({exc})") from None
 
-    async def metadata(self) -> dict:
-        answer = await self._send("GET", self._status_url + "/metadata")
+    async def metadata(self, version: int | None = None) -> dict:
+        answer = await self._send("GET", self._url(version, "/metadata"))
         if answer.status != 200:
             raise PredictorError(502, f"model metadata answered {answer.status}: {_error_text(answer)}")
         return answer.json()
@@ -249,48 +270,3 @@ def metadata_problems(metadata: dict, contract: Contract) -> list[str]:
                 problems.append(f"{kind[:-1]} '{name}' is {info.get('dtype')} {got}, the bundle expects "
                                 f"{dtype} {[-1, width]}")
     return problems
-
-
-class ReadinessProbe:
-    """The predictor's readiness, cached for ``ttl`` seconds; concurrent callers share one check.
-
-    Ready means: TF Serving reports the newest version AVAILABLE, and that version's metadata
-    fits the bundle (checked once per version).
-    """
-
-    def __init__(self, client: PredictorClient, contract: Contract | None = None, ttl: float = 1.0):
-        self.client = client
-        self.contract = contract
-        self.ttl = ttl
-        self._checked_at = -float("inf")
-        self._ready = False
-        self._lock = asyncio.Lock()
-        self._verified_version: str | None = None
-        self.reason = "not checked yet"
-
-    async def ready(self) -> bool:
-        if time.monotonic() - self._checked_at < self.ttl:
-            return self._ready
-        async with self._lock:
-            if time.monotonic() - self._checked_at >= self.ttl:
-                was = self._ready
-                try:
-                    self._ready, self.reason = await self._check()
-                except PredictorError as exc:
-                    self._ready, self.reason = False, str(exc)
-                self._checked_at = time.monotonic()
-                if was != self._ready:
-                    log.log(logging.INFO if self._ready else logging.WARNING, "%s",
-                            json.dumps({"event": "readiness", "ready": self._ready, "reason": self.reason}))
-        return self._ready
-
-    async def _check(self) -> tuple[bool, str]:
-        version, state = await self.client.model_state()
-        if state != "AVAILABLE":
-            return False, f"the predictor reports the model {state}"
-        if self.contract is not None and version != self._verified_version:
-            problems = metadata_problems(await self.client.metadata(), self.contract)
-            if problems:
-                return False, "the predictor's model does not fit the bundle: " + "; ".join(problems)
-            self._verified_version = version
-        return True, ""

@@ -9,7 +9,8 @@ transformer registers its own ``POST /v1/models/{name}:predict`` in front of it:
 * JSON is decoded here, so every problem is a 4xx naming the row and field;
 * predictor failures keep their status (502, 503, 504);
 * each request gets an id (``x-request-id``, echoed back) that its log lines carry;
-* each outcome is counted in ``embedder_requests_total``.
+* each answer names the model version that computed it (``x-model-version``);
+* each outcome is counted in ``embedder_requests_total``, by model version.
 
 Everything else (liveness ``/``, readiness ``/v1/models/{name}``, ``/metrics``,
 the pre/predict/post contract and its histograms) is KServe's.
@@ -31,6 +32,7 @@ from kserve import ModelServer, model_server
 from kserve.errors import ModelNotFound
 
 from transformer.codec import RequestError, decode_json
+from transformer.model import request_version
 from transformer.predictor import PredictorError
 
 log = logging.getLogger("transformer")
@@ -71,29 +73,33 @@ class PredictEndpoint:
         if model is None:
             raise ModelNotFound(model_name)  # KServe's handler: 404
         metrics = getattr(model, "metrics", None)
+        request_version.set(None)
         try:
             body = await read_body(request, self.max_body_bytes)
             headers = dict(request.headers.items())
             headers["x-request-id"] = request_id
-            response, _ = await self.dataplane.infer(model_name, decode_json(body), headers)
+            response, response_headers = await self.dataplane.infer(model_name, decode_json(body), headers)
         except (RequestError, PredictorError) as exc:
             outcome = "client_error" if isinstance(exc, RequestError) else "predictor_error"
+            version = request_version.get()
             if metrics:
-                metrics.request(outcome, exc.cause)
+                metrics.request(outcome, exc.cause, version)
             log_event(logging.INFO if outcome == "client_error" else logging.WARNING, "request_failed",
-                      request_id=request_id, model=model_name, status=exc.status, cause=exc.cause,
-                      error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
-            return ORJSONResponse(status_code=exc.status, content={"error": str(exc)},
-                                  headers={"x-request-id": request_id})
+                      request_id=request_id, model=model_name, model_version=version, status=exc.status,
+                      cause=exc.cause, error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
+            headers = {"x-request-id": request_id}
+            if exc.status == 503:
+                headers["retry-after"] = "1"
+            return ORJSONResponse(status_code=exc.status, content={"error": str(exc)}, headers=headers)
         except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
             if metrics:
-                metrics.request("internal_error", type(exc).__name__)
+                metrics.request("internal_error", type(exc).__name__, request_version.get())
             log.exception("%s", json.dumps({"event": "request_crashed", "request_id": request_id}))
             return ORJSONResponse(status_code=500, content={"error": f"internal error (request id {request_id})"},
                                   headers={"x-request-id": request_id})
         if metrics:
-            metrics.request("ok", "ok")
-        return ORJSONResponse(content=response, headers={"x-request-id": request_id})
+            metrics.request("ok", "ok", request_version.get())
+        return ORJSONResponse(content=response, headers={**response_headers, "x-request-id": request_id})
 
 
 def serve(model, args: argparse.Namespace) -> None:

@@ -1,0 +1,92 @@
+"""What one model version computes around TF Serving, with no protocol in sight.
+
+    raw features (n, F) float64 --scale--> float32 (n, F) --[TF Serving, pinned version]-->
+    outputs --rank--> segments, distances, best item ids and scores
+
+A :class:`Pipeline` is built once per model version from its verified bundle and
+never changes; requests hold the pipeline they started with, so a model update
+never mixes the steps of two versions in one answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from transformer.bundle import Bundle
+from transformer.kernels import (
+    NearestCentroid, SklearnScaler, SklearnSegmenter, rules_on_candidates, scaler_kernel, top_items,
+)
+from transformer.predictor import Contract
+
+log = logging.getLogger("transformer")
+
+KERNELS = ("numpy", "sklearn")
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The answer for n rows: segment and distance per row, best items (n, k) with ``keep`` marking
+    the entries that pass the rules."""
+
+    labels: np.ndarray
+    distances: np.ndarray
+    item_ids: np.ndarray
+    item_scores: np.ndarray
+    keep: np.ndarray
+
+
+class Pipeline:
+    """The fitted steps of one model version and the TF Serving contract they were fitted for."""
+
+    def __init__(self, bundle: Bundle, *, kernels: str = "numpy", full_scores: bool = False):
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+        self.bundle = bundle
+        self.version = bundle.version
+        self.feature_names = bundle.feature_names
+        self.spec = bundle.model
+        self.rules = bundle.rules
+        if kernels == "numpy":
+            self.scaler = scaler_kernel(bundle.scaler)
+            self.segmenter = NearestCentroid.from_estimator(bundle.segments)
+        else:  # the naive baseline, for the benchmark
+            self.scaler = SklearnScaler(bundle.scaler)
+            self.segmenter = SklearnSegmenter(bundle.segments)
+        self.contract, self.use_candidates = self._contract(full_scores)
+
+    def _contract(self, full_scores: bool) -> tuple[Contract, bool]:
+        """Ask for the model's best candidates when it offers enough of them, else for every score."""
+        spec, rules = self.spec, self.rules
+        outputs = {spec.embedding_output: ("DT_FLOAT", spec.embedding_dim)}
+        use_candidates = bool(spec.candidates_signature) and not full_scores
+        if use_candidates and spec.n_candidates < min(rules.top_k, spec.n_items):
+            log.info("version %d ranks %d candidates, the rules want %d: asking for every score",
+                     self.version, spec.n_candidates, rules.top_k)
+            use_candidates = False
+        if use_candidates:
+            outputs[spec.candidate_ids_output] = ("DT_INT64", spec.n_candidates)
+            outputs[spec.candidate_scores_output] = ("DT_FLOAT", spec.n_candidates)
+            signature = spec.candidates_signature
+        else:
+            outputs[spec.scores_output] = ("DT_FLOAT", spec.n_items)
+            signature = spec.signature_name
+        return Contract(signature, spec.input_name, spec.n_features, outputs, self.version), use_candidates
+
+    def scale(self, X: np.ndarray) -> np.ndarray:
+        """Raw features (n, F) float64 -> the model's input, float32 (scaled in float64 first:
+        scikit-learn's bounds are an absolute 1e-7 that float32 cannot resolve)."""
+        return self.scaler.transform(X).astype(np.float32)
+
+    def rank(self, outputs: dict[str, np.ndarray]) -> Ranked:
+        """TF Serving's outputs -> nearest centroid and the best items under the rules."""
+        spec, rules = self.spec, self.rules
+        labels, distances = self.segmenter.assign(outputs[spec.embedding_output])
+        if self.use_candidates:
+            ids, scores, keep = rules_on_candidates(outputs[spec.candidate_ids_output],
+                                                    outputs[spec.candidate_scores_output], rules.min_score, rules.top_k)
+        else:
+            ids, scores, keep = top_items(outputs[spec.scores_output], rules.min_score, rules.top_k)
+        return Ranked(labels, distances, ids, scores, keep)
