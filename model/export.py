@@ -78,9 +78,13 @@ class VersionExists(FileExistsError):
     """Training never overwrites a model version: versions are immutable once written."""
 
 
-def next_version(model_dir: Path) -> int:
-    """One more than the highest numeric version folder (1 for a new model)."""
-    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.is_dir() and p.name.isdigit()]
+def next_version(*model_dirs: Path) -> int:
+    """One more than the highest numeric version folder in any of ``model_dirs`` (1 for a new model).
+
+    Training passes the embedder's and the fused model's folders, so a number stays unused
+    in both, and a version removed from one (a rollback) is not reused by the next training.
+    """
+    versions = [int(p.name) for d in model_dirs for p in Path(d).glob("*") if p.is_dir() and p.name.isdigit()]
     return max(versions, default=0) + 1
 
 

@@ -40,7 +40,8 @@ import tensorflow as tf
 import model  # noqa: F401  (TensorFlow environment defaults)
 from model.export import VersionExists, save_versioned
 from transformer.bundle import Bundle, BundleError, Rules, load_bundle, model_versions
-from transformer.kernels import BOUNDS_THRESHOLD, AffineStep, QuantileStep, UnsupportedEstimator, scaler_steps
+from transformer.fitted import AffineStep, QuantileStep, UnsupportedEstimator, kmeans_centers, scaler_steps
+from transformer.kernels import BOUNDS_THRESHOLD
 from scipy.special import ndtri
 
 FUSED_SIGNATURE = "serving_default"
@@ -133,7 +134,12 @@ class _Affine:
 
 def compile_scaler(estimator: Any):
     """A TF function (float64 [batch, F] -> float64) equal to ``estimator.transform``."""
-    ops = [_Quantile(s) if isinstance(s, QuantileStep) else _Affine(s) for s in scaler_steps(estimator)]
+    return compile_steps(scaler_steps(estimator))
+
+
+def compile_steps(steps) -> Any:
+    """A TF function (float64 [batch, F] -> float64) applying a scaler's fitted steps (``fitted.py``)."""
+    ops = [_Quantile(s) if isinstance(s, QuantileStep) else _Affine(s) for s in steps]
 
     def apply(X: tf.Tensor) -> tf.Tensor:
         for op in ops:
@@ -144,14 +150,8 @@ def compile_scaler(estimator: Any):
 
 
 class _NearestCentroid:
-    def __init__(self, estimator):
-        from sklearn.cluster import KMeans
-
-        if not isinstance(estimator, KMeans):
-            raise UnsupportedEstimator(
-                f"cannot compile {type(estimator).__name__} into the graph; supported segmenters: KMeans"
-            )
-        centers = np.asarray(estimator.cluster_centers_, dtype=np.float64)
+    def __init__(self, centers: np.ndarray):
+        centers = np.asarray(centers, dtype=np.float64)
         self.centers = tf.constant(centers)
         self.centers_t = tf.constant(np.ascontiguousarray(centers.T))
         self.half_sq_norms = tf.constant(0.5 * np.einsum("ij,ij->i", centers, centers))
@@ -168,7 +168,11 @@ class _NearestCentroid:
 
 
 def compile_segmenter(estimator: Any) -> _NearestCentroid:
-    return _NearestCentroid(estimator)
+    try:
+        return _NearestCentroid(kmeans_centers(estimator))
+    except UnsupportedEstimator:
+        raise UnsupportedEstimator(f"cannot compile {type(estimator).__name__} into the graph; "
+                                   "supported segmenters: KMeans") from None
 
 
 def compile_rules(rules: Rules, n_items: int):
@@ -185,6 +189,15 @@ def compile_rules(rules: Rules, n_items: int):
     return apply
 
 
+def _steps_width(steps) -> int | None:
+    """How many features the first scaler step was fitted on (None when it holds no arrays)."""
+    step = steps[0]
+    if isinstance(step, QuantileStep):
+        return step.quantiles.shape[1]
+    arrays = [a for a in (step.subtract, step.divide, step.multiply, step.add) if a is not None]
+    return arrays[0].shape[0] if arrays else None
+
+
 class FusedPipeline(tf.Module):
     """Scaling, the embedding model, segmenting and the rules in one graph."""
 
@@ -199,16 +212,16 @@ class FusedPipeline(tf.Module):
                 f"the artifacts describe {len(bundle.feature_names)} features but the model's input "
                 f"'{spec.input_name}' has shape {model_input.shape.as_list()}: they were not trained together"
             )
-        n_in = getattr(bundle.scaler, "n_features_in_", None)
-        if n_in != len(bundle.feature_names):
+        n_in = _steps_width(bundle.fitted.scaler)
+        if n_in not in (None, len(bundle.feature_names)):
             raise UnsupportedEstimator(
                 f"the scaler was fitted on {n_in} features, the bundle lists {len(bundle.feature_names)}"
             )
         self.embedder = embedder  # tracked: its variables and functions are saved with this module
         self._model = signature
         self.spec = spec
-        self.scale = compile_scaler(bundle.scaler)
-        self.segment = compile_segmenter(bundle.segments)
+        self.scale = compile_steps(bundle.fitted.scaler)
+        self.segment = _NearestCentroid(bundle.fitted.centers)
         self.rules = compile_rules(bundle.rules, spec.n_items)
         n = len(bundle.feature_names)
         self.serve = tf.function(self._serve_float32,

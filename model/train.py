@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.data import UserData, load_csv, make_synthetic
-from transformer.bundle import BUNDLE_SUBDIR, ModelSpec, Rules, write_bundle
+from transformer.bundle import BUNDLE_SUBDIR, MANIFEST_FILE, ModelSpec, Rules, sha256_of, write_bundle
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.version is not None:
         if args.version < 1:
             parser.error("--version must be at least 1")
-        if (args.out / "models" / args.model_name / str(args.version)).exists():
-            parser.error(f"--version {args.version}: {args.out / 'models' / args.model_name / str(args.version)} "
-                         "exists already and model versions are never overwritten; leave --version out to "
-                         "write the next free one")
+        for folder in output_dirs(args):
+            if (folder / str(args.version)).exists():
+                parser.error(f"--version {args.version}: {folder / str(args.version)} exists already and model "
+                             "versions are never overwritten; leave --version out to write the next free one")
     return args
+
+
+def output_dirs(args: argparse.Namespace) -> list[Path]:
+    """The model folders a training run writes a version into: the embedder's, and the fused model's."""
+    dirs = [args.out / "models" / args.model_name]
+    return dirs if args.no_fused else [*dirs, args.out / "models" / f"{args.model_name}-fused"]
 
 
 def split_users(n_users: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. Export: the SavedModel in TF Serving's layout with its bundle inside, as one new version folder.
     model_dir = args.out / "models" / args.model_name
-    version = args.version or next_version(model_dir)
+    # Numbers are shared by both folders, even with --no-fused: one number, one training.
+    version = args.version or next_version(model_dir, args.out / "models" / f"{args.model_name}-fused")
     n_candidates = min(max(args.top_k, args.candidates), data.n_items)
 
     def add_bundle(version_dir: Path) -> None:
@@ -239,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"  items     recall@{quality.k}: {quality.recall_at_k:.3f}  (popularity baseline {quality.popularity_recall_at_k:.3f})")
     say(f"wrote model version {version}: {saved} (with its transformer bundle in {BUNDLE_SUBDIR})"
         + (f" and {fused}" if fused else "") + f" in {time.monotonic() - started:.1f}s")
+    say(f"its manifest's sha256 (to pin with the transformer's --trusted_manifests): "
+        f"{sha256_of(saved / BUNDLE_SUBDIR / MANIFEST_FILE)}")
     return 0
 
 

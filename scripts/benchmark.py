@@ -121,9 +121,10 @@ def kernel_microbenchmark(build: Path, repeats: int) -> dict[str, float]:
 
     results = {}
     for kernels in ("numpy", "sklearn"):
-        pipeline = Pipeline(load_bundle(newest_version_dir(build)), kernels=kernels)
+        pipeline = Pipeline(load_bundle(newest_version_dir(build), estimators=kernels == "sklearn"),
+                            kernels=kernels)
         metrics = VersionMetrics(MODEL, pipeline.version, pipeline.feature_names, pipeline.bundle.feature_min,
-                                 pipeline.bundle.feature_max, int(pipeline.bundle.segments.n_clusters))
+                                 pipeline.bundle.feature_max, pipeline.bundle.n_segments)
         spec = pipeline.spec
         doc = {"instances": make_synthetic(n_users=1, n_items=spec.n_items, seed=5).features.tolist()}
         rng = np.random.default_rng(0)

@@ -5,11 +5,12 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import MODEL_NAME, version_dir
 
 from scripts.localstack import ROOT
-from transformer.bundle import BUNDLE_SUBDIR, BundleError, bundle_dir, load_bundle, write_bundle
+from transformer.bundle import BUNDLE_SUBDIR, BundleError, bundle_dir, load_bundle, sha256_of, write_bundle
 
 
 @pytest.fixture
@@ -32,15 +33,20 @@ def edit_manifest(path, change):
 
 
 def test_loads_and_describes_the_model(version):
-    loaded = load_bundle(version)
+    loaded = load_bundle(version, estimators=True)
     assert loaded.version == loaded.model.version == 1
     assert loaded.path == version / BUNDLE_SUBDIR
     assert loaded.model.name == "embedder"
     assert loaded.model.n_features == len(loaded.feature_names) == loaded.scaler.n_features_in_
     assert loaded.segments.cluster_centers_.shape[1] == loaded.model.embedding_dim
     assert loaded.rules.top_k == 5 and loaded.rules.min_score == pytest.approx(0.2)
-    assert set(loaded.manifest["files"]) == {"scaler.joblib", "segments.joblib"}
+    assert set(loaded.manifest["files"]) == {"fitted.npz", "scaler.joblib", "segments.joblib"}
     assert len(loaded.manifest["saved_model"]["fingerprint_sha256"]) == 64
+    # The plain numbers are exactly the estimators' fitted attributes.
+    assert np.array_equal(loaded.fitted.centers, loaded.segments.cluster_centers_)
+    (step,) = loaded.fitted.scaler
+    assert np.array_equal(step.quantiles, loaded.scaler.quantiles_) and step.output_distribution == "normal"
+    assert loaded.n_segments == loaded.segments.n_clusters
 
 
 def test_altered_file_is_refused_before_unpickling(version, bundle):
@@ -129,3 +135,63 @@ def test_a_bundle_is_written_once(version):
         write_bundle(version, scaler=loaded.scaler, segments=loaded.segments, feature_names=loaded.feature_names,
                      feature_min=loaded.feature_min, feature_max=loaded.feature_max, model=loaded.model,
                      rules=loaded.rules)
+
+
+def rewrite_digest(bundle, name):
+    """What an attacker with write access to the store does: change a file, then its sha256 in the manifest."""
+    edit_manifest(bundle, lambda m: m["files"][name].__setitem__("sha256", sha256_of(bundle / name)))
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded: it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_poisoned_pickle_is_never_loaded_for_serving(version, bundle, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    (bundle / "scaler.joblib").write_bytes(pickle.dumps(_RunsCode(marker)))
+    rewrite_digest(bundle, "scaler.joblib")
+    loaded = load_bundle(version)  # what the transformer does: numbers from fitted.npz only
+    assert not marker.exists()
+    assert loaded.scaler is None and loaded.fitted.centers.shape[1] == loaded.model.embedding_dim
+
+
+def test_fitted_numbers_must_be_plain_arrays(version, bundle):
+    """An object array in fitted.npz would need pickle to load: refused, nothing run."""
+    with np.load(bundle / "fitted.npz") as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["segments.centers"] = np.array([{"not": "numbers"}], dtype=object)
+    with (bundle / "fitted.npz").open("wb") as handle:
+        np.savez(handle, **arrays)
+    rewrite_digest(bundle, "fitted.npz")
+    with pytest.raises(BundleError, match="fitted.npz is not a readable array file of numbers"):
+        load_bundle(version)
+
+
+def test_fitted_numbers_that_do_not_fit_the_manifest_are_refused(version, bundle):
+    with np.load(bundle / "fitted.npz") as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["segments.centers"] = arrays["segments.centers"][:, :-1]
+    with (bundle / "fitted.npz").open("wb") as handle:
+        np.savez(handle, **arrays)
+    rewrite_digest(bundle, "fitted.npz")
+    with pytest.raises(BundleError, match="do not have the model's embedding size 16"):
+        load_bundle(version)
+    with pytest.raises(BundleError, match="do not have the model's embedding size 16"):
+        load_bundle(version, estimators=True)  # refused before anything is unpickled
+
+
+def test_a_rewritten_manifest_is_refused_when_digests_are_pinned(version, bundle):
+    trusted = {sha256_of(bundle / "manifest.json")}
+    assert load_bundle(version, trusted=trusted).version == 1
+    edit_manifest(bundle, lambda m: m["rules"].__setitem__("top_k", 50))
+    with pytest.raises(BundleError, match=r"has sha256 [0-9a-f]{64}, which is not among the trusted manifest digests"):
+        load_bundle(version, trusted=trusted)
+    assert load_bundle(version).rules.top_k == 50  # without a pin, any manifest whose files verify

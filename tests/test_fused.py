@@ -145,7 +145,9 @@ def test_feature_count_mismatch_fails_at_compile_time(build_dir):
     wrong = QuantileTransformer(n_quantiles=10).fit(rng.normal(size=(50, len(bundle.feature_names) + 1)))
     import dataclasses
 
-    mismatched = dataclasses.replace(bundle, scaler=wrong)
+    from transformer.fitted import FittedSteps, scaler_steps
+
+    mismatched = dataclasses.replace(bundle, fitted=FittedSteps(tuple(scaler_steps(wrong)), bundle.fitted.centers))
     embedder = tf.saved_model.load(str(build_dir / "models" / "embedder" / "1"))
     with pytest.raises(UnsupportedEstimator, match=r"scaler was fitted on \d+ features, the bundle lists"):
         FusedPipeline(mismatched, embedder)

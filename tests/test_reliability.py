@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, bundle_path, version_dir
+from conftest import MODEL_NAME, assert_same_predictions, bundle_path, version_dir
 from fault_proxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -315,10 +315,10 @@ def test_sigterm_lets_in_flight_requests_finish(stack, raw_users, tmp_path):
 
 # -- artifacts -----------------------------------------------------------------------------------
 
-def start_transformer(base_path, predictor_host="127.0.0.1:9"):
+def start_transformer(base_path, predictor_host="127.0.0.1:9", *more):
     return subprocess.run(
         [sys.executable, "-m", "transformer", "--model_name", MODEL_NAME, "--predictor_host", predictor_host,
-         "--model_base_path", str(base_path), "--http_port", "0"],
+         "--model_base_path", str(base_path), "--http_port", "0", *more],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
 
@@ -362,6 +362,49 @@ def test_transformer_refuses_a_predictor_model_that_does_not_fit(stack, build_di
     assert result.returncode == 2
     assert ("the predictor's model does not fit the bundle: version 1: output 'candidate_ids' is DT_INT64 [-1, 5], "
             "the bundle expects DT_INT64 [-1, 7]") in result.stderr
+
+
+class RunsCode:
+    """Unpickled, this opens (creates) a marker file: any code could run the same way."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_poisoned_pickle_runs_nothing_and_a_pin_refuses_the_rewritten_manifest(
+        stack, build_dir, tmp_path, offline, raw_users):
+    """Whoever can write the model store replaces scaler.joblib with code and fixes its sha256 in the
+    manifest: the transformer serves from fitted.npz and never unpickles it; with the manifest's
+    digest pinned from outside the store, the rewritten manifest is refused."""
+    import pickle
+
+    from transformer.bundle import sha256_of
+
+    base, bundle = copy_of_version_1(build_dir, tmp_path)
+    trusted = sha256_of(bundle / "manifest.json")
+    marker = tmp_path / "pwned"
+    (bundle / "scaler.joblib").write_bytes(pickle.dumps(RunsCode(marker)))
+    edit_manifest(bundle, lambda m: m["files"]["scaler.joblib"].__setitem__("sha256", sha256_of(bundle / "scaler.joblib")))
+
+    poisoned = LocalStack(build=tmp_path, predictor_port=stack.predictor_port, log_dir=tmp_path / "logs")
+    poisoned.start_transformer()
+    try:
+        response = httpx.post(predict_url(poisoned.transformer_url), json=valid_body(raw_users, 5), timeout=30)
+        assert response.status_code == 200, response.text
+        assert_same_predictions(response.json()["predictions"], offline.predictions(raw_users[:5]))
+    finally:
+        poisoned.stop()
+    assert not marker.exists()
+
+    result = start_transformer(base, f"127.0.0.1:{stack.predictor_port}", "--trusted_manifests", trusted)
+    assert result.returncode == 2
+    assert f"has sha256 {sha256_of(bundle / 'manifest.json')}, which is not among the trusted" in result.stderr
+    assert not marker.exists()
+    bad = start_transformer(base, "127.0.0.1:9", "--trusted_manifests", "not-a-digest")
+    assert bad.returncode == 2 and "takes sha256 digests (64 hex digits), got not-a-digest" in bad.stderr
 
 
 def test_bounded_soak_loses_nothing(stack, raw_users):

@@ -109,3 +109,9 @@ def test_training_adds_a_version_and_never_overwrites_one(tmp_path):
     assert result.returncode == 2
     assert "exists already and model versions are never overwritten" in result.stderr
     assert (bundle_path(out, 1) / "scaler.joblib").read_bytes() == first
+
+    # A rolled-back version (removed from the store) leaves its number used: the next run takes 4.
+    (out / "models" / "embedder" / "2").rename(tmp_path / "retired-2")
+    (out / "models" / "embedder-fused" / "3").mkdir(parents=True)  # say, a fused model compiled later
+    assert train([*args, "--seed", "3"]) == 0
+    assert load_bundle(out / "models" / "embedder" / "4").version == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from kserve import model_server
@@ -18,6 +19,7 @@ from transformer.kernels import UnsupportedEstimator
 from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, metadata_problems
 
 DEFAULT_MODEL_BASE_PATH = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
+TRUSTED_ENV = "EMBEDDER_TRUSTED_MANIFESTS"  # set on the container, outside the model store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "version policy, latest 2 in the manifests, so both sides can serve the previous one)")
     ours.add_argument("--model_poll_seconds", type=float, default=1.0,
                       help="how often to look for new version folders and at what TF Serving serves")
+    ours.add_argument("--trusted_manifests", default=os.environ.get(TRUSTED_ENV, ""),
+                      help="comma-separated sha256 digests of the bundle manifests that may be loaded (training "
+                           f"prints each one); a bundle whose manifest is not among them is refused. Default: "
+                           f"${TRUSTED_ENV}; empty: any manifest whose files verify")
     ours.add_argument("--predictor_timeout", type=float, default=5.0,
                       help="seconds to wait for TF Serving before answering 504")
     ours.add_argument("--predictor_retries", type=int, default=2,
@@ -80,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max_rows, --max_body_bytes and --predictor_timeout must be positive, --predictor_retries >= 0")
     if args.model_versions < 1 or args.model_poll_seconds <= 0:
         parser.error("--model_versions must be at least 1 and --model_poll_seconds positive")
+    trusted = frozenset(d.strip().lower() for d in args.trusted_manifests.split(",") if d.strip())
+    malformed = sorted(d for d in trusted if len(d) != 64 or any(c not in "0123456789abcdef" for c in d))
+    if malformed:
+        parser.error(f"--trusted_manifests (or ${TRUSTED_ENV}) takes sha256 digests (64 hex digits), got "
+                     f"{', '.join(malformed)}")
     configure_logging(args.log_level)
 
     from transformer.model import EmbedderTransformer
@@ -99,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         offload_rows=args.offload_rows,
         keep_versions=args.model_versions,
         poll_seconds=args.model_poll_seconds,
+        trusted_manifests=trusted,
     )
     try:
         model.load()

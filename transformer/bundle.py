@@ -9,9 +9,11 @@ from that folder)::
         manifest.json      the model version and the SavedModel's fingerprint it was
                            fitted on, feature names and order, model name, signature
                            and tensor names, dims, rules, library versions, sha256
-                           of every file
-        scaler.joblib      the fitted QuantileTransformer
-        segments.joblib    the fitted KMeans
+                           of every file, what each array of fitted.npz is
+        fitted.npz         the fitted numbers (quantiles, centroids, ...) as plain
+                           arrays: what the transformer serves with (``fitted.py``)
+        scaler.joblib      the fitted QuantileTransformer, for scikit-learn users and
+        segments.joblib    the fitted KMeans                 ``--kernels sklearn``
 
 So a model version and the fitted steps made from it are one folder, written
 and renamed into place together, and cannot be paired wrongly: the transformer
@@ -20,9 +22,13 @@ bundle it uses (see ``versions.py``).
 
 This module is the single place that knows the format: training writes bundles
 with :func:`write_bundle`, the transformer reads them with :func:`load_bundle`.
-Every file is checked against the manifest's sha256 *before* anything is
-unpickled, the model's ``fingerprint.pb`` against the one recorded at training,
-and artifacts made by another scikit-learn minor version are refused.
+Every file is checked against the manifest's sha256, the model's
+``fingerprint.pb`` against the one recorded at training, and artifacts made by
+another scikit-learn minor version are refused. Serving reads ``fitted.npz``
+without pickle; the joblib files are unpickled only when asked for
+(``estimators=True``), since unpickling runs whatever code a file names. The
+manifest vouches for the files but not for itself: ``trusted`` digests, set from
+outside the model store, pin the manifests that may be loaded at all.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
+
+from transformer.fitted import FITTED_FILE, FittedSteps, FittedStepsError
 
 FORMAT_VERSION = 2
 BUNDLE_SUBDIR = Path("assets.extra") / "transformer-bundle"
@@ -83,7 +91,11 @@ class Rules:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified, loaded bundle; ``version`` is the model version folder it belongs to."""
+    """A verified, loaded bundle; ``version`` is the model version folder it belongs to.
+
+    ``fitted`` holds the numbers everything is computed with; ``scaler`` and ``segments``
+    are the scikit-learn estimators, None unless loaded with ``estimators=True``.
+    """
 
     path: Path
     version: int
@@ -92,9 +104,14 @@ class Bundle:
     feature_max: tuple[float, ...]
     model: ModelSpec
     rules: Rules
-    scaler: Any
-    segments: Any
+    fitted: FittedSteps
     manifest: dict
+    scaler: Any = None
+    segments: Any = None
+
+    @property
+    def n_segments(self) -> int:
+        return int(self.fitted.centers.shape[0])
 
 
 def sha256_of(path: Path) -> str:
@@ -171,12 +188,14 @@ def write_bundle(
     directory = bundle_dir(version_dir)
     if directory.exists():
         raise BundleError(f"{directory} exists already: a bundle is written once, with its model version")
+    fitted = FittedSteps.from_estimators(scaler, segments)  # UnsupportedEstimator: nothing is written
     directory.mkdir(parents=True)
+    fitted_description = fitted.write(directory)
     joblib.dump(scaler, directory / SCALER_FILE)
     joblib.dump(segments, directory / SEGMENTS_FILE)
     files = {
         name: {"sha256": sha256_of(directory / name), "bytes": (directory / name).stat().st_size}
-        for name in (SCALER_FILE, SEGMENTS_FILE)
+        for name in (FITTED_FILE, SCALER_FILE, SEGMENTS_FILE)
     }
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -188,6 +207,7 @@ def write_bundle(
         "model": asdict(model),
         "rules": asdict(rules),
         "n_segments": int(segments.n_clusters),
+        "fitted": fitted_description,
         "versions": library_versions(),
         "files": files,
         **(extra or {}),
@@ -196,13 +216,22 @@ def write_bundle(
     return directory
 
 
-def read_manifest(directory: str | Path) -> dict:
+def read_manifest(directory: str | Path, trusted: Collection[str] | None = None) -> dict:
+    """The manifest, parsed; with ``trusted`` digests, only a manifest whose sha256 is one of them."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise BundleError(
             f"no {MANIFEST_FILE} in {directory}: this model version has no transformer bundle; "
             "train it with `python -m model.train`, which writes both into one version folder"
         )
+    if trusted:
+        digest = sha256_of(path)
+        if digest not in trusted:
+            raise BundleError(
+                f"{path} has sha256 {digest}, which is not among the trusted manifest digests "
+                "(--trusted_manifests): the bundle was changed after it was trusted, or it is new; add the "
+                "digest that training printed for this version to the trusted set"
+            )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -285,15 +314,20 @@ def check_model(version_dir: Path, manifest: dict) -> int:
     return int(version_dir.name)
 
 
-def load_bundle(version_dir: str | Path) -> Bundle:
-    """Read, verify and unpickle the bundle of a model version folder.
+def load_bundle(version_dir: str | Path, *, estimators: bool = False,
+                trusted: Collection[str] | None = None) -> Bundle:
+    """Read and verify the bundle of a model version folder; its fitted numbers are read without pickle.
+
+    Args:
+        version_dir: the model version folder (SavedModel + ``assets.extra/transformer-bundle/``).
+        estimators: also unpickle the scikit-learn estimators (runs code from the files: only for
+            artifacts you trust, e.g. ``--kernels sklearn``).
+        trusted: if given, the manifest's sha256 must be one of these.
 
     Raises:
-        BundleError: no bundle, a bundle of another SavedModel, missing, unlisted or altered
-            files, incompatible versions, or artifacts that do not fit the manifest.
+        BundleError: no bundle, an untrusted manifest, a bundle of another SavedModel, missing,
+            unlisted or altered files, incompatible versions, or artifacts that do not fit the manifest.
     """
-    import joblib
-
     version_dir = Path(version_dir)
     if not version_dir.is_dir():
         raise BundleError(
@@ -301,7 +335,7 @@ def load_bundle(version_dir: str | Path) -> Bundle:
             "--model_base_path with the folder that holds the numeric version folders"
         )
     directory = bundle_dir(version_dir)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, trusted)
     verify_files(directory, manifest)
     version = check_model(version_dir, manifest)
     check_versions(manifest)
@@ -312,23 +346,29 @@ def load_bundle(version_dir: str | Path) -> Bundle:
         feature_names = tuple(f["name"] for f in features)
         feature_min = tuple(float(f["train_min"]) for f in features)
         feature_max = tuple(float(f["train_max"]) for f in features)
+        fitted_description = manifest["fitted"]
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{directory / MANIFEST_FILE} is incomplete ({exc}); re-run training") from exc
+    if model.n_features != len(feature_names):
+        raise BundleError(
+            f"the manifest lists {len(feature_names)} features and the model {model.n_features}: the bundle is "
+            "inconsistent; re-run training"
+        )
+    try:
+        fitted = FittedSteps.read(directory, fitted_description, len(feature_names), model.embedding_dim)
+    except FittedStepsError as exc:
+        raise BundleError(f"{exc}: the bundle is inconsistent; re-run training") from None
+    scaler = segments = None
+    if estimators:
+        import joblib
 
-    scaler = joblib.load(directory / SCALER_FILE)
-    segments = joblib.load(directory / SEGMENTS_FILE)
-    n_in = getattr(scaler, "n_features_in_", None)
-    if n_in != len(feature_names) or model.n_features != len(feature_names):
-        raise BundleError(
-            f"the scaler expects {n_in} features, the manifest lists {len(feature_names)} and the "
-            f"model {model.n_features}: the bundle is inconsistent; re-run training"
-        )
-    centers = getattr(segments, "cluster_centers_", None)
-    if centers is None or centers.shape[1] != model.embedding_dim:
-        raise BundleError(
-            f"the segment centroids do not have the model's embedding size {model.embedding_dim}; "
-            "re-run training"
-        )
+        from transformer.fitted import same_numbers
+
+        scaler = joblib.load(directory / SCALER_FILE)
+        segments = joblib.load(directory / SEGMENTS_FILE)
+        if not same_numbers(FittedSteps.from_estimators(scaler, segments), fitted):
+            raise BundleError(f"{directory}: the pickled estimators and {FITTED_FILE} hold different numbers; "
+                              "re-run training")
     return Bundle(
         path=directory,
         version=version,
@@ -337,7 +377,8 @@ def load_bundle(version_dir: str | Path) -> Bundle:
         feature_max=feature_max,
         model=model,
         rules=rules,
+        fitted=fitted,
+        manifest=manifest,
         scaler=scaler,
         segments=segments,
-        manifest=manifest,
     )

@@ -3,17 +3,21 @@
 scikit-learn's ``QuantileTransformer.transform`` validates its input and calls
 ``scipy.stats.norm.ppf`` column by column; ``KMeans.predict`` sets up thread
 pools. Per request that costs milliseconds. These kernels hold the fitted
-arrays and do the same arithmetic in microseconds. ``tests/test_kernels.py``
-proves their parity with scikit-learn.
+arrays (``fitted.py``: plain numbers, never unpickled on the serving path) and
+do the same arithmetic in microseconds. ``tests/test_kernels.py`` proves their
+parity with scikit-learn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from scipy.special import ndtri
+
+from transformer.fitted import (  # noqa: F401  (UnsupportedEstimator re-exported for callers)
+    AffineStep, QuantileStep, UnsupportedEstimator, kmeans_centers, scaler_steps,
+)
 
 # scikit-learn's sklearn.preprocessing._data.BOUNDS_THRESHOLD: an ABSOLUTE margin in
 # input units, which is why scaling runs in float64 (float32 cannot resolve it).
@@ -21,65 +25,6 @@ BOUNDS_THRESHOLD = 1e-7
 # The clipping bounds scikit-learn applies after stats.norm.ppf (which is ndtri).
 _CLIP_MIN = float(ndtri(BOUNDS_THRESHOLD - np.spacing(1)))
 _CLIP_MAX = float(ndtri(1 - (BOUNDS_THRESHOLD - np.spacing(1))))
-
-
-class UnsupportedEstimator(TypeError):
-    """The fitted object has no kernel here."""
-
-
-SUPPORTED_SCALERS = "QuantileTransformer, StandardScaler, MinMaxScaler, or a Pipeline of these"
-
-
-@dataclass(frozen=True)
-class QuantileStep:
-    """A fitted ``QuantileTransformer``: its quantiles (n_quantiles, F), references, output distribution."""
-
-    quantiles: np.ndarray
-    references: np.ndarray
-    output_distribution: str
-
-
-@dataclass(frozen=True)
-class AffineStep:
-    """A fitted ``StandardScaler`` or ``MinMaxScaler``, in scikit-learn's order of operations:
-    subtract, divide, multiply, add, then clip (each optional)."""
-
-    subtract: np.ndarray | None = None
-    divide: np.ndarray | None = None
-    multiply: np.ndarray | None = None
-    add: np.ndarray | None = None
-    clip: tuple[float, float] | None = None
-
-
-def scaler_steps(estimator: Any) -> list[QuantileStep | AffineStep]:
-    """The fitted numbers of a supported scaler, in the order they apply.
-
-    The one place that reads scikit-learn's fitted attributes: the numpy kernels here and the
-    TensorFlow compiler (``model/fuse.py``) both build on it.
-    """
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, StandardScaler
-
-    name = type(estimator).__name__
-    if isinstance(estimator, Pipeline):
-        return [s for _, step in estimator.steps if step not in (None, "passthrough") for s in scaler_steps(step)]
-    if not isinstance(estimator, (QuantileTransformer, StandardScaler, MinMaxScaler)):
-        raise UnsupportedEstimator(f"{name} is not supported as the scaler; supported scalers: {SUPPORTED_SCALERS}")
-    if not hasattr(estimator, "n_features_in_"):
-        raise UnsupportedEstimator(f"the {name} is not fitted; fit it before bundling")
-    if isinstance(estimator, QuantileTransformer):
-        if estimator.output_distribution not in ("uniform", "normal"):
-            raise UnsupportedEstimator(
-                f"QuantileTransformer(output_distribution={estimator.output_distribution!r}) is not "
-                "supported; use 'uniform' or 'normal'"
-            )
-        return [QuantileStep(np.asarray(estimator.quantiles_, dtype=np.float64),
-                             np.asarray(estimator.references_, dtype=np.float64), estimator.output_distribution)]
-    if isinstance(estimator, StandardScaler):
-        return [AffineStep(subtract=estimator.mean_ if estimator.with_mean else None,
-                           divide=estimator.scale_ if estimator.with_std else None)]
-    return [AffineStep(multiply=estimator.scale_, add=estimator.min_,
-                       clip=tuple(estimator.feature_range) if estimator.clip else None)]
 
 
 class QuantileScaler:
@@ -161,10 +106,15 @@ class ChainedScaler:
         return X
 
 
+def steps_kernel(steps: Sequence[QuantileStep | AffineStep]):
+    """The numpy kernel of a scaler's fitted steps (see ``fitted.py``)."""
+    kernels = [QuantileScaler(s) if isinstance(s, QuantileStep) else AffineScaler(s) for s in steps]
+    return kernels[0] if len(kernels) == 1 else ChainedScaler(kernels)
+
+
 def scaler_kernel(estimator: Any):
     """The numpy kernel of a fitted scaler, or a clear error naming what is supported."""
-    kernels = [QuantileScaler(s) if isinstance(s, QuantileStep) else AffineScaler(s) for s in scaler_steps(estimator)]
-    return kernels[0] if len(kernels) == 1 else ChainedScaler(kernels)
+    return steps_kernel(scaler_steps(estimator))
 
 
 class NearestCentroid:
@@ -177,13 +127,7 @@ class NearestCentroid:
 
     @classmethod
     def from_estimator(cls, estimator: Any) -> "NearestCentroid":
-        from sklearn.cluster import KMeans
-
-        if not isinstance(estimator, KMeans):
-            raise UnsupportedEstimator(
-                f"no kernel for {type(estimator).__name__}; supported segmenters: KMeans"
-            )
-        return cls(estimator.cluster_centers_)
+        return cls(kmeans_centers(estimator))
 
     def assign(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Labels (int64) and distances (float64) for embeddings X (n, D).

@@ -21,13 +21,14 @@ import contextvars
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import kserve
 import numpy as np
 
-from transformer.bundle import Bundle, BundleError
+from transformer.bundle import Bundle, BundleError, load_bundle
 from transformer.coalesce import Coalescer
 from transformer.codec import decode_body, encode_predictions, parse_instances
 from transformer.metrics import ModelMetrics, VersionMetrics
@@ -73,6 +74,7 @@ class EmbedderTransformer(kserve.Model):
         full_scores: bool = False,
         keep_versions: int = 2,
         poll_seconds: float = 1.0,
+        trusted_manifests: frozenset[str] = frozenset(),
     ):
         super().__init__(name, return_response_headers=True)
         self.model_base_path = Path(model_base_path)
@@ -84,6 +86,7 @@ class EmbedderTransformer(kserve.Model):
         self.full_scores = full_scores
         self.keep_versions = keep_versions
         self.poll_seconds = poll_seconds
+        self.trusted_manifests = trusted_manifests
         self._predictor_host = predictor_host
         self._predictor_timeout = predictor_timeout
         self._retry = retry
@@ -101,9 +104,12 @@ class EmbedderTransformer(kserve.Model):
         if self.versions is not None:
             return self.ready
         self.metrics = ModelMetrics(self.name)
+        # The fitted numbers are read as plain data; only the scikit-learn baseline unpickles estimators.
+        load = partial(load_bundle, estimators=self.kernels == "sklearn", trusted=self.trusted_manifests or None)
         self.versions = ModelVersions(
             self.model_base_path, _LazyClient(self), self.serve_version, keep=self.keep_versions,
-            poll_seconds=self.poll_seconds, on_switch=self.metrics.switched, on_reject=self.metrics.rejected,
+            poll_seconds=self.poll_seconds, load=load, on_switch=self.metrics.switched,
+            on_reject=self.metrics.rejected,
         )
         self.versions.scan()
         if not self.versions.loaded:
@@ -130,7 +136,7 @@ class EmbedderTransformer(kserve.Model):
         # Under load, concurrent requests share predictor calls (see coalesce.py); never across versions.
         forward = Coalescer(call, self.coalesce_inflight, self.coalesce_rows) if self.coalesce_inflight > 0 else call
         metrics = VersionMetrics(self.name, bundle.version, bundle.feature_names, bundle.feature_min,
-                                 bundle.feature_max, int(bundle.segments.n_clusters))
+                                 bundle.feature_max, bundle.n_segments)
         return ServedVersion(pipeline, forward, metrics)
 
     @property

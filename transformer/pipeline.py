@@ -17,7 +17,7 @@ import numpy as np
 
 from transformer.bundle import Bundle
 from transformer.kernels import (
-    NearestCentroid, SklearnScaler, SklearnSegmenter, rules_on_candidates, scaler_kernel, top_items,
+    NearestCentroid, SklearnScaler, SklearnSegmenter, rules_on_candidates, steps_kernel, top_items,
 )
 from transformer.predictor import Contract
 
@@ -49,10 +49,12 @@ class Pipeline:
         self.feature_names = bundle.feature_names
         self.spec = bundle.model
         self.rules = bundle.rules
-        if kernels == "numpy":
-            self.scaler = scaler_kernel(bundle.scaler)
-            self.segmenter = NearestCentroid.from_estimator(bundle.segments)
-        else:  # the naive baseline, for the benchmark
+        if kernels == "numpy":  # the fitted numbers, read without unpickling anything
+            self.scaler = steps_kernel(bundle.fitted.scaler)
+            self.segmenter = NearestCentroid(bundle.fitted.centers)
+        else:  # the naive baseline, for the benchmark: needs the unpickled estimators
+            if bundle.scaler is None or bundle.segments is None:
+                raise ValueError("kernels='sklearn' needs the estimators: load the bundle with estimators=True")
             self.scaler = SklearnScaler(bundle.scaler)
             self.segmenter = SklearnSegmenter(bundle.segments)
         self.contract, self.use_candidates = self._contract(full_scores)

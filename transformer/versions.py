@@ -93,6 +93,7 @@ class ModelVersions:
         *,
         keep: int = 2,
         poll_seconds: float = 1.0,
+        load: Callable[[Path], Bundle] = load_bundle,
         on_switch: Callable[[int | None], None] | None = None,
         on_reject: Callable[[], None] | None = None,
     ):
@@ -101,6 +102,7 @@ class ModelVersions:
         self.base_path = Path(base_path)
         self.client = client
         self.build = build
+        self.load = load
         self.keep = keep
         self.poll_seconds = poll_seconds
         self._on_switch = on_switch or (lambda version: None)
@@ -137,7 +139,7 @@ class ModelVersions:
                 rejected[version] = self.rejected[version]
                 continue
             try:
-                loaded[version] = self.build(load_bundle(folder))
+                loaded[version] = self.build(self.load(folder))
             except (BundleError, UnsupportedEstimator, ValueError, OSError) as exc:
                 rejected[version] = (stamp, str(exc))
                 self._on_reject()
