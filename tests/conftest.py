@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +112,3 @@ def assert_same_predictions(got: list[dict], expected: list[dict], tol: float = 
         assert [i["id"] for i in g["items"]] == [i["id"] for i in e["items"]], f"row {row}"
         for gi, ei in zip(g["items"], e["items"]):
             assert abs(gi["score"] - ei["score"]) <= tol, f"row {row}"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")

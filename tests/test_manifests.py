@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import in_ci
 
 from scripts.localstack import ROOT, pinned
 
 OVERLAYS = sorted(p.name for p in (ROOT / "manifests" / "overlays").iterdir() if p.is_dir())
 WITH_TRANSFORMER = ["kind", "production"]  # "fused": TF Serving alone
 KUBERNETES_VERSION = "1.32"
+CRD_SCHEMA = ROOT / "tests" / "data" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]
 
 
@@ -44,14 +44,10 @@ def isvc(overlay: str) -> dict:
 
 @lru_cache
 def crd_schema() -> dict:
-    path = os.environ.get("KSERVE_CRD_SCHEMA") or str(
-        ROOT.parent / "shared" / "schemas" / "serving.kserve.io_inferenceservices.yaml")
-    if not Path(path).is_file():
-        message = f"KServe's InferenceService CRD not found at {path} (set KSERVE_CRD_SCHEMA)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    crd = yaml.safe_load(Path(path).read_text())
+    """KServe's InferenceService CRD schema: the copy in tests/data/kserve (or $KSERVE_CRD_SCHEMA)."""
+    path = Path(os.environ.get("KSERVE_CRD_SCHEMA") or CRD_SCHEMA)
+    assert path.is_file(), f"KServe's InferenceService CRD not found at {path}"
+    crd = yaml.safe_load(path.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
     return strict(version["schema"]["openAPIV3Schema"])
 
@@ -343,3 +339,81 @@ def test_smoke_comparison_catches_differences():
     fewer = [(200, {"predictions": []}), ok[1], ok[2]]
     assert "1 locally" in same(fewer, ok)[0]
     assert "status 500" in same([ok[0], ok[1], (500, {})], ok)[0]
+
+
+# -- what KServe's validating webhook checks and a schema cannot --------------------------------
+# From pkg/apis/serving/v1beta1/inference_service_validation.go and component.go (KServe main
+# after v0.20.0): the rules an InferenceService of ours could break.
+
+ISVC_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+FRAMEWORKS = ("xgboost", "pytorch", "triton", "sklearn", "tensorflow", "onnx", "pmml", "lightgbm", "paddle",
+              "huggingface", "model")
+STORAGE_PREFIXES = ("gs://", "s3://", "pvc://", "file://", "https://", "http://", "hdfs://", "webhdfs://",
+                    "oci://", "oci+native://", "oci+fetch://", "hf://")
+
+
+def webhook_problems(service: dict) -> list[str]:
+    """What KServe's InferenceService webhook would refuse in ``service`` (empty: admitted)."""
+    problems = []
+    spec, annotations = service["spec"], service["metadata"].get("annotations", {})
+    if not ISVC_NAME.match(service["metadata"]["name"]):
+        problems.append("name must match [a-z]([-a-z0-9]*[a-z0-9])?")
+    autoscaler = annotations.get("serving.kserve.io/autoscalerClass")
+    if autoscaler is not None and autoscaler not in ("hpa", "external", "keda", "none"):
+        problems.append(f"[{autoscaler}] is not a supported autoscaler class type")
+    for component_name in ("predictor", "transformer", "explainer"):
+        component = spec.get(component_name)
+        if component is None:
+            continue
+        containers = component.get("containers", [])
+        for container in containers + component.get("initContainers", []):
+            if any(e["name"] == "PYTHONPATH" for e in container.get("env", [])):
+                problems.append(f"setting PYTHONPATH in container {container['name']!r} is not allowed")
+        implementations = [f for f in FRAMEWORKS if f in component]
+        if containers and (any(c["name"] == "kserve-container" for c in containers) or not implementations):
+            implementations.append("containers")
+        if len(implementations) != 1:
+            problems.append(f"{component_name}: exactly one implementation, got {implementations}")
+        low, high = component.get("minReplicas", 1), component.get("maxReplicas", 0)
+        if low < 0 or high < 0 or (high != 0 and low > high):
+            problems.append(f"{component_name}: replicas {low}..{high}")
+        if component.get("containerConcurrency", 0) < 0:
+            problems.append(f"{component_name}: containerConcurrency < 0")
+        metric, target = component.get("scaleMetric", "cpu"), component.get("scaleTarget")
+        if metric not in ("cpu", "memory"):
+            problems.append(f"{component_name}: [{metric}] is not a supported metric")
+        if target is not None and metric == "cpu" and not 1 <= target <= 100:
+            problems.append(f"{component_name}: the target utilization percentage should be a [1-100] integer")
+        uris = [component[f].get("storageUri") for f in FRAMEWORKS if f in component] + [
+            e.get("value") for c in containers for e in c.get("env", []) if e["name"] == "STORAGE_URI"]
+        for uri in filter(None, uris):
+            if not uri.startswith(STORAGE_PREFIXES):
+                problems.append(f"{component_name}: unsupported storage URI {uri}")
+    for container in spec["predictor"].get("containers", []):
+        if container["name"] == "transformer-container" and any(
+                e["name"] == "STORAGE_URI" for e in container.get("env", [])):
+            problems.append("STORAGE_URI must not be set on transformer-container (collocation)")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_services_pass_kserve_webhook_rules(overlay):
+    assert webhook_problems(isvc(overlay)) == []
+
+
+def test_the_webhook_rules_catch_what_kserve_refuses():
+    import copy
+
+    service = copy.deepcopy(isvc("kind"))
+    service["metadata"]["name"] = "Embedder_1"
+    service["spec"]["predictor"]["minReplicas"], service["spec"]["predictor"]["maxReplicas"] = 3, 2
+    service["spec"]["transformer"]["containers"][0]["env"].append({"name": "PYTHONPATH", "value": "/x"})
+    service["spec"]["transformer"]["scaleMetric"] = "rps"
+    service["spec"]["predictor"]["tensorflow"] = {"storageUri": "ftp://x"}
+    service["spec"]["predictor"]["containers"] = [{"name": "transformer-container", "env": [
+        {"name": "STORAGE_URI", "value": "pvc://x/y"}]}]
+    problems = "\n".join(webhook_problems(service))
+    for fragment in ("name must match", "replicas 3..2", "PYTHONPATH", "[rps] is not a supported metric",
+                     "exactly one implementation, got ['tensorflow', 'model']", "unsupported storage URI ftp://x",
+                     "STORAGE_URI must not be set on transformer-container"):
+        assert fragment in problems, fragment
