@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 need_kind_tools
+check_architecture
 engine=$(container_engine)
 
 scripts/setup.sh
@@ -13,18 +14,20 @@ if ! ls build/models/embedder/*/assets.extra/transformer-bundle/manifest.json >/
   .venv/bin/python -m model.train
 fi
 
-echo "== building $TRANSFORMER_IMAGE with $engine"
-"$engine" build -f transformer/Dockerfile -t "$TRANSFORMER_IMAGE" .
+# Built and loaded under its full name: Podman would otherwise tag it localhost/<name>, which is not
+# the docker.io/library/<name> the pod asks for.
+image=$(qualified_image "$TRANSFORMER_IMAGE")
+echo "== building $image with $engine"
+"$engine" build -f transformer/Dockerfile -t "$image" .
 
 echo "== loading the image into kind cluster '$KIND_CLUSTER_NAME'"
-if [ "$engine" = docker ]; then
-  kind load docker-image "$TRANSFORMER_IMAGE" --name "$KIND_CLUSTER_NAME"
-else
-  archive=$(mktemp --suffix=.tar)
-  trap 'rm -f "$archive"' EXIT
-  podman save -o "$archive" "$TRANSFORMER_IMAGE"
-  KIND_EXPERIMENTAL_PROVIDER=podman kind load image-archive "$archive" --name "$KIND_CLUSTER_NAME"
-fi
+# Through an archive for both engines: `kind load docker-image` fails with Docker 29's containerd
+# image store ("content digest not found", kind#3795). mktemp with a template works on BSD and GNU.
+archive=$(mktemp "${TMPDIR:-/tmp}/embedder-image.XXXXXX")
+trap 'rm -f "$archive"' EXIT
+"$engine" save -o "$archive" "$image"
+if [ "$engine" = podman ]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
+kind load image-archive "$archive" --name "$KIND_CLUSTER_NAME"
 
 echo "== applying manifests/overlays/kind"
 kubectl --context "kind-$KIND_CLUSTER_NAME" apply -k manifests/overlays/kind

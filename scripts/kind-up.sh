@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 need_kind_tools
+check_architecture
 engine=$(container_engine)
 if [ "$engine" = podman ]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
 
@@ -32,24 +33,28 @@ kubectl config use-context "kind-$KIND_CLUSTER_NAME" >/dev/null
 
 echo "== cert-manager $CERT_MANAGER_VERSION"
 kubectl apply -f "https://github.com/cert-manager/cert-manager/releases/download/$CERT_MANAGER_VERSION/cert-manager.yaml" >/dev/null
-for deployment in cert-manager cert-manager-cainjector cert-manager-webhook; do
-  kubectl -n cert-manager rollout status "deploy/$deployment" --timeout=300s
-done
+wait_for_namespace_deployments cert-manager 300s || exit 1
+wait_for_webhooks cert-manager 300 || exit 1
 
 echo "== KServe $KSERVE_VERSION (Standard mode: plain Deployments, no Knative or Istio)"
 kserve_release="https://github.com/kserve/kserve/releases/download/$KSERVE_VERSION"
-# The webhook needs cert-manager's CA injected; the first apply can race it, so retry a few times.
-for attempt in 1 2 3 4 5; do
-  if kubectl apply --server-side --force-conflicts -f "$kserve_release/kserve.yaml" >/dev/null; then break; fi
-  [ "$attempt" -eq 5 ] && { echo "error: could not install KServe" >&2; exit 1; }
-  echo "   retrying in 10s (webhook not ready yet)"; sleep 10
-done
-kubectl -n kserve rollout status deploy/kserve-controller-manager --timeout=300s
-for attempt in 1 2 3 4 5; do
-  if kubectl apply --server-side --force-conflicts -f "$kserve_release/kserve-cluster-resources.yaml" >/dev/null; then break; fi
-  [ "$attempt" -eq 5 ] && { echo "error: could not install KServe's cluster resources" >&2; exit 1; }
-  echo "   retrying in 10s"; sleep 10
-done
+# Since v0.17 kserve.yaml holds no Namespace object (KServe's own install script creates it first).
+kubectl create namespace kserve --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+retry 6 10 "applying KServe ($kserve_release/kserve.yaml)" \
+  kubectl apply --server-side --force-conflicts -f "$kserve_release/kserve.yaml" || {
+  echo "Check cert-manager (kubectl -n cert-manager get pods), then run scripts/kind-up.sh again." >&2
+  exit 1
+}
+# Every Deployment (kserve-controller-manager, llmisvc-controller-manager, ...) and the webhooks they
+# serve: kserve-cluster-resources.yaml holds LLMInferenceServiceConfigs that the llmisvc webhook
+# (failurePolicy Fail) must admit.
+wait_for_namespace_deployments kserve 300s || exit 1
+wait_for_webhooks kserve 300 || exit 1
+retry 6 10 "applying KServe's runtimes ($kserve_release/kserve-cluster-resources.yaml)" \
+  kubectl apply --server-side --force-conflicts -f "$kserve_release/kserve-cluster-resources.yaml" || {
+  echo "Look at: kubectl -n kserve get pods; kubectl get validatingwebhookconfigurations; then run scripts/kind-up.sh again." >&2
+  exit 1
+}
 kubectl -n kserve patch configmap inferenceservice-config --type merge \
   -p '{"data":{"deploy":"{\"defaultDeploymentMode\":\"Standard\"}"}}' >/dev/null
 echo "== ready: kubectl context kind-$KIND_CLUSTER_NAME; next: scripts/deploy.sh"

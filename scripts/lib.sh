@@ -27,3 +27,95 @@ need_kind_tools() {
   need kind "Install it: https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
   need kubectl "Install it: https://kubernetes.io/docs/tasks/tools/"
 }
+
+# The tensorflow/serving image is published for linux/amd64 only (tensorflow/serving#1948): on an
+# arm64 host a kind node is arm64 and the predictor pod cannot pull or start it. Say so before
+# anything is created; EMBEDDER_ALLOW_ARM64=1 goes on (for nodes that run amd64 images by emulation).
+check_architecture() {
+  case "$(uname -m)" in
+    arm64|aarch64)
+      if [ "${EMBEDDER_ALLOW_ARM64:-}" != 1 ]; then
+        echo "error: this machine is $(uname -m), and TF Serving ($TF_SERVING_IMAGE:$TF_SERVING_VERSION) is published" >&2
+        echo "for linux/amd64 only. On a kind cluster here the predictor pod would never start (\"no matching" >&2
+        echo "manifest for linux/arm64\" or \"exec format error\"), so nothing has been created. What to do:" >&2
+        echo "  - run the cluster path on an amd64 machine (a Linux VM or a CI runner) or a remote amd64 cluster;" >&2
+        echo "    the local stack (./scripts/demo.sh) works here as it is;" >&2
+        echo "  - or, if your kind node runs amd64 images by emulation (QEMU/binfmt set up in the node), set" >&2
+        echo "    EMBEDDER_ALLOW_ARM64=1 and run this again (slow, and not supported by TF Serving)." >&2
+        exit 1
+      fi
+      echo "warning: $(uname -m) host: TF Serving's amd64 image must run by emulation (EMBEDDER_ALLOW_ARM64=1)" >&2
+      ;;
+  esac
+}
+
+# retry TRIES DELAY WHAT COMMAND...: run COMMAND until it succeeds, at most TRIES times; then say
+# what failed, with the command's last error, and return 1.
+retry() {
+  tries=$1
+  delay=$2
+  what=$3
+  shift 3
+  attempt=1
+  while :; do
+    if output=$("$@" 2>&1); then
+      return 0
+    fi
+    if [ "$attempt" -ge "$tries" ]; then
+      echo "error: $what failed after $tries tries. Last error:" >&2
+      printf '%s\n' "$output" | tail -n 5 >&2
+      return 1
+    fi
+    echo "   not yet: $(printf '%s' "$output" | tail -n 1 | cut -c1-120); retrying in ${delay}s ($attempt/$tries)"
+    sleep "$delay"
+    attempt=$((attempt + 1))
+  done
+}
+
+# wait_for_namespace_deployments NAMESPACE TIMEOUT: every Deployment there rolled out.
+wait_for_namespace_deployments() {
+  for deployment in $(kubectl -n "$1" get deployments -o name); do
+    kubectl -n "$1" rollout status "$deployment" --timeout="$2" || {
+      echo "error: $deployment in namespace $1 did not become available; look at: kubectl -n $1 describe $deployment" >&2
+      return 1
+    }
+  done
+}
+
+# webhooks_pending NAMESPACE: the webhook services in NAMESPACE without an injected CA bundle or a
+# ready endpoint (prints nothing when every webhook there can admit requests).
+webhooks_pending() {
+  kubectl get validatingwebhookconfigurations,mutatingwebhookconfigurations -o \
+    jsonpath="{range .items[*]}{range .webhooks[?(@.clientConfig.service.namespace==\"$1\")]}{.clientConfig.service.name}{' '}{.clientConfig.caBundle}{'\n'}{end}{end}" |
+    while read -r service bundle; do
+      [ -n "$service" ] || continue
+      if [ -z "$bundle" ]; then
+        echo "$service (no CA bundle yet)"
+      elif [ -z "$(kubectl -n "$1" get endpoints "$service" -o jsonpath='{.subsets[*].addresses[*].ip}' 2>/dev/null)" ]; then
+        echo "$service (no ready endpoint)"
+      fi
+    done | sort -u
+}
+
+# wait_for_webhooks NAMESPACE SECONDS: until webhooks_pending prints nothing, at most SECONDS.
+wait_for_webhooks() {
+  deadline=$(($(date +%s) + $2))
+  while pending=$(webhooks_pending "$1") && [ -n "$pending" ]; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "error: webhooks in namespace $1 not ready after $2s: $(echo "$pending" | tr '\n' ' ')" >&2
+      echo "Look at: kubectl -n $1 get pods,endpoints; then run scripts/kind-up.sh again." >&2
+      return 1
+    fi
+    echo "   waiting for webhooks: $(echo "$pending" | tr '\n' ' ')"
+    sleep 5
+  done
+}
+
+# The name a pod asks for: kubelet reads "NAME:TAG" as docker.io/library/NAME:TAG, while Podman tags a
+# local build localhost/NAME:TAG. Building and loading under the full name makes the two agree.
+qualified_image() {
+  case "$1" in
+    */*) echo "$1" ;;
+    *) echo "docker.io/library/$1" ;;
+  esac
+}

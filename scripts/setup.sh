@@ -11,7 +11,9 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   exit 1
 fi
 
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+# sha256sum on Linux, shasum on macOS (BSD tools).
+if command -v sha256sum >/dev/null 2>&1; then digest=$(sha256sum pyproject.toml); else digest=$(shasum -a 256 pyproject.toml); fi
+stamp=.venv/.installed-$(printf '%s' "$digest" | cut -c1-16)
 if [ -f "$stamp" ]; then
   exit 0
 fi

@@ -1,0 +1,116 @@
+"""The kind scripts, run for real against stand-ins of kind, kubectl and docker that log each call.
+
+No cluster runs here; what these tests show is the order of the steps (the ``kserve`` namespace
+before KServe, every Deployment and webhook of KServe ready before its cluster resources), that a
+second run changes nothing and succeeds, how a failure ends, and that an arm64 host is told why
+before anything is created.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scripts.localstack import ROOT
+
+# One stand-in for every command: it logs "name args" and answers like the real tool would here.
+STUB = r'''#!/usr/bin/env bash
+name=$(basename "$0")
+echo "$name $*" >> "$STUB_LOG"
+state="$STUB_STATE"
+case "$name $*" in
+  "uname -m") echo "${STUB_ARCH:-x86_64}" ;;
+  "uname "*) PATH=/usr/bin:/bin uname "$@" ;;
+  "docker info") ;;
+  "kind get clusters") [ -f "$state/cluster" ] && echo embedder ;;
+  "kind create cluster"*) touch "$state/cluster" ;;
+  "kubectl create namespace kserve --dry-run=client -o yaml") printf 'apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kserve\n' ;;
+  "kubectl apply -f -") cat > /dev/null; touch "$state/ns-kserve" ;;
+  *"kserve-cluster-resources.yaml"*)
+    [ -f "$state/webhooks-ready" ] || { echo "Internal error occurred: failed calling webhook llmisvc" >&2; exit 1; } ;;
+  *"releases/download/v"*"/kserve.yaml"*)
+    [ -f "$state/ns-kserve" ] || { echo 'namespaces "kserve" not found' >&2; exit 1; }
+    touch "$state/kserve" ;;
+  "kubectl -n kserve get deployments -o name") printf 'deployment.apps/kserve-controller-manager\ndeployment.apps/llmisvc-controller-manager\n' ;;
+  "kubectl -n cert-manager get deployments -o name") printf 'deployment.apps/cert-manager\ndeployment.apps/cert-manager-webhook\n' ;;
+  "kubectl -n kserve rollout status deployment.apps/llmisvc-controller-manager"*) touch "$state/webhooks-ready" ;;
+  "kubectl get validatingwebhookconfigurations,mutatingwebhookconfigurations"*'namespace=="kserve"'*)
+    if [ -f "$state/webhooks-ready" ]; then echo "kserve-webhook-server-service Q0E="; echo "llmisvc-webhook-server-service Q0E="; fi ;;
+  "kubectl -n kserve get endpoints"*) echo 10.0.0.7 ;;
+  *) ;;
+esac
+exit 0
+'''
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    bin_dir, state = tmp_path / "bin", tmp_path / "state"
+    bin_dir.mkdir()
+    state.mkdir()
+    for name in ("kind", "kubectl", "docker", "uname", "sleep"):  # sleep: retries without waiting
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "STUB_STATE": str(state)}
+    return env, log, state
+
+
+def run_kind_up(env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/kind-up.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def index_of(lines: list[str], fragment: str) -> int:
+    return next(i for i, line in enumerate(lines) if fragment in line)
+
+
+def test_kind_up_installs_kserve_in_order_and_a_second_run_changes_nothing(stubs):
+    env, log, state = stubs
+    first = run_kind_up(env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    lines = calls(log)
+    assert index_of(lines, "kind create cluster") < index_of(lines, "cert-manager.yaml")
+    namespace = index_of(lines, "kubectl create namespace kserve")
+    install = index_of(lines, "/kserve.yaml")
+    rollouts = [i for i, line in enumerate(lines) if line.startswith("kubectl -n kserve rollout status")]
+    webhooks = max(i for i, line in enumerate(lines) if "validatingwebhookconfigurations" in line)
+    resources = index_of(lines, "kserve-cluster-resources.yaml")
+    assert namespace < install < min(rollouts) and len(rollouts) == 2  # every Deployment in kserve
+    assert max(rollouts) < webhooks < resources
+    assert "ready: kubectl context kind-embedder" in first.stdout
+
+    log.unlink()
+    second = run_kind_up(env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "kind 'embedder' exists" in second.stdout or "cluster 'embedder' exists" in second.stdout
+    assert not any(line.startswith("kind create cluster") for line in calls(log))
+
+
+def test_a_failing_install_ends_with_what_failed_and_what_to_run(stubs, tmp_path):
+    env, log, state = stubs
+    # kubectl apply of the namespace never takes effect: KServe's objects have no namespace.
+    stub = (tmp_path / "bin" / "kubectl").read_text().replace('touch "$state/ns-kserve"', ":")
+    (tmp_path / "bin" / "kubectl").write_text(stub)
+    result = run_kind_up(env)
+    assert result.returncode == 1
+    assert "error: applying KServe (" in result.stderr and "failed after 6 tries" in result.stderr
+    assert 'namespaces "kserve" not found' in result.stderr
+    assert "then run scripts/kind-up.sh again" in result.stderr
+    assert not any("kserve-cluster-resources" in line for line in calls(log))
+
+
+def test_an_arm64_host_is_told_why_before_anything_is_created(stubs):
+    env, log, state = stubs
+    result = run_kind_up({**env, "STUB_ARCH": "arm64"})
+    assert result.returncode == 1
+    assert "is published\nfor linux/amd64 only" in result.stderr
+    assert "EMBEDDER_ALLOW_ARM64=1" in result.stderr
+    assert not any(line.startswith(("kind ", "kubectl ")) for line in calls(log))
