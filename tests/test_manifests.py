@@ -149,10 +149,13 @@ def test_only_the_transformer_reaches_the_predictor(overlay):
     name = isvc(overlay)["metadata"]["name"]
     assert policy["spec"]["podSelector"]["matchLabels"] == {
         "serving.kserve.io/inferenceservice": name, "component": "predictor"}
-    (rule,) = policy["spec"]["ingress"]
-    (source,) = rule["from"]
+    transformer_rule, scrape_rule = policy["spec"]["ingress"]
+    (source,) = transformer_rule["from"]
     assert source == {"podSelector": {"matchLabels": {
         "serving.kserve.io/inferenceservice": name, "component": "transformer"}}}
+    # Besides the transformer, only the monitoring namespace, and only on the metrics (REST) port.
+    assert scrape_rule == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                           "ports": [{"protocol": "TCP", "port": 8080}]}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
 
 
@@ -320,11 +323,36 @@ def test_grafana_dashboard_shows_the_transformer_metrics():
     dashboard = json.loads((ROOT / "manifests" / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     for metric in (metrics.REQUESTS, metrics.ROWS, metrics.OUT_OF_RANGE, metrics.SEGMENTS,
-                   metrics.PREDICTOR_SECONDS, metrics.PREDICTOR_RETRIES):
+                   metrics.PREDICTOR_SECONDS, metrics.PREDICTOR_RETRIES, metrics.MODEL_VERSION, metrics.SWITCHES,
+                   metrics.REJECTIONS):
         assert metric._name in exprs, metric._name
     assert "request_predict_seconds_bucket" in exprs  # KServe's stage histograms
+    # TF Serving's own (its /tensorflow/serving/... metrics, exported with ":" for "/")
+    assert ":tensorflow:serving:request_count" in exprs and ":tensorflow:serving:request_latency_bucket" in exprs
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tf_serving_metrics_are_exported_annotated_and_admitted(overlay):
+    """TF Serving exports Prometheus metrics only with a monitoring config; the predictor pod says where,
+    KServe's queue-proxy scraping (Knative only) is off, and the NetworkPolicy admits the scrape."""
+    service = isvc(overlay)
+    predictor = service["spec"]["predictor"]
+    monitoring_file = Path(arg_value(predictor["model"]["args"], "--monitoring_config_file"))
+    (config_map,) = objects(overlay, "ConfigMap")
+    config = config_map["data"][monitoring_file.name]
+    path = re.search(r'path: "([^"]+)"', config).group(1)
+    assert "enable: true" in config and path == "/monitoring/prometheus/metrics"
+    annotations = predictor["annotations"]
+    assert annotations["prometheus.io/path"] == annotations["prometheus.kserve.io/path"] == path
+    assert annotations["prometheus.io/port"] == "8080" and annotations["prometheus.io/scrape"] == "true"
+    assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "false"
+    (policy,) = objects(overlay, "NetworkPolicy")
+    admitted = [rule for rule in policy["spec"]["ingress"]
+                if any(p["port"] == 8080 for p in rule.get("ports", []))
+                and (not rule.get("from") or any("namespaceSelector" in f for f in rule["from"]))]
+    assert admitted, "nothing admits Prometheus to the predictor's port 8080"
 
 
 def test_smoke_comparison_catches_differences():
