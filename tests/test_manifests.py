@@ -212,7 +212,8 @@ def test_names_ports_and_paths_agree_everywhere(overlay):
     assert storage_uri == service["spec"]["predictor"]["model"]["storageUri"]
     # Versions: TF Serving runtime and transformer image from scripts/versions.env.
     assert service["spec"]["predictor"]["model"]["runtimeVersion"] == pinned("TF_SERVING_VERSION")
-    assert container["image"].split(":")[0] == pinned("TRANSFORMER_IMAGE").split(":")[0]
+    image_name = container["image"].rsplit(":", 1)[0]
+    assert image_name.rsplit("/", 1)[-1] == pinned("TRANSFORMER_IMAGE").split(":")[0]  # kustomize may add a registry
     # The batching and model config files the predictor is told to read are where the ConfigMap is mounted.
     model = service["spec"]["predictor"]["model"]
     mounts = {m["mountPath"] for m in model["volumeMounts"]}
@@ -265,6 +266,25 @@ def test_production_uses_object_storage_credentials_and_autoscaling():
     for component in ("predictor", "transformer"):
         assert spec[component]["minReplicas"] >= 2 and spec[component]["maxReplicas"] > spec[component]["minReplicas"]
         assert (spec[component]["scaleMetric"], spec[component]["scaleTarget"]) == ("cpu", 70)
+
+
+def test_production_has_its_namespace_a_registry_image_budgets_and_spread():
+    rendered = render("production")
+    (namespace,) = objects("production", "Namespace")
+    assert all(o["metadata"].get("namespace") == namespace["metadata"]["name"] for o in rendered
+               if o["kind"] != "Namespace")
+    (container,) = isvc("production")["spec"]["transformer"]["containers"]
+    registry, _, tag = container["image"].rpartition(":")
+    assert "/" in registry and "." in registry.split("/")[0] and tag not in ("dev", "latest")
+    assert container["imagePullPolicy"] == "IfNotPresent"  # an immutable tag
+    budgets = {b["spec"]["selector"]["matchLabels"]["component"]: b for b in objects("production", "PodDisruptionBudget")}
+    spec = isvc("production")["spec"]
+    for component in ("predictor", "transformer"):
+        assert budgets[component]["spec"]["maxUnavailable"] == 1 < spec[component]["minReplicas"]
+        assert budgets[component]["spec"]["selector"]["matchLabels"]["serving.kserve.io/inferenceservice"] == "embedder"
+        (spread,) = spec[component]["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname"
+        assert spread["labelSelector"]["matchLabels"]["component"] == component
 
 
 def test_transformer_image_has_no_tensorflow():
