@@ -1,19 +1,24 @@
 """Talk to the cluster with the kubernetes Python client: wait for the InferenceService, smoke-test it.
 
     python -m scripts.cluster wait-ready [--namespace embedder] [--timeout 600]
-    python -m scripts.cluster smoke      [--namespace embedder]
+    python -m scripts.cluster smoke      [--namespace embedder] [--entry transformer|collocated|fused]
 
-``smoke`` reaches the transformer through ``kubectl port-forward``, sends the
-example requests in scripts/requests/ and compares every answer with the one
-the local stack (same build/ folder) gives.
+``smoke`` reaches the service's entry point through ``kubectl port-forward`` (the
+transformer's Service; with ``collocated`` or ``fused``, the predictor's), sends the
+example requests in scripts/requests/ and compares every answer with the one the
+local stack (same build/ folder) gives. The fused model speaks TF Serving's API: it
+gets the valid examples as raw feature rows, and its tensors are read back as the
+transformer's answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -21,6 +26,40 @@ from scripts.localstack import ROOT, LocalStack, StackError, free_port
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 REQUESTS = ("one-user.json", "batch.json", "bad-row.json")
+VALID_REQUESTS = REQUESTS[:2]
+ENTRIES = {"transformer": "transformer", "collocated": "predictor", "fused": "predictor"}  # -> Service
+
+
+def fused_as_predictions(outputs: dict) -> list[dict]:
+    """The fused model's tensors in the transformer's answer shape (padding, id -1, dropped)."""
+    return [
+        {"segment": int(outputs["segment"][i]), "segment_distance": float(outputs["segment_distance"][i]),
+         "items": [{"id": int(d), "score": float(s)} for d, s in zip(outputs["item_ids"][i], outputs["item_scores"][i])
+                   if d != -1]}
+        for i in range(len(outputs["segment"]))
+    ]
+
+
+def newest_features(models: Path) -> list[str]:
+    """The feature order of the newest model version under ``models``."""
+    from transformer.bundle import bundle_dir, model_versions, read_manifest
+
+    return [f["name"] for f in read_manifest(bundle_dir(models / str(model_versions(models)[-1])))["features"]]
+
+
+def post_fused(base_url: str, model: str, features: list[str]) -> list[tuple[int, dict]]:
+    """The valid examples to the fused model, as raw rows in the given feature order."""
+    answers = []
+    with httpx.Client(timeout=30.0) as client:
+        for name in VALID_REQUESTS:
+            instances = json.loads((ROOT / "scripts" / "requests" / name).read_text())["instances"]
+            rows = [[row[f] for f in features] if isinstance(row, dict) else row for row in instances]
+            response = client.post(f"{base_url}/v1/models/{model}:predict",
+                                   json={"signature_name": "serving_float64", "inputs": rows})
+            body = response.json()
+            answers.append((response.status_code, {"predictions": fused_as_predictions(body["outputs"])}
+                            if response.status_code == 200 else body))
+    return answers
 
 
 def custom_objects():
@@ -102,10 +141,10 @@ def same(a: list[tuple[int, dict]], b: list[tuple[int, dict]], tol: float = 1e-5
     return problems
 
 
-def smoke(namespace: str, name: str) -> int:
+def smoke(namespace: str, name: str, entry: str = "transformer") -> int:
     port = free_port()
     forward = subprocess.Popen(
-        ["kubectl", "-n", namespace, "port-forward", f"svc/{name}-transformer", f"{port}:80"],
+        ["kubectl", "-n", namespace, "port-forward", f"svc/{name}-{ENTRIES[entry]}", f"{port}:80"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
@@ -118,10 +157,12 @@ def smoke(namespace: str, name: str) -> int:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or forward.poll() is not None:
-                print("error: could not reach the transformer through kubectl port-forward", file=sys.stderr)
+                print(f"error: could not reach svc/{name}-{ENTRIES[entry]} through kubectl port-forward",
+                      file=sys.stderr)
                 return 1
             time.sleep(0.5)
-        remote = post_examples(base, name)
+        remote = (post_fused(base, name, newest_features(ROOT / "build" / "models" / name)) if entry == "fused"
+                  else post_examples(base, name))
     finally:
         forward.terminate()
         forward.wait()
@@ -131,14 +172,15 @@ def smoke(namespace: str, name: str) -> int:
     except StackError as exc:
         print(f"error: the local stack did not start: {exc}", file=sys.stderr)
         return 1
-    problems = same(remote, local)
-    for request, (status, body) in zip(REQUESTS, remote):
+    sent = VALID_REQUESTS if entry == "fused" else REQUESTS
+    problems = same(remote, local[:len(sent)])
+    for request, (status, body) in zip(sent, remote):
         print(f"{request}: HTTP {status}, {len(body.get('predictions', [])) or body.get('error', '')}")
     if problems:
         print("error: the cluster answers differently from the local stack:\n  " + "\n  ".join(problems),
               file=sys.stderr)
         return 1
-    print("smoke test passed: the cluster answers exactly like the local stack")
+    print(f"smoke test passed ({entry}): the cluster answers exactly like the local stack")
     return 0
 
 
@@ -148,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", default="embedder")
     parser.add_argument("--name", default="embedder", help="InferenceService name")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
+    parser.add_argument("--entry", choices=sorted(ENTRIES), default="transformer",
+                        help="the overlay deployed: transformer (kind, production), collocated or fused")
     args = parser.parse_args(argv)
     if args.command == "wait-ready":
         return wait_ready(args.namespace, args.name, args.timeout)
-    return smoke(args.namespace, args.name)
+    return smoke(args.namespace, args.name, args.entry)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Train if needed, build the transformer image, load it into kind, apply the kind overlay,
-# and wait until the InferenceService is Ready. Idempotent.
+# Train if needed, build the transformer image, load it into kind, apply an overlay (OVERLAY=kind by
+# default; collocated or fused), and wait until the InferenceService is Ready. Idempotent.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
@@ -29,9 +29,14 @@ trap 'rm -f "$archive"' EXIT
 if [ "$engine" = podman ]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
 kind load image-archive "$archive" --name "$KIND_CLUSTER_NAME"
 
-echo "== applying manifests/overlays/kind"
-kubectl --context "kind-$KIND_CLUSTER_NAME" apply -k manifests/overlays/kind
-# A new image under the same tag: restart the transformer so it runs the one just loaded.
-kubectl --context "kind-$KIND_CLUSTER_NAME" -n "$NAMESPACE" rollout restart deploy/embedder-transformer 2>/dev/null || true
+overlay=${OVERLAY:-kind}
+[ -d "manifests/overlays/$overlay" ] || { echo "error: no overlay manifests/overlays/$overlay (OVERLAY=kind, collocated or fused)" >&2; exit 1; }
+echo "== applying manifests/overlays/$overlay"
+kubectl --context "kind-$KIND_CLUSTER_NAME" apply -k "manifests/overlays/$overlay"
+# A new image under the same tag: restart the pods that run it (the transformer's, or the predictor's
+# when collocated) so they run the one just loaded.
+for component in transformer predictor; do
+  kubectl --context "kind-$KIND_CLUSTER_NAME" -n "$NAMESPACE" rollout restart "deploy/embedder-$component" 2>/dev/null || true
+done
 kubectl config use-context "kind-$KIND_CLUSTER_NAME" >/dev/null
 .venv/bin/python -m scripts.cluster wait-ready --namespace "$NAMESPACE" --timeout 600

@@ -6,4 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 need kubectl "Install it: https://kubernetes.io/docs/tasks/tools/"
 scripts/setup.sh
-exec .venv/bin/python -m scripts.cluster smoke --namespace "$NAMESPACE" "$@"
+# OVERLAY as given to deploy.sh: kind -> the transformer's Service; collocated, fused -> the predictor's.
+case "${OVERLAY:-kind}" in
+  collocated|fused) entry=$OVERLAY ;;
+  *) entry=transformer ;;
+esac
+exec .venv/bin/python -m scripts.cluster smoke --namespace "$NAMESPACE" --entry "$entry" "$@"

@@ -12,6 +12,7 @@ from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScale
 from model.fuse import (
     FORBIDDEN_OPS, FusedPipeline, compile_rules, compile_scaler, compile_segmenter, export_fused, graph_ops,
 )
+from scripts.cluster import fused_as_predictions
 from scripts.localstack import LocalStack
 from transformer.bundle import Rules, load_bundle
 from transformer.kernels import UnsupportedEstimator
@@ -35,19 +36,6 @@ def fused_server(build_dir, tmp_path_factory):
     stack.start_predictor()
     yield f"{stack.predictor_url}/v1/models/{FUSED}"
     stack.stop()
-
-
-def fused_as_predictions(out: dict) -> list[dict]:
-    """The fused outputs in the transformer's response shape (padding dropped)."""
-    result = []
-    for i in range(len(out["segment"])):
-        ids, scores = np.asarray(out["item_ids"][i]), np.asarray(out["item_scores"][i])
-        result.append({
-            "segment": int(out["segment"][i]),
-            "segment_distance": float(out["segment_distance"][i]),
-            "items": [{"id": int(d), "score": float(s)} for d, s in zip(ids, scores) if d != -1],
-        })
-    return result
 
 
 def adversarial_rows(offline, raw_users) -> np.ndarray:
@@ -197,3 +185,14 @@ def test_fused_server_float32_rows(stack, fused_server, raw_users):
     rows_out = response.json()["predictions"]
     columns = {key: [r[key] for r in rows_out] for key in rows_out[0]}
     assert_same_predictions(fused_as_predictions(columns), via_transformer)
+
+
+def test_the_cluster_smoke_test_reads_the_fused_model_like_the_transformer(stack, fused_server, offline):
+    """scripts/cluster.py's fused path (raw rows in, tensors read back) against the local servers."""
+    from scripts.cluster import post_examples, post_fused, same
+
+    base = fused_server.rsplit("/v1/models/", 1)[0]
+    fused = post_fused(base, FUSED, offline.feature_names)
+    transformer = post_examples(stack.transformer_url, "embedder")[:len(fused)]
+    assert [status for status, _ in fused] == [200, 200]
+    assert same(fused, transformer) == []

@@ -16,7 +16,7 @@ import yaml
 from scripts.localstack import ROOT, pinned
 
 OVERLAYS = sorted(p.name for p in (ROOT / "manifests" / "overlays").iterdir() if p.is_dir())
-WITH_TRANSFORMER = ["kind", "production"]  # "fused": TF Serving alone
+WITH_TRANSFORMER = ["kind", "production"]  # "fused": TF Serving alone; "collocated": one pod
 KUBERNETES_VERSION = "1.32"
 CRD_SCHEMA = ROOT / "tests" / "data" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]
@@ -105,6 +105,7 @@ def owned_containers(spec: dict) -> list[tuple[str, dict]]:
     """(component, container) for every container we define: the TF Serving model and the transformer."""
     found = [("predictor", spec["predictor"]["model"])]
     found += [("transformer", c) for c in spec.get("transformer", {}).get("containers", [])]
+    found += [("predictor", c) for c in spec["predictor"].get("containers", [])]  # collocated transformer
     return found
 
 
@@ -113,7 +114,7 @@ def components(spec: dict) -> list[str]:
 
 
 def test_every_overlay_is_classified():
-    assert set(OVERLAYS) == set(WITH_TRANSFORMER) | {"fused"}
+    assert set(OVERLAYS) == set(WITH_TRANSFORMER) | {"fused", "collocated"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -320,6 +321,10 @@ def test_github_workflow_runs_the_kind_scripts():
     text = "\n".join(steps)
     for script in ("scripts/kind-up.sh", "scripts/deploy.sh", "scripts/smoke.sh"):
         assert script in text
+    # Every overlay that runs on kind is deployed and smoke-tested by the workflow.
+    for overlay in ("collocated", "fused"):
+        assert f"OVERLAY={overlay} scripts/deploy.sh && OVERLAY={overlay} scripts/smoke.sh" in text
+    assert "\n".join(steps).count("scripts/smoke.sh") == 3
 
 
 def test_transformer_runs_without_tensorflow(build_dir):
@@ -365,14 +370,47 @@ def test_tf_serving_metrics_are_exported_annotated_and_admitted(overlay):
     path = re.search(r'path: "([^"]+)"', config).group(1)
     assert "enable: true" in config and path == "/monitoring/prometheus/metrics"
     annotations = predictor["annotations"]
+    rest_port = int(tf_serving_rest_port(predictor["model"]))
     assert annotations["prometheus.io/path"] == annotations["prometheus.kserve.io/path"] == path
-    assert annotations["prometheus.io/port"] == "8080" and annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(rest_port) and annotations["prometheus.io/scrape"] == "true"
     assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "false"
     (policy,) = objects(overlay, "NetworkPolicy")
     admitted = [rule for rule in policy["spec"]["ingress"]
-                if any(p["port"] == 8080 for p in rule.get("ports", []))
+                if any(p["port"] == rest_port for p in rule.get("ports", []))
                 and (not rule.get("from") or any("namespaceSelector" in f for f in rule["from"]))]
-    assert admitted, "nothing admits Prometheus to the predictor's port 8080"
+    assert admitted, f"nothing admits Prometheus to TF Serving's port {rest_port}"
+
+
+def tf_serving_rest_port(model: dict) -> str:
+    """TF Serving's REST port: the runtime passes --rest_api_port=8080 first, and the last one wins."""
+    ports = [a.split("=", 1)[1] for a in model.get("args", []) if a.startswith("--rest_api_port=")]
+    return ports[-1] if ports else "8080"
+
+
+def test_collocated_transformer_shares_the_predictor_pod_and_store():
+    """The shape KServe's controller expects for collocation (see isvc-collocated.yaml for the code read)."""
+    service = isvc("collocated")
+    predictor = service["spec"]["predictor"]
+    assert "transformer" not in service["spec"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "transformer-container"
+    args = container["args"]
+    rest_port = tf_serving_rest_port(predictor["model"])
+    assert rest_port != "8080" and arg_value(args, "--predictor_host") == f"localhost:{rest_port}"
+    # The Service targets this container's first port; it must be the transformer's HTTP port.
+    assert container["ports"][0]["containerPort"] == int(arg_value(args, "--http_port")) == 8080
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v1/models/embedder", "port": 8080}
+    # The store comes from the predictor's storageUri (mounted into both); STORAGE_URI here is refused.
+    assert not any(e["name"] == "STORAGE_URI" for e in container.get("env", []))
+    assert arg_value(args, "--model_base_path") == "/mnt/models"
+    assert predictor["model"]["storageUri"].startswith("pvc://")
+    kind_container = isvc("kind")["spec"]["transformer"]["containers"][0]
+    same_args = {a for a in kind_container["args"] if not a.startswith("--predictor_host")}
+    assert same_args <= set(args) and kind_container["image"] == container["image"]
+    (policy,) = objects("collocated", "NetworkPolicy")
+    open_rule, scrape_rule = policy["spec"]["ingress"]
+    assert "from" not in open_rule and open_rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert scrape_rule["ports"] == [{"protocol": "TCP", "port": int(rest_port)}]
 
 
 def test_smoke_comparison_catches_differences():
