@@ -127,7 +127,7 @@ class ModelVersions:
 
     def _scan(self) -> tuple[dict, dict, dict]:
         """(loaded, stamps, rejected) as the model store is now. Touches no shared state, so it can
-        run in a worker thread: loading a bundle hashes and unpickles files."""
+        run in a worker thread: loading a bundle hashes its files and reads its arrays."""
         loaded, stamps, rejected = {}, {}, {}
         for version in model_versions(self.base_path)[-self.keep:]:
             folder = self.base_path / str(version)
