@@ -352,6 +352,7 @@ def test_grafana_dashboard_shows_the_transformer_metrics():
                    metrics.REJECTIONS):
         assert metric._name in exprs, metric._name
     assert "request_predict_seconds_bucket" in exprs  # KServe's stage histograms
+    assert "embedder_feature_drift_psi" in exprs and "embedder_segment_mix_drift_psi" in exprs
     # TF Serving's own (its /tensorflow/serving/... metrics, exported with ":" for "/")
     assert ":tensorflow:serving:request_count" in exprs and ":tensorflow:serving:request_latency_bucket" in exprs
     ids = [p["id"] for p in dashboard["panels"]]
@@ -503,3 +504,18 @@ def test_the_webhook_rules_catch_what_kserve_refuses():
                      "exactly one implementation, got ['tensorflow', 'model']", "unsupported storage URI ftp://x",
                      "STORAGE_URI must not be set on transformer-container"):
         assert fragment in problems, fragment
+
+
+def test_alerting_rules_watch_real_metrics_at_the_documented_thresholds():
+    from transformer import drift, metrics
+
+    rules = yaml.safe_load((ROOT / "manifests" / "monitoring" / "prometheus-rules.yaml").read_text())
+    assert rules["kind"] == "PrometheusRule" and rules["apiVersion"] == "monitoring.coreos.com/v1"
+    (group,) = rules["spec"]["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    feature, segments = alerts["EmbedderFeatureDrift"]["expr"], alerts["EmbedderSegmentMixDrift"]["expr"]
+    assert "embedder_feature_drift_psi" in feature and feature.endswith(f"> {drift.SIGNIFICANT}")
+    assert "embedder_segment_mix_drift_psi" in segments and segments.endswith(f"> {drift.SIGNIFICANT}")
+    assert metrics.MODEL_VERSION._name in alerts["EmbedderNoServableModelVersion"]["expr"]
+    exposed = {m.name for m in metrics.DriftCollector("x").collect()}
+    assert exposed == {"embedder_feature_drift_psi", "embedder_segment_mix_drift_psi"}

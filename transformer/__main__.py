@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "version policy, latest 2 in the manifests, so both sides can serve the previous one)")
     ours.add_argument("--model_poll_seconds", type=float, default=1.0,
                       help="how often to look for new version folders and at what TF Serving serves")
+    ours.add_argument("--drift_window", type=int, default=2000,
+                      help="recent rows the drift gauges (population stability index per feature) look at")
     ours.add_argument("--trusted_manifests", default=os.environ.get(TRUSTED_ENV, ""),
                       help="comma-separated sha256 digests of the bundle manifests that may be loaded (training "
                            f"prints each one); a bundle whose manifest is not among them is refused. Default: "
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                      "configuration; scale with replicas instead")
     if min(args.max_rows, args.max_body_bytes) < 1 or args.predictor_timeout <= 0 or args.predictor_retries < 0:
         parser.error("--max_rows, --max_body_bytes and --predictor_timeout must be positive, --predictor_retries >= 0")
-    if args.model_versions < 1 or args.model_poll_seconds <= 0:
-        parser.error("--model_versions must be at least 1 and --model_poll_seconds positive")
+    if args.model_versions < 1 or args.model_poll_seconds <= 0 or args.drift_window < 1:
+        parser.error("--model_versions and --drift_window must be at least 1, --model_poll_seconds positive")
     trusted = frozenset(d.strip().lower() for d in args.trusted_manifests.split(",") if d.strip())
     malformed = sorted(d for d in trusted if len(d) != 64 or any(c not in "0123456789abcdef" for c in d))
     if malformed:
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_versions=args.model_versions,
         poll_seconds=args.model_poll_seconds,
         trusted_manifests=trusted,
+        drift_window=args.drift_window,
     )
     try:
         model.load()

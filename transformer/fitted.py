@@ -98,14 +98,20 @@ def _f64(values) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FittedSteps:
-    """Everything the transformer computes with: the scaler's steps and the segment centroids."""
+    """Everything the transformer computes with: the scaler's steps and the segment centroids, and the
+    share of training rows in each segment (the reference of the segment-mix drift; None if unknown)."""
 
     scaler: tuple[QuantileStep | AffineStep, ...]
     centers: np.ndarray
+    segment_share: np.ndarray | None = None
 
     @classmethod
     def from_estimators(cls, scaler: Any, segments: Any) -> "FittedSteps":
-        return cls(tuple(scaler_steps(scaler)), kmeans_centers(segments))
+        centers = kmeans_centers(segments)
+        labels = getattr(segments, "labels_", None)
+        share = (np.bincount(labels, minlength=centers.shape[0]) / len(labels)).astype(np.float64) \
+            if labels is not None and len(labels) else None
+        return cls(tuple(scaler_steps(scaler)), centers, share)
 
     def write(self, directory: Path) -> dict:
         """Write ``fitted.npz`` into ``directory``; returns the manifest's description of it."""
@@ -121,6 +127,8 @@ class FittedSteps:
                 described.append({"step": "affine", "arrays": present,
                                   "clip": list(step.clip) if step.clip is not None else None})
         arrays["segments.centers"] = _f64(self.centers)
+        if self.segment_share is not None:
+            arrays["segments.training_share"] = _f64(self.segment_share)
         np.savez(directory / FITTED_FILE, **arrays)
         return {"file": FITTED_FILE, "scaler": described, "segments": {"step": "nearest_centroid"}}
 
@@ -179,12 +187,21 @@ class FittedSteps:
                                    f"size {embedding_dim}")
         if not steps:
             raise FittedStepsError("the manifest's 'fitted' entry lists no scaler step")
-        return cls(tuple(steps), centers)
+        share = None
+        if "segments.training_share" in arrays:
+            share = array("segments.training_share", 1)
+            if share.shape != (centers.shape[0],) or (share < 0).any() or abs(share.sum() - 1.0) > 1e-9:
+                raise FittedStepsError(f"{path}: 'segments.training_share' must be {centers.shape[0]} shares "
+                                       "summing to 1")
+        return cls(tuple(steps), centers, share)
 
 
 def same_numbers(a: FittedSteps, b: FittedSteps) -> bool:
     """Whether two FittedSteps hold exactly the same numbers (the plain data and the pickles agree)."""
     if len(a.scaler) != len(b.scaler) or not np.array_equal(a.centers, b.centers):
+        return False
+    if (a.segment_share is None) != (b.segment_share is None) or (
+            a.segment_share is not None and not np.array_equal(a.segment_share, b.segment_share)):
         return False
     for x, y in zip(a.scaler, b.scaler):
         if type(x) is not type(y):

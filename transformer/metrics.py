@@ -14,12 +14,16 @@
     embedder_model_version                                   the version answering new requests (0: none)
     embedder_model_version_switches_total                    changes of that version
     embedder_bundle_rejections_total                         version folders whose bundle failed verification
+    embedder_feature_drift_psi{feature}                      population stability index of each raw feature
+                                                             over the last rows against the training data
+    embedder_segment_mix_drift_psi                           the same for the segment mix (drift.py)
 """
 
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 LABEL = "model_name"
 
@@ -42,6 +46,31 @@ SWITCHES = Counter("embedder_model_version_switches_total", "Changes of the vers
 REJECTIONS = Counter("embedder_bundle_rejections_total", "Version folders whose bundle failed verification", [LABEL])
 
 
+class DriftCollector:
+    """Reports, at scrape time, the drift of the version answering new requests (one per model name)."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.monitor = None
+
+    def collect(self):
+        features = GaugeMetricFamily("embedder_feature_drift_psi", "Population stability index of each raw "
+                                     "feature over the recent rows against the training quantiles (> 0.25: "
+                                     "significant drift)", labels=[LABEL, "feature"])
+        segments = GaugeMetricFamily("embedder_segment_mix_drift_psi", "Population stability index of the "
+                                     "segment mix over the recent rows against the training mix", labels=[LABEL])
+        monitor = self.monitor
+        if monitor is not None:
+            for feature, value in monitor.feature_psi().items():
+                features.add_metric([self.model_name, feature], value)
+            segments.add_metric([self.model_name], monitor.segment_psi())
+        yield features
+        yield segments
+
+
+_DRIFT: dict[str, DriftCollector] = {}
+
+
 class ModelMetrics:
     """The metrics of one model, with label children bound once (cheap on the request path)."""
 
@@ -52,6 +81,10 @@ class ModelMetrics:
         self.predictor_rows = PREDICTOR_ROWS.labels(model_name)
         self.model_version = MODEL_VERSION.labels(model_name)
         self._outcomes: dict[tuple[str, str, str], object] = {}
+        if model_name not in _DRIFT:
+            _DRIFT[model_name] = DriftCollector(model_name)
+            REGISTRY.register(_DRIFT[model_name])
+        self.drift = _DRIFT[model_name]
 
     def request(self, outcome: str, cause: str, version: int | None = None) -> None:
         key = ("" if version is None else str(version), outcome, cause)
@@ -63,8 +96,10 @@ class ModelMetrics:
     def retry(self, reason: str) -> None:
         PREDICTOR_RETRIES.labels(self.model_name, reason).inc()
 
-    def switched(self, version: int | None) -> None:
+    def switched(self, version: int | None, drift=None) -> None:
+        """A new version answers new requests; ``drift`` is its DriftMonitor (None: not measured)."""
         self.model_version.set(version or 0)
+        self.drift.monitor = drift
         SWITCHES.labels(self.model_name).inc()
 
     def rejected(self) -> None:
@@ -75,8 +110,9 @@ class VersionMetrics:
     """What one model version saw: features outside its training range, its segment mix."""
 
     def __init__(self, model_name: str, version: int, feature_names: tuple[str, ...], feature_min, feature_max,
-                 n_segments: int):
+                 n_segments: int, drift=None):
         v = str(version)
+        self.drift = drift  # a DriftMonitor, or None
         self.feature_min = np.asarray(feature_min, dtype=np.float64)
         self.feature_max = np.asarray(feature_max, dtype=np.float64)
         self.below = [OUT_OF_RANGE.labels(model_name, v, f, "below") for f in feature_names]
@@ -84,12 +120,16 @@ class VersionMetrics:
         self.segments = [SEGMENTS.labels(model_name, v, str(s)) for s in range(n_segments)]
 
     def observe_rows(self, X: np.ndarray) -> None:
+        if self.drift is not None:
+            self.drift.observe_rows(X)
         for counters, counts in ((self.below, (X < self.feature_min).sum(axis=0)),
                                  (self.above, (X > self.feature_max).sum(axis=0))):
             for j in np.flatnonzero(counts):
                 counters[j].inc(int(counts[j]))
 
     def observe_segments(self, labels: np.ndarray) -> None:
+        if self.drift is not None:
+            self.drift.observe_segments(labels)
         counts = np.bincount(labels, minlength=len(self.segments))
         for s in np.flatnonzero(counts):
             self.segments[s].inc(int(counts[s]))

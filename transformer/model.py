@@ -31,6 +31,7 @@ import numpy as np
 from transformer.bundle import Bundle, BundleError, load_bundle
 from transformer.coalesce import Coalescer
 from transformer.codec import decode_body, encode_predictions, parse_instances
+from transformer.drift import DriftMonitor
 from transformer.metrics import ModelMetrics, VersionMetrics
 from transformer.pipeline import Pipeline
 from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, VersionNotServed
@@ -75,6 +76,7 @@ class EmbedderTransformer(kserve.Model):
         keep_versions: int = 2,
         poll_seconds: float = 1.0,
         trusted_manifests: frozenset[str] = frozenset(),
+        drift_window: int = 2000,
     ):
         super().__init__(name, return_response_headers=True)
         self.model_base_path = Path(model_base_path)
@@ -87,6 +89,7 @@ class EmbedderTransformer(kserve.Model):
         self.keep_versions = keep_versions
         self.poll_seconds = poll_seconds
         self.trusted_manifests = trusted_manifests
+        self.drift_window = drift_window
         self._predictor_host = predictor_host
         self._predictor_timeout = predictor_timeout
         self._retry = retry
@@ -108,7 +111,7 @@ class EmbedderTransformer(kserve.Model):
         load = partial(load_bundle, estimators=self.kernels == "sklearn", trusted=self.trusted_manifests or None)
         self.versions = ModelVersions(
             self.model_base_path, _LazyClient(self), self.serve_version, keep=self.keep_versions,
-            poll_seconds=self.poll_seconds, load=load, on_switch=self.metrics.switched,
+            poll_seconds=self.poll_seconds, load=load, on_switch=self._switched,
             on_reject=self.metrics.rejected,
         )
         self.versions.scan()
@@ -135,9 +138,18 @@ class EmbedderTransformer(kserve.Model):
 
         # Under load, concurrent requests share predictor calls (see coalesce.py); never across versions.
         forward = Coalescer(call, self.coalesce_inflight, self.coalesce_rows) if self.coalesce_inflight > 0 else call
+        try:
+            drift = DriftMonitor(bundle.fitted, bundle.feature_names, window=self.drift_window)
+        except ValueError as exc:
+            log.info("version %d: no drift gauges (%s)", bundle.version, exc)
+            drift = None
         metrics = VersionMetrics(self.name, bundle.version, bundle.feature_names, bundle.feature_min,
-                                 bundle.feature_max, bundle.n_segments)
+                                 bundle.feature_max, bundle.n_segments, drift)
         return ServedVersion(pipeline, forward, metrics)
+
+    def _switched(self, version: int | None) -> None:
+        served = self.versions.active
+        self.metrics.switched(version, served.metrics.drift if served is not None else None)
 
     @property
     def predictor(self) -> PredictorClient:

@@ -1,0 +1,85 @@
+"""Drift per feature from the fitted quantiles alone: low for in-distribution traffic, high for a shifted feature."""
+
+import math
+
+import httpx
+import numpy as np
+import pytest
+from conftest import MODEL_NAME, version_dir
+
+from model.data import make_synthetic
+from transformer.bundle import load_bundle
+from transformer.drift import SIGNIFICANT, STABLE, DriftMonitor, SlidingCounts, psi
+
+
+@pytest.fixture(scope="module")
+def bundle(build_dir):
+    return load_bundle(version_dir(build_dir))
+
+
+def feed(monitor: DriftMonitor, X: np.ndarray, batch: int = 7) -> None:
+    for start in range(0, len(X), batch):
+        monitor.observe_rows(X[start:start + batch])
+
+
+def test_in_distribution_traffic_stays_stable_and_a_scaled_feature_stands_out(bundle):
+    users = make_synthetic(n_users=4000, n_items=60, seed=77).features  # same generator, unseen users
+    monitor = DriftMonitor(bundle.fitted, bundle.feature_names, window=2000)
+    feed(monitor, users)
+    stable = monitor.feature_psi()
+    assert set(stable) == set(bundle.feature_names)
+    assert max(stable.values()) < STABLE, stable
+
+    shifted = users.copy()
+    j = bundle.feature_names.index("spend_90d")
+    shifted[:, j] *= 3
+    feed(monitor, shifted[:2000])  # one window of shifted rows
+    drifted = monitor.feature_psi()
+    assert drifted["spend_90d"] > SIGNIFICANT, drifted
+    assert max(v for k, v in drifted.items() if k != "spend_90d") < STABLE, drifted
+
+
+def test_nothing_is_said_before_enough_rows(bundle):
+    monitor = DriftMonitor(bundle.fitted, bundle.feature_names, window=500, min_rows=200)
+    feed(monitor, make_synthetic(n_users=150, n_items=60, seed=3).features)
+    assert all(math.isnan(v) for v in monitor.feature_psi().values()) and math.isnan(monitor.segment_psi())
+
+
+def test_segment_mix_against_the_training_mix(bundle):
+    share = bundle.fitted.segment_share
+    assert share is not None and abs(share.sum() - 1) < 1e-12
+    monitor = DriftMonitor(bundle.fitted, bundle.feature_names, window=1000)
+    like_training = np.repeat(np.arange(len(share)), np.round(share * 1000).astype(int))
+    monitor.observe_segments(np.random.default_rng(0).permutation(like_training))
+    assert monitor.segment_psi() < STABLE
+    monitor.observe_segments(np.zeros(1000, dtype=np.int64))  # everyone in segment 0
+    assert monitor.segment_psi() > SIGNIFICANT
+
+
+def test_sliding_counts_equal_a_recount_of_the_last_rows():
+    rng = np.random.default_rng(5)
+    counts = SlidingCounts([4, 3], window=50)
+    seen = []
+    for size in rng.integers(1, 80, 40):  # batches smaller and larger than the window
+        bins = np.column_stack([rng.integers(0, 4, size), rng.integers(0, 3, size)])
+        counts.add(bins)
+        seen.append(bins)
+        last = np.concatenate(seen)[-50:]
+        expected = np.concatenate([np.bincount(last[:, 0], minlength=4), np.bincount(last[:, 1], minlength=3)])
+        assert counts.counts.tolist() == expected.tolist()
+        assert counts.filled == min(len(np.concatenate(seen)), 50)
+
+
+def test_psi_of_equal_distributions_is_zero_and_grows_with_the_difference():
+    even = np.full(4, 0.25)
+    assert psi(even, even) == 0.0
+    assert 0 < psi(even, np.array([0.3, 0.2, 0.25, 0.25])) < psi(even, np.array([0.7, 0.1, 0.1, 0.1]))
+
+
+def test_the_transformer_exposes_the_drift_gauges(stack, raw_users):
+    body = {"instances": raw_users[:250].tolist()}
+    assert httpx.post(f"{stack.transformer_url}/v1/models/{MODEL_NAME}:predict", json=body, timeout=30).status_code == 200
+    text = httpx.get(f"{stack.transformer_url}/metrics", timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith("embedder_feature_drift_psi{")]
+    assert len(lines) == 12 and all(not math.isnan(float(line.rsplit(" ", 1)[1])) for line in lines), lines
+    assert any(line.startswith(f'embedder_segment_mix_drift_psi{{model_name="{MODEL_NAME}"}}') for line in text.splitlines())
