@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 import psutil
 
-from scripts.loadgen import LoadResult, have_wrk, run_load
+from scripts.loadgen import LoadResult, have_wrk, run_load, run_recorded
 from scripts.localstack import ROOT, LocalStack, StackError
 from transformer.bundle import bundle_dir, model_versions
 
@@ -249,6 +249,99 @@ def soak(stack: LocalStack, body: bytes, requests: int, concurrency: int) -> dic
     }
 
 
+# (name, connections, seconds, clients honour Retry-After): the peak; about four times what one process
+# serves, with clients that back off as told and with clients that re-send at once; the load dropping again.
+OVERLOAD_PHASES = (("peak", 16, 10.0, True), ("overload", 1024, 15.0, True),
+                   ("overload, Retry-After ignored", 1024, 10.0, False), ("after", 16, 5.0, True))
+
+
+def overload_phase(url: str, body: bytes, connections: int, seconds: float, honour: bool, transformer) -> dict:
+    """One phase of recorded load: goodput, the admitted requests' latency, how fast the shed ones were told."""
+    rss_before = transformer.memory_info().rss
+    run = run_recorded(url, body, connections, seconds, honour)
+    statuses, latencies = run["statuses"], run["latencies_s"] * 1000.0
+    ok, shed = statuses == 200, statuses == 503
+    others = {str(code): int((statuses == code).sum()) for code in np.unique(statuses[~(ok | shed)])}
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values.size else float("nan")
+
+    return {
+        "connections": connections, "honours_retry_after": honour, "seconds": run["seconds"],
+        "requests": int(statuses.size),
+        "ok": int(ok.sum()), "shed": int(shed.sum()), "other_statuses": others,
+        "transport_errors": run["transport_errors"], "goodput": float(ok.sum() / run["seconds"]),
+        "admitted_p50_ms": pct(latencies[ok], 50), "admitted_p99_ms": pct(latencies[ok], 99),
+        "shed_p99_ms": pct(latencies[shed], 99), "shed_max_ms": float(latencies[shed].max()) if shed.any() else float("nan"),
+        "shed_within_10ms": float((latencies[shed] <= 10.0).mean()) if shed.any() else float("nan"),
+        "client_cpu_share": run["client_cpu_seconds"] / run["seconds"],
+        "rss_before_mb": rss_before / 2**20, "rss_after_mb": transformer.memory_info().rss / 2**20,
+    }
+
+
+def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[str] | None = None) -> dict:
+    """The transformer at 16, then 1,024, then 16 connections (1-row requests, default admission)."""
+    transformer_bodies, _, _ = request_bodies(build, [1])
+    body = transformer_bodies[1]
+    stack = LocalStack(build=build, predictor="local", log_dir=Path(tempfile.mkdtemp(prefix="overload-logs-")),
+                       transformer_args=transformer_args)
+    stack.start()
+    try:
+        transformer = psutil.Process(stack.processes["transformer"].pid)
+        url = f"{stack.transformer_url}/v1/models/{MODEL}:predict"
+        run_recorded(url, body, 16, 2.0 * scale)  # warm-up
+        phases = {}
+        for name, connections, seconds, honour in OVERLOAD_PHASES:
+            phases[name] = overload_phase(url, body, connections, seconds * scale, honour, transformer)
+            print(f"   {name:>30}: {connections:>5} connections, {phases[name]['goodput']:7.0f} ok/s, "
+                  f"admitted p99 {phases[name]['admitted_p99_ms']:.1f} ms, {phases[name]['shed']} shed "
+                  f"(p99 {phases[name]['shed_p99_ms']:.1f} ms)", flush=True)
+    finally:
+        stack.stop()
+    peak, over, after = phases["peak"], phases["overload"], phases["after"]
+    hammer = phases["overload, Retry-After ignored"]
+    goals = [
+        ("goodput at 1,024 connections >= 90% of the peak at 16", f"{over['goodput']:.0f} vs {peak['goodput']:.0f} ok/s "
+         f"= {100 * over['goodput'] / peak['goodput']:.0f}%", over["goodput"] >= 0.9 * peak["goodput"]),
+        ("p99 of admitted requests <= 250 ms", f"{over['admitted_p99_ms']:.1f} ms", over["admitted_p99_ms"] <= 250),
+        ("every other request a 503 within 10 ms",
+         f"{over['shed']} shed, {100 * over['shed_within_10ms']:.1f}% within 10 ms (p99 {over['shed_p99_ms']:.1f} ms, "
+         f"max {over['shed_max_ms']:.1f} ms); other statuses {over['other_statuses'] or 'none'}, "
+         f"{over['transport_errors']} transport errors",
+         not over["other_statuses"] and over["transport_errors"] == 0 and over["shed_within_10ms"] >= 0.99),
+        ("memory flat", f"transformer RSS {over['rss_before_mb']:.0f} -> {over['rss_after_mb']:.0f} MB",
+         over["rss_after_mb"] <= 1.1 * over["rss_before_mb"]),
+        ("clients that ignore Retry-After (not a goal: what it costs)",
+         f"{hammer['goodput']:.0f} ok/s = {100 * hammer['goodput'] / peak['goodput']:.0f}% of the peak, admitted p99 "
+         f"{hammer['admitted_p99_ms']:.0f} ms, 503 p99 {hammer['shed_p99_ms']:.0f} ms", None),
+        ("full service again as soon as load drops", f"after: {after['goodput']:.0f} ok/s, {after['shed']} shed, "
+         f"p99 {after['admitted_p99_ms']:.1f} ms", after["shed"] == 0 and after["goodput"] >= 0.9 * peak["goodput"]),
+    ]
+    report = {"machine": machine(), "phases": phases,
+              "goals": [{"goal": g, "measured": m, "met": None if ok is None else bool(ok)} for g, m, ok in goals]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overload.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# Overload: shedding instead of queueing", "",
+             "`python -m scripts.benchmark --overload`: the transformer (default admission: 256 requests, 8,192 rows) "
+             "and the TF Serving stand-in on loopback, 1-row requests from a lean keep-alive client in the "
+             "benchmark's process (`scripts/loadgen.py: run_recorded`), every request's status and latency "
+             "recorded. The client shares the machine's 2 cores with both servers: its CPU share is in the table.",
+             "", "| goal | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {g} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for g, m, ok in goals]
+    lines += ["", "| phase | connections | Retry-After honoured | seconds | requests | 200/s | admitted p50 / p99 ms | "
+              "503 | 503 p99 / max ms | other | client CPU |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, ph in phases.items():
+        lines.append(f"| {name} | {ph['connections']} | {'yes' if ph['honours_retry_after'] else 'no'} | "
+                     f"{ph['seconds']:.1f} | {ph['requests']} | {ph['goodput']:.0f} | "
+                     f"{ph['admitted_p50_ms']:.1f} / {ph['admitted_p99_ms']:.1f} | {ph['shed']} | "
+                     f"{ph['shed_p99_ms']:.1f} / {ph['shed_max_ms']:.1f} | "
+                     f"{ph['other_statuses'] or '-'} {ph['transport_errors'] or ''} | {100 * ph['client_cpu_share']:.0f}% |")
+    lines += ["", f"Machine: {report['machine']}", ""]
+    (out / "overload.md").write_text("\n".join(lines))
+    return report
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -419,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a quick run that only shows everything works")
+    parser.add_argument("--overload", action="store_true",
+                        help="only the overload scenario (16, 1,024, 16 connections): writes overload.md and .json")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per cell (not measured)")
     parser.add_argument("--batches", default="1,32,256")
@@ -432,6 +527,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.report_only:
         rewrite_report(args.report_only)
+        return 0
+    if args.overload:
+        if not model_versions(args.build / "models" / MODEL):
+            print("error: no model in build/: run `python -m model.train` (or ./scripts/demo.sh) first", file=sys.stderr)
+            return 1
+        out = args.out or (Path(tempfile.mkdtemp(prefix="overload-")) if args.smoke else ROOT / "benchmarks")
+        print(f"== overload: {', '.join(f'{n} ({c} connections, {t:g}s)' for n, c, t, _ in OVERLOAD_PHASES)}")
+        report = overload(args.build, out, scale=0.2 if args.smoke else 1.0)
+        print(f"wrote {out / 'overload.md'}")
+        missed = [g["goal"] for g in report["goals"] if g["met"] is False]
+        if missed:
+            print("goals missed: " + "; ".join(missed))
         return 0
     if args.smoke:
         args.seconds, args.warmup, args.batches, args.concurrency = 1.0, 1.0, "1,32", "4"

@@ -140,3 +140,80 @@ def run_python(url: str, body: bytes, concurrency: int, seconds: float) -> LoadR
 
 def run_load(url: str, body: bytes, concurrency: int, seconds: float) -> LoadResult:
     return run_wrk(url, body, concurrency, seconds) if have_wrk() else run_python(url, body, concurrency, seconds)
+
+
+async def _recorded_load(host: str, port: int, path: str, body: bytes, concurrency: int,
+                         seconds: float, honour_retry_after: bool) -> tuple[list[int], list[float], int]:
+    """A lean HTTP/1.1 keep-alive client on asyncio streams: (status, latency) of every request.
+
+    httpx costs too much client CPU per request for a thousand connections on a small machine.
+    With ``honour_retry_after`` a connection told 503 + Retry-After waits that long before its
+    next request, as a well-behaved client does; without it, it sends the next one at once.
+    """
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    statuses: list[int] = []
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                errors += 1
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    writer.write(request)
+                    status_line = await reader.readline()
+                    if not status_line:
+                        raise ConnectionError("closed")
+                    length, close, retry_after = 0, False, 0.0
+                    while (line := await reader.readline()) not in (b"\r\n", b""):
+                        name, _, value = line.decode("latin-1").partition(":")
+                        name = name.lower()
+                        if name == "content-length":
+                            length = int(value)
+                        elif name == "connection" and "close" in value.lower():
+                            close = True
+                        elif name == "retry-after":
+                            retry_after = float(value)
+                    await reader.readexactly(length)
+                    status = int(status_line.split()[1])
+                    statuses.append(status)
+                    latencies.append(time.perf_counter() - started)
+                    if close:
+                        break
+                    if honour_retry_after and status == 503 and retry_after:
+                        await asyncio.sleep(min(retry_after, max(0.0, deadline - time.perf_counter())))
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
+                errors += 1
+            finally:
+                writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses, latencies, errors
+
+
+def run_recorded(url: str, body: bytes, concurrency: int, seconds: float, honour_retry_after: bool = True) -> dict:
+    """Load like run_load, keeping each request's status and latency (for shedding under overload)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    statuses, latencies, errors = runner(_recorded_load(parts.hostname, parts.port, parts.path, body,
+                                                        concurrency, seconds, honour_retry_after))
+    return {"statuses": np.array(statuses, dtype=np.int64), "latencies_s": np.array(latencies),
+            "seconds": time.perf_counter() - wall_before, "client_cpu_seconds": time.process_time() - cpu_before,
+            "transport_errors": errors}

@@ -23,3 +23,22 @@ def test_benchmark_smoke(build_dir, tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     text = (tmp_path / "results.md").read_text()
     assert "## Goals" in text and "## Soak" in text and "(d) fused alone" in text
+
+
+def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path):
+    """The overload scenario end to end, briefly: only 200s and 503s, a report with every goal."""
+    import json
+
+    from scripts.benchmark import OVERLOAD_PHASES, overload
+
+    # A bound above the 16 connections of the calm phases, far below the 1,024 of the overload.
+    report = overload(build_dir, tmp_path, scale=0.1, transformer_args=["--max_inflight", "24"])
+    assert set(report["phases"]) == {name for name, *_ in OVERLOAD_PHASES}
+    for phase in report["phases"].values():
+        assert phase["other_statuses"] == {} and phase["transport_errors"] == 0, phase
+        assert phase["ok"] > 0
+    assert report["phases"]["overload"]["shed"] > 0  # 1,024 connections against a bound of 24
+    assert report["phases"]["after"]["shed"] == 0
+    assert len(report["goals"]) == 6
+    assert json.loads((tmp_path / "overload.json").read_text())["goals"] == report["goals"]
+    assert "| goodput at 1,024 connections >= 90% of the peak at 16 |" in (tmp_path / "overload.md").read_text()

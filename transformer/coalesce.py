@@ -6,15 +6,19 @@ requests that arrive while ``max_inflight`` calls are already under way into
 one call (at most ``max_rows`` rows), and hands each request its own slice of
 the answer. A request that finds a free slot is sent at once: coalescing adds
 no waiting at low load, and the wait under load is bounded by the calls in
-flight.
+flight. A waiting request whose deadline has passed is dropped (504) rather than
+sent: its client has stopped waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Awaitable, Callable
 
 import numpy as np
+
+from transformer.admission import Refused
 
 Outputs = dict[str, np.ndarray]
 
@@ -28,9 +32,9 @@ class Coalescer:
         self.max_inflight = max_inflight
         self.max_rows = max_rows
         self.inflight = 0
-        self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.pending: list[tuple[np.ndarray, asyncio.Future, float | None]] = []
 
-    async def __call__(self, features: np.ndarray) -> Outputs:
+    async def __call__(self, features: np.ndarray, deadline: float | None = None) -> Outputs:
         if self.inflight < self.max_inflight and not self.pending:
             self.inflight += 1
             try:
@@ -39,15 +43,20 @@ class Coalescer:
                 self.inflight -= 1
                 self._drain()
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((features, future))
+        self.pending.append((features, future, deadline))
         return await future
 
     def _drain(self) -> None:
+        now = time.monotonic()
         while self.pending and self.inflight < self.max_inflight:
             group, rows = [], 0
             while self.pending and (not group or rows + self.pending[0][0].shape[0] <= self.max_rows):
-                features, future = self.pending.pop(0)
+                features, future, deadline = self.pending.pop(0)
                 if future.cancelled():  # its client went away
+                    continue
+                if deadline is not None and now > deadline:
+                    future.set_exception(Refused(504, "the request's deadline passed while it waited for the "
+                                                 "predictor; it was not sent", "deadline_exceeded"))
                     continue
                 group.append((features, future))
                 rows += features.shape[0]

@@ -1,7 +1,9 @@
 """Prometheus metrics of the transformer, served at /metrics beside KServe's per-stage histograms
 (``request_preprocess_seconds``, ``request_predict_seconds``, ``request_postprocess_seconds``).
 
-    embedder_requests_total{model_version, outcome, cause}   every predict request, how it ended and
+    embedder_requests_total{model_version, outcome, cause}   every predict request, how it ended (ok,
+                                                             client_error, predictor_error, shed,
+                                                             internal_error) and
                                                              which model version answered ("" if none)
     embedder_request_rows                                    rows per accepted request
     embedder_feature_out_of_range_total{model_version,       rows with a feature outside the training
@@ -14,6 +16,8 @@
     embedder_model_version                                   the version answering new requests (0: none)
     embedder_model_version_switches_total                    changes of that version
     embedder_bundle_rejections_total                         version folders whose bundle failed verification
+    embedder_inflight_requests, embedder_inflight_rows       work admitted and not answered yet (admission.py):
+                                                             the load signal for an autoscaler
     embedder_feature_drift_psi{feature}                      population stability index of each raw feature
                                                              over the last rows against the training data
     embedder_segment_mix_drift_psi                           the same for the segment mix (drift.py)
@@ -44,6 +48,8 @@ PREDICTOR_RETRIES = Counter("embedder_predictor_retries_total", "Predictor calls
 MODEL_VERSION = Gauge("embedder_model_version", "Model version answering new requests (0: none)", [LABEL])
 SWITCHES = Counter("embedder_model_version_switches_total", "Changes of the version answering new requests", [LABEL])
 REJECTIONS = Counter("embedder_bundle_rejections_total", "Version folders whose bundle failed verification", [LABEL])
+INFLIGHT_REQUESTS = Gauge("embedder_inflight_requests", "Requests admitted and not answered yet", [LABEL])
+INFLIGHT_ROWS = Gauge("embedder_inflight_rows", "Rows of admitted requests not answered yet", [LABEL])
 
 
 class DriftCollector:
@@ -95,6 +101,11 @@ class ModelMetrics:
 
     def retry(self, reason: str) -> None:
         PREDICTOR_RETRIES.labels(self.model_name, reason).inc()
+
+    def watch(self, admission) -> None:
+        """Expose the admitted work of an ``Admission`` (read when Prometheus scrapes)."""
+        INFLIGHT_REQUESTS.labels(self.model_name).set_function(lambda: admission.requests)
+        INFLIGHT_ROWS.labels(self.model_name).set_function(lambda: admission.rows)
 
     def switched(self, version: int | None, drift=None) -> None:
         """A new version answers new requests; ``drift`` is its DriftMonitor (None: not measured)."""

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import kserve
 import numpy as np
 
+from transformer.admission import Admission, check_deadline, deadline
 from transformer.bundle import Bundle, BundleError, load_bundle
 from transformer.coalesce import Coalescer
 from transformer.codec import decode_body, encode_predictions, parse_instances
@@ -77,6 +78,7 @@ class EmbedderTransformer(kserve.Model):
         poll_seconds: float = 1.0,
         trusted_manifests: frozenset[str] = frozenset(),
         drift_window: int = 2000,
+        admission: Admission | None = None,
     ):
         super().__init__(name, return_response_headers=True)
         self.model_base_path = Path(model_base_path)
@@ -90,6 +92,7 @@ class EmbedderTransformer(kserve.Model):
         self.poll_seconds = poll_seconds
         self.trusted_manifests = trusted_manifests
         self.drift_window = drift_window
+        self.admission = admission or Admission()
         self._predictor_host = predictor_host
         self._predictor_timeout = predictor_timeout
         self._retry = retry
@@ -107,6 +110,7 @@ class EmbedderTransformer(kserve.Model):
         if self.versions is not None:
             return self.ready
         self.metrics = ModelMetrics(self.name)
+        self.metrics.watch(self.admission)
         # The fitted numbers are read as plain data; only the scikit-learn baseline unpickles estimators.
         load = partial(load_bundle, estimators=self.kernels == "sklearn", trusted=self.trusted_manifests or None)
         self.versions = ModelVersions(
@@ -130,7 +134,7 @@ class EmbedderTransformer(kserve.Model):
         """Everything a version needs to answer, built once when its bundle is loaded."""
         pipeline = Pipeline(bundle, kernels=self.kernels, full_scores=self.full_scores)
 
-        async def call(features: np.ndarray) -> dict[str, np.ndarray]:
+        async def call(features: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
             """One TF Serving call pinned to this version (possibly carrying several requests' rows)."""
             self.metrics.predictor_rows.observe(features.shape[0])
             with self.metrics.predictor_seconds.time():
@@ -193,17 +197,20 @@ class EmbedderTransformer(kserve.Model):
                 _avoid_version.reset(token)
 
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
+        check_deadline("parsing")
         served = self.versions.current(exclude=_avoid_version.get())
         request_version.set(served.version)
         pipeline = served.pipeline
         X = parse_instances(decode_body(payload), pipeline.feature_names, self.max_rows)
+        self.admission.take_rows(X.shape[0])
         self.metrics.rows.observe(X.shape[0])
         served.metrics.observe_rows(X)
         return Batch(served, await self._compute(pipeline.scale, X.shape[0], X))
 
     async def predict(self, batch: Batch, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> Batch:
-        return Batch(batch.served, await batch.served.forward(batch.data))
+        check_deadline("the predictor call")
+        return Batch(batch.served, await batch.served.forward(batch.data, deadline.get()))
 
     async def postprocess(self, batch: Batch, headers: dict[str, str] | None = None,
                           response_headers: dict[str, str] | None = None) -> dict:

@@ -7,6 +7,9 @@ transformer registers its own ``POST /v1/models/{name}:predict`` in front of it:
 * the body is refused with 413 past ``--max_body_bytes`` (from Content-Length,
   before reading it, or while streaming it);
 * JSON is decoded here, so every problem is a 4xx naming the row and field;
+* admission control (``admission.py``): a request is refused at once with 503 and
+  ``Retry-After`` when the process holds as much work as it should, and work past the
+  request's deadline is dropped (504);
 * predictor failures keep their status (502, 503, 504);
 * each request gets an id (``x-request-id``, echoed back) that its log lines carry;
 * each answer names the model version that computed it (``x-model-version``);
@@ -31,6 +34,7 @@ from fastapi.responses import ORJSONResponse
 from kserve import ModelServer, model_server
 from kserve.errors import ModelNotFound
 
+from transformer.admission import RETRY_AFTER_SECONDS, TIMEOUT_HEADER, Refused
 from transformer.codec import RequestError, decode_json
 from transformer.model import request_version
 from transformer.predictor import PredictorError
@@ -73,23 +77,31 @@ class PredictEndpoint:
         if model is None:
             raise ModelNotFound(model_name)  # KServe's handler: 404
         metrics = getattr(model, "metrics", None)
+        admission = getattr(model, "admission", None)
         request_version.set(None)
+        admitted = False
         try:
+            if admission is not None:  # before the body is read: refusing costs next to nothing
+                admission.enter(request.headers.get(TIMEOUT_HEADER))
+                admitted = True
             body = await read_body(request, self.max_body_bytes)
             headers = dict(request.headers.items())
             headers["x-request-id"] = request_id
             response, response_headers = await self.dataplane.infer(model_name, decode_json(body), headers)
-        except (RequestError, PredictorError) as exc:
-            outcome = "client_error" if isinstance(exc, RequestError) else "predictor_error"
+        except (RequestError, PredictorError, Refused) as exc:
+            outcome = ("shed" if isinstance(exc, Refused) and exc.status != 400 else
+                       "predictor_error" if isinstance(exc, PredictorError) else "client_error")
             version = request_version.get()
             if metrics:
                 metrics.request(outcome, exc.cause, version)
-            log_event(logging.INFO if outcome == "client_error" else logging.WARNING, "request_failed",
+            # Shed requests are counted, not logged one by one: under overload that would be thousands a second.
+            level = {"client_error": logging.INFO, "shed": logging.DEBUG}.get(outcome, logging.WARNING)
+            log_event(level, "request_failed",
                       request_id=request_id, model=model_name, model_version=version, status=exc.status,
                       cause=exc.cause, error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
             headers = {"x-request-id": request_id}
             if exc.status == 503:
-                headers["retry-after"] = "1"
+                headers["retry-after"] = str(RETRY_AFTER_SECONDS)
             return ORJSONResponse(status_code=exc.status, content={"error": str(exc)}, headers=headers)
         except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
             if metrics:
@@ -97,6 +109,9 @@ class PredictEndpoint:
             log.exception("%s", json.dumps({"event": "request_crashed", "request_id": request_id}))
             return ORJSONResponse(status_code=500, content={"error": f"internal error (request id {request_id})"},
                                   headers={"x-request-id": request_id})
+        finally:
+            if admitted:
+                admission.leave()
         if metrics:
             metrics.request("ok", "ok", request_version.get())
         return ORJSONResponse(content=response, headers={**response_headers, "x-request-id": request_id})

@@ -1,0 +1,168 @@
+"""Admission control: excess requests get a fast 503 with Retry-After, queued work past its deadline is dropped."""
+
+import asyncio
+import contextvars
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from conftest import MODEL_NAME
+from fault_proxy import FaultProxy
+
+from scripts.localstack import LocalStack
+from transformer.admission import Admission, Refused, deadline, rows_held
+from transformer.coalesce import Coalescer
+
+
+def test_requests_and_rows_are_bounded_and_released():
+    admission = Admission(max_requests=2, max_rows=10)
+
+    def run(steps):
+        ctx = contextvars.copy_context()
+        return ctx.run(steps)
+
+    def first():
+        admission.enter(None)
+        admission.take_rows(8)
+        return rows_held.get()
+
+    assert run(first) == 8 and (admission.requests, admission.rows) == (1, 8)
+
+    def second():
+        admission.enter("250")
+        assert 0.2 < deadline.get() - time.monotonic() <= 0.25
+        with pytest.raises(Refused, match=r"8 rows in progress, at most 10") as caught:
+            admission.take_rows(3)
+        assert (caught.value.status, caught.value.cause) == (503, "overloaded_rows")
+        admission.take_rows(2)
+        admission.take_rows(2)  # a second time (the version retry): counted once
+        return admission.rows
+
+    assert run(second) == 10 and admission.requests == 2
+    with pytest.raises(Refused, match=r"2 requests in progress, at most 2") as caught:
+        run(lambda: admission.enter(None))
+    assert (caught.value.status, caught.value.cause) == (503, "overloaded_requests")
+
+    def release():
+        rows_held.set(8)
+        admission.leave()
+
+    run(release)
+    assert (admission.requests, admission.rows) == (1, 2)
+
+
+def test_a_request_larger_than_the_row_bound_is_served_when_alone():
+    admission = Admission(max_requests=4, max_rows=10)
+    contextvars.copy_context().run(lambda: (admission.enter(None), admission.take_rows(50)))
+    assert admission.rows == 50
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "0", "1e12"])
+def test_a_bad_timeout_header_is_a_client_error(value):
+    with pytest.raises(Refused, match="x-request-timeout-ms must be a number of milliseconds") as caught:
+        Admission().enter(value)
+    assert caught.value.status == 400
+
+
+def test_the_coalescer_drops_waiting_work_past_its_deadline():
+    sent = []
+
+    async def call(features, deadline=None):
+        sent.append(features.shape[0])
+        await asyncio.sleep(0.05)
+        return {"y": features}
+
+    async def scenario():
+        coalescer = Coalescer(call, max_inflight=1, max_rows=100)
+        now = time.monotonic()
+        first = asyncio.create_task(coalescer(np.ones((1, 2))))
+        await asyncio.sleep(0)
+        late = asyncio.create_task(coalescer(np.ones((2, 2)), now + 0.01))  # expires while it waits
+        fine = asyncio.create_task(coalescer(np.ones((3, 2)), now + 10))
+        results = await asyncio.gather(first, late, fine, return_exceptions=True)
+        return results
+
+    first, late, fine = asyncio.run(scenario())
+    assert first["y"].shape == (1, 2) and fine["y"].shape == (3, 2)
+    assert isinstance(late, Refused) and (late.status, late.cause) == (504, "deadline_exceeded")
+    assert sent == [1, 3]  # the expired request's rows never reached the predictor
+
+
+@pytest.fixture(scope="module")
+def slow(stack, tmp_path_factory):
+    """A transformer with a small admission bound, before a predictor that answers after 0.8 s."""
+    proxy = FaultProxy(stack.predictor_url).start()
+    transformer = LocalStack(build=stack.build, predictor_port=proxy.port, log_dir=tmp_path_factory.mktemp("slow"),
+                             transformer_args=["--max_inflight", "4", "--coalesce_inflight", "1",
+                                               "--predictor_timeout", "5"])
+    transformer.start_transformer()
+    yield proxy, transformer.transformer_url
+    transformer.stop()
+    proxy.close()
+
+
+def post_all(url, bodies, headers=None):
+    results = [None] * len(bodies)
+
+    def send(i):
+        started = time.monotonic()
+        response = httpx.post(url, json=bodies[i], headers=headers or {}, timeout=30)
+        results[i] = (response, started, time.monotonic())
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def metric(base, line_start):
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)]
+    return sum(values)
+
+
+def test_excess_requests_get_503_at_once_and_the_admitted_ones_are_served(slow, raw_users, offline):
+    proxy, base = slow
+    url = f"{base}/v1/models/{MODEL_NAME}:predict"
+    shed_before = metric(base, 'embedder_requests_total{cause="overloaded_requests"')
+    proxy.mode = ("delay", 0.8)
+    try:
+        results = post_all(url, [{"instances": raw_users[i:i + 1].tolist()} for i in range(12)])
+    finally:
+        proxy.mode = ("forward",)
+    ok = [r for r in results if r[0].status_code == 200]
+    refused = [r for r in results if r[0].status_code == 503]
+    assert len(ok) == 4 and len(refused) == 8, [r[0].status_code for r in results]
+    for response, _, _ in refused:
+        assert response.headers["retry-after"] == "1"
+        assert "the transformer is at capacity (4 requests in progress, at most 4)" in response.json()["error"]
+    # Refused before the slow predictor had answered anyone: nobody waited for it.
+    assert max(done for _, _, done in refused) < min(done for _, _, done in ok)
+    assert metric(base, 'embedder_requests_total{cause="overloaded_requests"') - shed_before == 8
+    assert metric(base, "embedder_inflight_requests{") == 0 and metric(base, "embedder_inflight_rows{") == 0
+    again = httpx.post(url, json={"instances": raw_users[:3].tolist()}, timeout=30)  # full service at once
+    assert again.status_code == 200
+    assert [p["segment"] for p in again.json()["predictions"]] == [p["segment"] for p in offline.predictions(raw_users[:3])]
+
+
+def test_queued_work_past_its_deadline_is_dropped_not_computed(slow, raw_users):
+    proxy, base = slow
+    url = f"{base}/v1/models/{MODEL_NAME}:predict"
+    before = proxy.requests
+    proxy.mode = ("delay", 0.8)
+    try:  # one call in flight at a time: the second and third wait, and their 300 ms pass meanwhile
+        results = post_all(url, [{"instances": raw_users[i:i + 1].tolist()} for i in range(3)],
+                           headers={"x-request-timeout-ms": "300"})
+    finally:
+        proxy.mode = ("forward",)
+    statuses = sorted(r[0].status_code for r in results)
+    assert statuses == [200, 504, 504], statuses
+    dropped = [r[0].json()["error"] for r in results if r[0].status_code == 504]
+    assert all("deadline passed while it waited for the predictor; it was not sent" in e for e in dropped)
+    assert proxy.requests - before == 1  # only the first request's rows reached the predictor
+    bad = httpx.post(url, json={"instances": raw_users[:1].tolist()}, headers={"x-request-timeout-ms": "soon"})
+    assert bad.status_code == 400 and "x-request-timeout-ms" in bad.json()["error"]
