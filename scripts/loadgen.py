@@ -143,12 +143,15 @@ def run_load(url: str, body: bytes, concurrency: int, seconds: float) -> LoadRes
 
 
 async def _recorded_load(host: str, port: int, path: str, body: bytes, concurrency: int,
-                         seconds: float, honour_retry_after: bool) -> tuple[list[int], list[float], int]:
+                         seconds: float, honour_retry_after: bool, max_requests: int | None = None,
+                         timeout: float = 30.0) -> tuple[list[int], list[float], int]:
     """A lean HTTP/1.1 keep-alive client on asyncio streams: (status, latency) of every request.
 
     httpx costs too much client CPU per request for a thousand connections on a small machine.
     With ``honour_retry_after`` a connection told 503 + Retry-After waits that long before its
     next request, as a well-behaved client does; without it, it sends the next one at once.
+    ``max_requests`` stops the load after that many requests in all; a request without an answer
+    within ``timeout`` counts as a transport error (status 0 is never recorded).
     """
     request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -156,10 +159,32 @@ async def _recorded_load(host: str, port: int, path: str, body: bytes, concurren
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
+    budget = [max_requests if max_requests is not None else float("inf")]
+
+    def more() -> bool:
+        return time.perf_counter() < deadline and budget[0] > 0
+
+    async def one(reader, writer) -> tuple[int, bool, float]:
+        writer.write(request)
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("closed")
+        length, close, retry_after = 0, False, 0.0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and "close" in value.lower():
+                close = True
+            elif name == "retry-after":
+                retry_after = float(value)
+        await reader.readexactly(length)
+        return int(status_line.split()[1]), close, retry_after
 
     async def worker() -> None:
         nonlocal errors
-        while time.perf_counter() < deadline:
+        while more():
             try:
                 reader, writer = await asyncio.open_connection(host, port)
             except OSError:
@@ -167,31 +192,18 @@ async def _recorded_load(host: str, port: int, path: str, body: bytes, concurren
                 await asyncio.sleep(0.01)
                 continue
             try:
-                while time.perf_counter() < deadline:
+                while more():
+                    budget[0] -= 1
                     started = time.perf_counter()
-                    writer.write(request)
-                    status_line = await reader.readline()
-                    if not status_line:
-                        raise ConnectionError("closed")
-                    length, close, retry_after = 0, False, 0.0
-                    while (line := await reader.readline()) not in (b"\r\n", b""):
-                        name, _, value = line.decode("latin-1").partition(":")
-                        name = name.lower()
-                        if name == "content-length":
-                            length = int(value)
-                        elif name == "connection" and "close" in value.lower():
-                            close = True
-                        elif name == "retry-after":
-                            retry_after = float(value)
-                    await reader.readexactly(length)
-                    status = int(status_line.split()[1])
+                    status, close, retry_after = await asyncio.wait_for(one(reader, writer), timeout)
                     statuses.append(status)
                     latencies.append(time.perf_counter() - started)
                     if close:
                         break
                     if honour_retry_after and status == 503 and retry_after:
                         await asyncio.sleep(min(retry_after, max(0.0, deadline - time.perf_counter())))
-            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError,
+                    IndexError):
                 errors += 1
             finally:
                 writer.close()
@@ -200,7 +212,8 @@ async def _recorded_load(host: str, port: int, path: str, body: bytes, concurren
     return statuses, latencies, errors
 
 
-def run_recorded(url: str, body: bytes, concurrency: int, seconds: float, honour_retry_after: bool = True) -> dict:
+def run_recorded(url: str, body: bytes, concurrency: int, seconds: float, honour_retry_after: bool = True,
+                 max_requests: int | None = None) -> dict:
     """Load like run_load, keeping each request's status and latency (for shedding under overload)."""
     from urllib.parse import urlsplit
 
@@ -213,7 +226,7 @@ def run_recorded(url: str, body: bytes, concurrency: int, seconds: float, honour
     except ImportError:
         runner = asyncio.run
     statuses, latencies, errors = runner(_recorded_load(parts.hostname, parts.port, parts.path, body,
-                                                        concurrency, seconds, honour_retry_after))
+                                                        concurrency, seconds, honour_retry_after, max_requests))
     return {"statuses": np.array(statuses, dtype=np.int64), "latencies_s": np.array(latencies),
             "seconds": time.perf_counter() - wall_before, "client_cpu_seconds": time.process_time() - cpu_before,
             "transport_errors": errors}

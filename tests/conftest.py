@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,23 @@ def assert_same_predictions(got: list[dict], expected: list[dict], tol: float = 
         assert [i["id"] for i in g["items"]] == [i["id"] for i in e["items"]], f"row {row}"
         for gi, ei in zip(g["items"], e["items"]):
             assert abs(gi["score"] - ei["score"]) <= tol, f"row {row}"
+
+
+TRAIN_ARGS = ["--users", "1500", "--items", "60", "--epochs", "6", "--embedding-dim", "16",
+              "--top-k", "5", "--min-score", "0.2", "--quiet", "--no-fused"]
+
+
+def train_version(out: Path, seed: int) -> None:
+    from model.train import main as train
+
+    assert train([*TRAIN_ARGS, "--out", str(out), "--seed", str(seed)]) == 0
+
+
+@pytest.fixture(scope="session")
+def two_versions(build_dir, tmp_path_factory) -> Path:
+    """A build with version 1 (the session's) and version 2 (trained with another seed)."""
+    build = tmp_path_factory.mktemp("two-versions")
+    shutil.copytree(version_dir(build_dir, 1), version_dir(build, 1))
+    train_version(build, seed=7)
+    assert (version_dir(build, 2) / "saved_model.pb").is_file()
+    return build

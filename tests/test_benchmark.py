@@ -42,3 +42,17 @@ def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path)
     assert len(report["goals"]) == 6
     assert json.loads((tmp_path / "overload.json").read_text())["goals"] == report["goals"]
     assert "| goodput at 1,024 connections >= 90% of the peak at 16 |" in (tmp_path / "overload.md").read_text()
+
+
+def test_chaos_soak_answers_every_request_through_kills_and_an_update(two_versions, tmp_path):
+    """The chaos soak, briefly: two predictor kills and a model update, every request 200 or a documented 5xx."""
+    from scripts.benchmark import chaos
+
+    report = chaos(two_versions, tmp_path, requests=3000, connections=8)
+    assert report["answered"] == 3000 and report["lost"] == 0, report
+    assert set(report["statuses"]) <= {"200", "502", "503", "504"} and report["statuses"]["200"] > 0
+    assert report["model_version_at_end"] == 2  # the update took effect
+    assert [e["event"] for e in report["events"]] == [
+        "predictor killed and restarted", "model version 2 published", "predictor killed and restarted"]
+    assert all(g["met"] for g in report["goals"]), report["goals"]
+    assert "| nothing hangs, nothing is lost |" in (tmp_path / "chaos.md").read_text()

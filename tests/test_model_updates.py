@@ -20,32 +20,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import MODEL_NAME, Offline, assert_same_predictions, version_dir
+from conftest import MODEL_NAME, Offline, assert_same_predictions, train_version, version_dir
 
 from scripts.localstack import LocalStack
 from transformer.pipeline import Pipeline
 from transformer.predictor import Contract, PredictorError
 from transformer.versions import ModelVersions, NoServableVersion, ServedVersion
-
-TRAIN_ARGS = ["--users", "1500", "--items", "60", "--epochs", "6", "--embedding-dim", "16",
-              "--top-k", "5", "--min-score", "0.2", "--quiet", "--no-fused"]
-
-
-def train_version(out: Path, seed: int) -> None:
-    from model.train import main as train
-
-    assert train([*TRAIN_ARGS, "--out", str(out), "--seed", str(seed)]) == 0
-
-
-@pytest.fixture(scope="module")
-def two_versions(build_dir, tmp_path_factory) -> Path:
-    """A build with version 1 (the session's) and version 2 (trained with another seed)."""
-    build = tmp_path_factory.mktemp("two-versions")
-    shutil.copytree(version_dir(build_dir, 1), version_dir(build, 1))
-    train_version(build, seed=7)
-    assert (version_dir(build, 2) / "saved_model.pb").is_file()
-    return build
-
 
 def publish(source: Path, models: Path) -> Path:
     """Copy a version folder into a model store the way a user should: whole, then one rename."""
