@@ -250,18 +250,25 @@ class FusedPipeline(tf.Module):
         return self._run(features)
 
 
-def graph_ops(saved_model_dir: str | Path) -> set[str]:
-    """Every op type in a SavedModel: the graphs and all their library functions."""
+def graph_nodes(saved_model_dir: str | Path) -> list:
+    """Every op node of a SavedModel: its graphs and all their library functions (a node that calls a
+    library function by name is left out: the function's own nodes are listed)."""
     from tensorflow.core.protobuf import saved_model_pb2
 
-    proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
-    ops = set()
+    proto = saved_model_pb2.SavedModel.FromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    nodes = []
     for meta_graph in proto.meta_graphs:
-        ops.update(node.op for node in meta_graph.graph_def.node)
-        for function in meta_graph.graph_def.library.function:
-            ops.update(node.op for node in function.node_def)
-    return ops
+        library = meta_graph.graph_def.library.function
+        functions = {f.signature.name for f in library}
+        for node in [*meta_graph.graph_def.node, *(n for f in library for n in f.node_def)]:
+            if node.op not in functions:
+                nodes.append(node)
+    return nodes
+
+
+def graph_ops(saved_model_dir: str | Path) -> set[str]:
+    """Every op type in a SavedModel: the graphs and all their library functions."""
+    return {node.op for node in graph_nodes(saved_model_dir)}
 
 
 def export_fused(version_dir: str | Path, out_dir: str | Path, version: int | None = None) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -133,3 +135,32 @@ def two_versions(build_dir, tmp_path_factory) -> Path:
     train_version(build, seed=7)
     assert (version_dir(build, 2) / "saved_model.pb").is_file()
     return build
+
+
+def edit_manifest(bundle: Path, change) -> None:
+    """Change a bundle's manifest in place (``change`` edits the parsed JSON)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def rewrite_digest(bundle: Path, name: str) -> None:
+    """What an attacker with write access to the store does: change a file, then its sha256 in the manifest."""
+    from transformer.bundle import sha256_of
+
+    edit_manifest(bundle, lambda m: m["files"][name].__setitem__("sha256", sha256_of(bundle / name)))
+
+
+class RunsCode:
+    """Unpickled, this opens (creates) a marker file: any code could run the same way."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def poison(path: Path, marker: Path) -> None:
+    """Replace a pickled artifact by one that runs code when loaded."""
+    path.write_bytes(pickle.dumps(RunsCode(marker)))

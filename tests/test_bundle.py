@@ -1,13 +1,12 @@
 """The artifact bundle: inside its model version folder, verified before unpickling, refused when altered."""
 
-import json
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import MODEL_NAME, version_dir
+from conftest import MODEL_NAME, edit_manifest, poison, rewrite_digest, version_dir
 
 from scripts.localstack import ROOT
 from transformer.bundle import BUNDLE_SUBDIR, BundleError, bundle_dir, load_bundle, sha256_of, write_bundle
@@ -24,12 +23,6 @@ def version(build_dir, tmp_path):
 @pytest.fixture
 def bundle(version):
     return bundle_dir(version)
-
-
-def edit_manifest(path, change):
-    manifest = json.loads((path / "manifest.json").read_text())
-    change(manifest)
-    (path / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_loads_and_describes_the_model(version):
@@ -137,26 +130,9 @@ def test_a_bundle_is_written_once(version):
                      rules=loaded.rules)
 
 
-def rewrite_digest(bundle, name):
-    """What an attacker with write access to the store does: change a file, then its sha256 in the manifest."""
-    edit_manifest(bundle, lambda m: m["files"][name].__setitem__("sha256", sha256_of(bundle / name)))
-
-
-class _RunsCode:
-    """A pickle that runs code when loaded: it creates a marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_poisoned_pickle_is_never_loaded_for_serving(version, bundle, tmp_path):
-    import pickle
-
     marker = tmp_path / "pwned"
-    (bundle / "scaler.joblib").write_bytes(pickle.dumps(_RunsCode(marker)))
+    poison(bundle / "scaler.joblib", marker)
     rewrite_digest(bundle, "scaler.joblib")
     loaded = load_bundle(version)  # what the transformer does: numbers from fitted.npz only
     assert not marker.exists()

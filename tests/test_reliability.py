@@ -13,7 +13,9 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, assert_same_predictions, bundle_path, version_dir
+from conftest import (
+    MODEL_NAME, assert_same_predictions, bundle_path, edit_manifest, poison, rewrite_digest, version_dir,
+)
 from fault_proxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -330,12 +332,6 @@ def copy_of_version_1(build_dir, tmp_path):
     return base, bundle_path(tmp_path)
 
 
-def edit_manifest(bundle, change):
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    change(manifest)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-
-
 @pytest.mark.parametrize(
     "tamper, fragment",
     [
@@ -364,30 +360,18 @@ def test_transformer_refuses_a_predictor_model_that_does_not_fit(stack, build_di
             "the bundle expects DT_INT64 [-1, 7]") in result.stderr
 
 
-class RunsCode:
-    """Unpickled, this opens (creates) a marker file: any code could run the same way."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_poisoned_pickle_runs_nothing_and_a_pin_refuses_the_rewritten_manifest(
         stack, build_dir, tmp_path, offline, raw_users):
     """Whoever can write the model store replaces scaler.joblib with code and fixes its sha256 in the
     manifest: the transformer serves from fitted.npz and never unpickles it; with the manifest's
     digest pinned from outside the store, the rewritten manifest is refused."""
-    import pickle
-
     from transformer.bundle import sha256_of
 
     base, bundle = copy_of_version_1(build_dir, tmp_path)
     trusted = sha256_of(bundle / "manifest.json")
     marker = tmp_path / "pwned"
-    (bundle / "scaler.joblib").write_bytes(pickle.dumps(RunsCode(marker)))
-    edit_manifest(bundle, lambda m: m["files"]["scaler.joblib"].__setitem__("sha256", sha256_of(bundle / "scaler.joblib")))
+    poison(bundle / "scaler.joblib", marker)
+    rewrite_digest(bundle, "scaler.joblib")
 
     poisoned = LocalStack(build=tmp_path, predictor_port=stack.predictor_port, log_dir=tmp_path / "logs")
     poisoned.start_transformer()

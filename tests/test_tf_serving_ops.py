@@ -24,23 +24,16 @@ def registry() -> dict:
 
 def unknown_to(saved_model_dir: Path, ops: dict[str, list[str]]) -> list[str]:
     """What in a SavedModel's graphs the given op registry does not know: ops, and attributes of ops."""
-    from tensorflow.core.protobuf import saved_model_pb2
+    from model.fuse import graph_nodes
 
-    proto = saved_model_pb2.SavedModel.FromString((saved_model_dir / "saved_model.pb").read_bytes())
     problems = set()
-    for meta_graph in proto.meta_graphs:
-        nodes = list(meta_graph.graph_def.node)
-        for function in meta_graph.graph_def.library.function:
-            nodes += list(function.node_def)
-        for node in nodes:
-            if node.op in {f.signature.name for f in meta_graph.graph_def.library.function}:
-                continue  # a call of a library function, checked through its own nodes
-            if node.op not in ops:
-                problems.add(f"op {node.op}")
-                continue
-            for attr in node.attr:
-                if not attr.startswith("_") and attr not in ops[node.op]:
-                    problems.add(f"attribute {attr!r} of op {node.op}")
+    for node in graph_nodes(saved_model_dir):
+        if node.op not in ops:
+            problems.add(f"op {node.op}")
+            continue
+        for attr in node.attr:
+            if not attr.startswith("_") and attr not in ops[node.op]:
+                problems.add(f"attribute {attr!r} of op {node.op}")
     return sorted(problems)
 
 
