@@ -54,12 +54,16 @@ class EmbedderGraph(tf.Module):
         self.serve = tf.function(self.embed_and_score, input_signature=spec)
         self.serve_candidates = tf.function(self.best_candidates, input_signature=spec)
 
-    def embed_and_score(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
-        """features (batch, F) float32, already scaled -> embedding (batch, D), scores (batch, n_items)."""
+    def embed(self, features: tf.Tensor) -> tf.Tensor:
+        """features (batch, F) float32, already scaled -> embedding (batch, D)."""
         h = features
         for kernel, bias in self.dense:
             h = tf.nn.relu(tf.matmul(h, kernel) + bias)
-        embedding = tf.math.l2_normalize(tf.matmul(h, self.projection_kernel) + self.projection_bias, axis=1)
+        return tf.math.l2_normalize(tf.matmul(h, self.projection_kernel) + self.projection_bias, axis=1)
+
+    def embed_and_score(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
+        """features (batch, F) float32, already scaled -> embedding (batch, D), scores (batch, n_items)."""
+        embedding = self.embed(features)
         logits = self.temperature * tf.matmul(embedding, self.item_matrix) + self.item_bias
         return {EMBEDDING_OUTPUT: embedding, SCORES_OUTPUT: tf.math.sigmoid(logits)}
 
@@ -72,6 +76,27 @@ class EmbedderGraph(tf.Module):
         scores, ids = tf.math.top_k(out[SCORES_OUTPUT], k=self.n_candidates, sorted=True)
         return {EMBEDDING_OUTPUT: out[EMBEDDING_OUTPUT], CANDIDATE_IDS_OUTPUT: tf.cast(ids, tf.int64),
                 CANDIDATE_SCORES_OUTPUT: scores}
+
+
+    # Batch helpers for training and evaluation (local functions: not part of the SavedModel).
+
+    def embed_in_batches(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
+        """Embeddings (n, D) float32 of scaled features X (n, F), a batch at a time."""
+        embed = tf.function(self.embed)
+        return np.concatenate([embed(tf.constant(X[i:i + batch])).numpy() for i in range(0, len(X), batch)]
+                              or [np.empty((0, self.projection_kernel.shape[1]), np.float32)])
+
+    def embed_and_rank_in_batches(self, X: np.ndarray, k: int, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings (n, D), the k best item indices (n, k)) of scaled features X, a batch at a time,
+        so memory holds one batch's scores, not n x n_items."""
+
+        @tf.function
+        def embed_and_rank(features):
+            out = self.embed_and_score(features)
+            return out[EMBEDDING_OUTPUT], tf.math.top_k(out[SCORES_OUTPUT], k=min(k, self.item_bias.shape[0]))[1]
+
+        parts = [embed_and_rank(tf.constant(X[i:i + batch])) for i in range(0, len(X), batch)]
+        return (np.concatenate([e.numpy() for e, _ in parts]), np.concatenate([t.numpy() for _, t in parts]))
 
 
 class VersionExists(FileExistsError):

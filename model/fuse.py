@@ -19,7 +19,9 @@ Signature ``serving_default``: ``features`` float32 [batch, F] (raw, unscaled) -
 
     segment           int64   [batch]       nearest centroid
     segment_distance  float32 [batch]       Euclidean distance to it
-    item_ids          int64   [batch, k]    best first; -1 pads slots the rules filtered out
+    item_ids          int64   [batch, k]    best first, the items' own ids; -1 pads slots the rules
+                                            filtered out (string [batch, k] padded with "" when the
+                                            catalogue's ids are strings)
     item_scores       float32 [batch, k]    the matching scores; -1.0 in padded slots
     embedding         float32 [batch, D]
 
@@ -47,6 +49,7 @@ from scipy.special import ndtri
 FUSED_SIGNATURE = "serving_default"
 FLOAT64_SIGNATURE = "serving_float64"
 PAD_ID = -1
+PAD_TEXT_ID = ""
 PAD_SCORE = -1.0
 FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
 
@@ -175,16 +178,23 @@ def compile_segmenter(estimator: Any) -> _NearestCentroid:
                                    "supported segmenters: KMeans") from None
 
 
-def compile_rules(rules: Rules, n_items: int):
-    """scores float32 [batch, n_items] -> (ids int64 [batch, k], scores float32 [batch, k]), padded."""
+def compile_rules(rules: Rules, n_items: int, item_ids: np.ndarray | None = None):
+    """scores float32 [batch, n_items] -> (ids [batch, k], scores float32 [batch, k]), padded.
+
+    The ids are the catalogue's (``item_ids``: int64 or text, looked up in a constant table) or,
+    without a catalogue, the item indices.
+    """
     k = min(rules.top_k, n_items)
     threshold = np.float32(rules.min_score)
+    text = item_ids is not None and item_ids.dtype.kind == "U"
+    table = None if item_ids is None else tf.constant(item_ids if text else item_ids.astype(np.int64))
+    pad = tf.constant(PAD_TEXT_ID) if text else tf.constant(PAD_ID, tf.int64)
 
     def apply(scores: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        best, ids = tf.math.top_k(scores, k=k, sorted=True)  # equal scores: lower index first
+        best, index = tf.math.top_k(scores, k=k, sorted=True)  # equal scores: lower index first
         keep = best >= threshold
-        ids = tf.where(keep, tf.cast(ids, tf.int64), tf.constant(PAD_ID, tf.int64))
-        return ids, tf.where(keep, best, tf.constant(PAD_SCORE, tf.float32))
+        ids = tf.cast(index, tf.int64) if table is None else tf.gather(table, index)
+        return tf.where(keep, ids, pad), tf.where(keep, best, tf.constant(PAD_SCORE, tf.float32))
 
     return apply
 
@@ -222,7 +232,7 @@ class FusedPipeline(tf.Module):
         self.spec = spec
         self.scale = compile_steps(bundle.fitted.scaler)
         self.segment = _NearestCentroid(bundle.fitted.centers)
-        self.rules = compile_rules(bundle.rules, spec.n_items)
+        self.rules = compile_rules(bundle.rules, spec.n_items, bundle.fitted.item_ids)
         n = len(bundle.feature_names)
         self.serve = tf.function(self._serve_float32,
                                  input_signature=[tf.TensorSpec([None, n], tf.float32, name="features")])

@@ -323,9 +323,15 @@ def check_shapes(arrays: dict[str, np.ndarray], specs: dict[str, TensorSpecInfo]
             )
 
 
-def _render_slow(value: np.ndarray) -> bytes:
-    """Arrays holding NaN or Infinity: written with TF Serving's tokens."""
-    def render(a: np.ndarray) -> str:
+def _render_slow(value: np.ndarray, name: str = "") -> bytes:
+    """Arrays holding NaN or Infinity, written with TF Serving's tokens, and string tensors: JSON strings, or
+    ``{"b64": ...}`` when the tensor's name ends in ``_bytes`` (json_tensor.cc, IsNamedTensorBytes)."""
+    def render(a) -> str:
+        if isinstance(a, (bytes, str)):  # an element of a string tensor (an object array: NULs kept)
+            raw = a if isinstance(a, bytes) else a.encode()
+            return orjson.dumps({"b64": base64.b64encode(raw).decode()} if name.endswith("_bytes")
+                                else raw.decode("utf-8", "replace")).decode()
+        a = np.asarray(a)
         if a.ndim == 0:
             if a.dtype.kind == "f":
                 if np.isnan(a):
@@ -337,7 +343,7 @@ def _render_slow(value: np.ndarray) -> bytes:
             return orjson.dumps(a.item()).decode()
         return "[" + ",".join(render(x) for x in a) + "]"
 
-    return render(np.asarray(value)).encode()
+    return render(value).encode()
 
 
 def _is_finite(a: np.ndarray) -> bool:
@@ -346,17 +352,18 @@ def _is_finite(a: np.ndarray) -> bool:
 
 def render_predict_response(outputs: dict[str, np.ndarray], form: str) -> bytes:
     """``{"predictions": ...}`` for row requests, ``{"outputs": ...}`` for columnar ones."""
-    fast = all(_is_finite(a) for a in outputs.values())
+    # String tensors (item ids, in fused mode) take the slow path: rare, and small.
+    fast = all(_is_finite(a) and a.dtype.kind not in "OSU" for a in outputs.values())
     dump = (lambda v: orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY)) if fast else None
 
     if form == "columnar":
         if len(outputs) == 1:
             (array,) = outputs.values()
-            body = dump(array) if fast else _render_slow(array)
+            body = dump(array) if fast else _render_slow(array, *outputs)
         elif fast:
             body = dump(outputs)
         else:
-            body = b"{" + b",".join(orjson.dumps(k) + b":" + _render_slow(v) for k, v in outputs.items()) + b"}"
+            body = b"{" + b",".join(orjson.dumps(k) + b":" + _render_slow(v, k) for k, v in outputs.items()) + b"}"
         return b'{"outputs":' + body + b"}"
 
     batch = None
@@ -371,7 +378,7 @@ def render_predict_response(outputs: dict[str, np.ndarray], form: str) -> bytes:
             )
     if len(outputs) == 1:
         (array,) = outputs.values()
-        body = dump(array) if fast else _render_slow(array)
+        body = dump(array) if fast else _render_slow(array, *outputs)
     elif fast:
         names = list(outputs)
         arrays = [np.ascontiguousarray(outputs[n]) for n in names]
@@ -380,7 +387,7 @@ def render_predict_response(outputs: dict[str, np.ndarray], form: str) -> bytes:
         rows = []
         for i in range(batch):
             rows.append(b"{" + b",".join(
-                orjson.dumps(n) + b":" + _render_slow(a[i]) for n, a in outputs.items()
+                orjson.dumps(n) + b":" + _render_slow(a[i], n) for n, a in outputs.items()
             ) + b"}")
         body = b"[" + b",".join(rows) + b"]"
     return b'{"predictions":' + body + b"}"

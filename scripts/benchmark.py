@@ -61,7 +61,7 @@ def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict]:
     """Transformer bodies (raw rows), predictor bodies (scaled rows), fused bodies (raw rows)."""
     import joblib
 
-    from model.data import make_synthetic
+    from model.synthetic import make_synthetic
 
     bundle = bundle_dir(newest_version_dir(build))
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -113,7 +113,7 @@ def measure(target: Target, batch: int, concurrency: int, seconds: float, warmup
 
 def kernel_microbenchmark(build: Path, repeats: int) -> dict[str, float]:
     """Median pre+post compute for one row, in this process: parse, scale, segment, rank, encode."""
-    from model.data import make_synthetic
+    from model.synthetic import make_synthetic
     from transformer.bundle import load_bundle
     from transformer.codec import encode_predictions, parse_instances
     from transformer.metrics import VersionMetrics

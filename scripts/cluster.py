@@ -30,12 +30,19 @@ VALID_REQUESTS = REQUESTS[:2]
 ENTRIES = {"transformer": "transformer", "collocated": "predictor", "fused": "predictor"}  # -> Service
 
 
+def _item_id(value):
+    """An item id as the transformer writes it: an int, or text (TensorFlow gives text ids as bytes)."""
+    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else int(value)
+
+
 def fused_as_predictions(outputs: dict) -> list[dict]:
-    """The fused model's tensors in the transformer's answer shape (padding, id -1, dropped)."""
+    """The fused model's tensors in the transformer's answer shape (padding, id -1 or "", dropped)."""
+    outputs = {name: value.numpy().tolist() if hasattr(value, "numpy") else
+               value.tolist() if hasattr(value, "tolist") else value for name, value in outputs.items()}
     return [
         {"segment": int(outputs["segment"][i]), "segment_distance": float(outputs["segment_distance"][i]),
-         "items": [{"id": int(d), "score": float(s)} for d, s in zip(outputs["item_ids"][i], outputs["item_scores"][i])
-                   if d != -1]}
+         "items": [{"id": _item_id(d), "score": float(s)}
+                   for d, s in zip(outputs["item_ids"][i], outputs["item_scores"][i]) if _item_id(d) not in (-1, "")]}
         for i in range(len(outputs["segment"]))
     ]
 

@@ -22,7 +22,7 @@ def build_dir(tmp_path_factory) -> Path:
     from model.train import main as train
 
     out = tmp_path_factory.mktemp("build")
-    code = train(["--users", "1500", "--items", "60", "--epochs", "6", "--embedding-dim", "16",
+    code = train(["--users", "1500", "--items", "60", "--epochs", "8", "--embedding-dim", "16",
                   "--top-k", "5", "--min-score", "0.2", "--out", str(out), "--quiet"])
     assert code == 0
     return out
@@ -73,6 +73,8 @@ class Offline:
         self.signature = tf.saved_model.load(str(version_dir(build, version))).signatures["serving_default"]
         self.feature_names = [f["name"] for f in self.manifest["features"]]
         self.rules = self.manifest["rules"]
+        with np.load(bundle / "fitted.npz", allow_pickle=False) as fitted:  # the catalogue: index -> own id
+            self.item_ids = fitted["items.ids"].tolist() if "items.ids" in fitted.files else None
 
     def model_outputs(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import tensorflow as tf
@@ -89,7 +91,7 @@ class Offline:
         items = reference_top_items(scores, self.rules["min_score"], self.rules["top_k"])
         return [
             {"segment": int(label), "segment_distance": float(distance),
-             "items": [{"id": i, "score": float(row[i])} for i in kept]}
+             "items": [{"id": self.item_ids[i] if self.item_ids else i, "score": float(row[i])} for i in kept]}
             for label, distance, row, kept in zip(labels, distances, scores, items)
         ]
 
@@ -102,7 +104,7 @@ def offline(build_dir) -> Offline:
 @pytest.fixture(scope="session")
 def raw_users():
     """Raw feature rows of users the model has not seen."""
-    from model.data import make_synthetic
+    from model.synthetic import make_synthetic
 
     return make_synthetic(n_users=400, n_items=60, seed=123).features
 
@@ -117,7 +119,7 @@ def assert_same_predictions(got: list[dict], expected: list[dict], tol: float = 
             assert abs(gi["score"] - ei["score"]) <= tol, f"row {row}"
 
 
-TRAIN_ARGS = ["--users", "1500", "--items", "60", "--epochs", "6", "--embedding-dim", "16",
+TRAIN_ARGS = ["--users", "1500", "--items", "60", "--epochs", "8", "--embedding-dim", "16",
               "--top-k", "5", "--min-score", "0.2", "--quiet", "--no-fused"]
 
 

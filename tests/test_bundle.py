@@ -164,6 +164,25 @@ def test_fitted_numbers_that_do_not_fit_the_manifest_are_refused(version, bundle
         load_bundle(version, estimators=True)  # refused before anything is unpickled
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda ids: ids[:-1], "must be 60 item ids of the kind the manifest names"),
+    (lambda ids: np.where(ids == 1, 0, ids), "must be distinct and non-negative"),
+    (lambda ids: np.where(ids == 1, -1, ids), "must be distinct and non-negative"),  # -1 pads answers
+    (lambda ids: ids.astype(str), "of the kind the manifest names \\('int64'\\), got <U2"),
+])
+def test_a_catalogue_that_does_not_fit_is_refused(version, bundle, change, message):
+    """The item ids answers carry: one distinct id per item the model scores, of the recorded kind."""
+    with np.load(bundle / "fitted.npz") as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    assert arrays["items.ids"].tolist() == list(range(60))  # synthetic data: the ids are 0 .. 59
+    arrays["items.ids"] = change(arrays["items.ids"])
+    with (bundle / "fitted.npz").open("wb") as handle:
+        np.savez(handle, **arrays)
+    rewrite_digest(bundle, "fitted.npz")
+    with pytest.raises(BundleError, match=message):
+        load_bundle(version)
+
+
 def test_a_rewritten_manifest_is_refused_when_digests_are_pinned(version, bundle):
     trusted = {sha256_of(bundle / "manifest.json")}
     assert load_bundle(version, trusted=trusted).version == 1

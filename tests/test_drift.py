@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import MODEL_NAME, version_dir
 
-from model.data import make_synthetic
+from model.synthetic import make_synthetic
 from transformer.bundle import load_bundle
 from transformer.drift import SIGNIFICANT, STABLE, DriftMonitor, SlidingCounts, psi
 

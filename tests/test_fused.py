@@ -70,7 +70,7 @@ def test_signature_outputs_and_padding(fused, offline, raw_users):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_parity_with_scikit_learn_on_thousands_of_rows(fused, offline, dtype):
-    from model.data import make_synthetic
+    from model.synthetic import make_synthetic
 
     raw = make_synthetic(n_users=3000, n_items=60, seed=77).features.astype(dtype)
     signature = "serving_default" if dtype == np.float32 else "serving_float64"

@@ -201,3 +201,25 @@ def test_rules_on_ranked_candidates_equal_rules_on_every_score(scores, min_score
     ranked_scores = np.take_along_axis(scores, ranked_ids, axis=1)
     ids, best, keep = rules_on_candidates(ranked_ids, ranked_scores, min_score, k)
     assert as_lists(ids, keep) == reference_top_items(scores, min_score, k)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 60])
+def test_candidate_ids_outside_the_catalogue_are_the_predictors_fault(build_dir, bad_id):
+    """An item index the catalogue does not have means the predictor serves another model: 502, not 500."""
+    from conftest import version_dir
+
+    from transformer.bundle import load_bundle
+    from transformer.pipeline import Pipeline as VersionPipeline
+    from transformer.predictor import PredictorError
+
+    pipeline = VersionPipeline(load_bundle(version_dir(build_dir)))
+    spec = pipeline.spec
+    ids = np.tile(np.arange(spec.n_candidates, dtype=np.int64), (2, 1))
+    scores = np.tile(np.linspace(0.9, 0.5, spec.n_candidates, dtype=np.float32), (2, 1))
+    outputs = {spec.embedding_output: np.ones((2, spec.embedding_dim), np.float32),
+               spec.candidate_ids_output: ids, spec.candidate_scores_output: scores}
+    assert pipeline.rank(outputs).item_ids.tolist() == ids[:, :pipeline.rules.top_k].tolist()
+    ids[1, 0] = bad_id
+    with pytest.raises(PredictorError, match=r"item indices outside \[0, 60\)") as error:
+        pipeline.rank(outputs)
+    assert (error.value.status, error.value.cause) == (502, "predictor_bad_answer")

@@ -157,6 +157,7 @@ def write_bundle(
     scaler: Any,
     segments: Any,
     feature_names: tuple[str, ...],
+    item_ids: Any = None,
     feature_min: tuple[float, ...],
     feature_max: tuple[float, ...],
     model: ModelSpec,
@@ -173,6 +174,8 @@ def write_bundle(
         scaler: fitted QuantileTransformer.
         segments: fitted KMeans.
         feature_names: raw feature names, in the model's input order.
+        item_ids: the users' own id (int or str) of each item index the model scores; answers carry
+            these. None: the index is the id.
         feature_min, feature_max: training range of each feature (drift signal).
         model: how to call the embedding model; ``model.version`` is the version folder's number.
         rules: item filtering rules.
@@ -188,7 +191,9 @@ def write_bundle(
     directory = bundle_dir(version_dir)
     if directory.exists():
         raise BundleError(f"{directory} exists already: a bundle is written once, with its model version")
-    fitted = FittedSteps.from_estimators(scaler, segments)  # UnsupportedEstimator: nothing is written
+    fitted = FittedSteps.from_estimators(scaler, segments, item_ids)  # UnsupportedEstimator: nothing is written
+    if fitted.item_ids is not None and len(fitted.item_ids) != model.n_items:
+        raise BundleError(f"{len(fitted.item_ids)} item ids for a model scoring {model.n_items} items")
     directory.mkdir(parents=True)
     fitted_description = fitted.write(directory)
     joblib.dump(scaler, directory / SCALER_FILE)
@@ -355,7 +360,8 @@ def load_bundle(version_dir: str | Path, *, estimators: bool = False,
             "inconsistent; re-run training"
         )
     try:
-        fitted = FittedSteps.read(directory, fitted_description, len(feature_names), model.embedding_dim)
+        fitted = FittedSteps.read(directory, fitted_description, len(feature_names), model.embedding_dim,
+                                  model.n_items)
     except FittedStepsError as exc:
         raise BundleError(f"{exc}: the bundle is inconsistent; re-run training") from None
     scaler = segments = None
@@ -366,7 +372,7 @@ def load_bundle(version_dir: str | Path, *, estimators: bool = False,
 
         scaler = joblib.load(directory / SCALER_FILE)
         segments = joblib.load(directory / SEGMENTS_FILE)
-        if not same_numbers(FittedSteps.from_estimators(scaler, segments), fitted):
+        if not same_numbers(FittedSteps.from_estimators(scaler, segments, fitted.item_ids), fitted):
             raise BundleError(f"{directory}: the pickled estimators and {FITTED_FILE} hold different numbers; "
                               "re-run training")
     return Bundle(

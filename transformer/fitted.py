@@ -96,22 +96,34 @@ def _f64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def item_id_array(ids: Any) -> np.ndarray:
+    """Item ids as int64 (non-negative integers) or fixed-width text: the two kinds numpy stores without pickle."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iu":
+        return ids.astype(np.int64)
+    if ids.dtype.kind in "UO":
+        return ids.astype(str)
+    raise FittedStepsError(f"item ids must be integers or strings, got {ids.dtype}")
+
+
 @dataclass(frozen=True)
 class FittedSteps:
-    """Everything the transformer computes with: the scaler's steps and the segment centroids, and the
-    share of training rows in each segment (the reference of the segment-mix drift; None if unknown)."""
+    """Everything the transformer computes with: the scaler's steps and the segment centroids, the
+    share of training rows in each segment (the reference of the segment-mix drift; None if unknown),
+    and the catalogue: the users' own id of each item index the model scores (None: the index is the id)."""
 
     scaler: tuple[QuantileStep | AffineStep, ...]
     centers: np.ndarray
     segment_share: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
 
     @classmethod
-    def from_estimators(cls, scaler: Any, segments: Any) -> "FittedSteps":
+    def from_estimators(cls, scaler: Any, segments: Any, item_ids: Any = None) -> "FittedSteps":
         centers = kmeans_centers(segments)
         labels = getattr(segments, "labels_", None)
         share = (np.bincount(labels, minlength=centers.shape[0]) / len(labels)).astype(np.float64) \
             if labels is not None and len(labels) else None
-        return cls(tuple(scaler_steps(scaler)), centers, share)
+        return cls(tuple(scaler_steps(scaler)), centers, share, None if item_ids is None else item_id_array(item_ids))
 
     def write(self, directory: Path) -> dict:
         """Write ``fitted.npz`` into ``directory``; returns the manifest's description of it."""
@@ -129,11 +141,16 @@ class FittedSteps:
         arrays["segments.centers"] = _f64(self.centers)
         if self.segment_share is not None:
             arrays["segments.training_share"] = _f64(self.segment_share)
+        description = {"file": FITTED_FILE, "scaler": described, "segments": {"step": "nearest_centroid"}}
+        if self.item_ids is not None:
+            arrays["items.ids"] = self.item_ids
+            description["items"] = {"ids": "int64" if self.item_ids.dtype == np.int64 else "string"}
         np.savez(directory / FITTED_FILE, **arrays)
-        return {"file": FITTED_FILE, "scaler": described, "segments": {"step": "nearest_centroid"}}
+        return description
 
     @classmethod
-    def read(cls, directory: Path, description: dict, n_features: int, embedding_dim: int) -> "FittedSteps":
+    def read(cls, directory: Path, description: dict, n_features: int, embedding_dim: int,
+             n_items: int) -> "FittedSteps":
         """Read ``fitted.npz`` as numbers only, and check it against the manifest's description.
 
         Raises:
@@ -193,16 +210,32 @@ class FittedSteps:
             if share.shape != (centers.shape[0],) or (share < 0).any() or abs(share.sum() - 1.0) > 1e-9:
                 raise FittedStepsError(f"{path}: 'segments.training_share' must be {centers.shape[0]} shares "
                                        "summing to 1")
-        return cls(tuple(steps), centers, share)
+        return cls(tuple(steps), centers, share, _read_item_ids(path, arrays, description.get("items"), n_items))
+
+
+def _read_item_ids(path: Path, arrays: dict, description: dict | None, n_items: int) -> np.ndarray | None:
+    """The catalogue: n_items unique ids, int64 (non-negative: -1 pads answers) or text; None if not recorded."""
+    if description is None:
+        return None
+    ids = arrays.get("items.ids")
+    kind = description.get("ids") if isinstance(description, dict) else None
+    expected = {"int64": "i", "string": "U"}.get(kind)
+    if expected is None or ids is None or ids.dtype.kind != expected or ids.shape != (n_items,):
+        got = "missing" if ids is None else f"{ids.dtype} with shape {list(ids.shape)}"
+        raise FittedStepsError(f"{path}: 'items.ids' must be {n_items} item ids of the kind the manifest names "
+                               f"({kind!r}), got {got}")
+    if len(np.unique(ids)) != n_items or (expected == "i" and (ids < 0).any()):
+        raise FittedStepsError(f"{path}: 'items.ids' must be distinct" + (" and non-negative" if expected == "i" else ""))
+    return ids.astype(np.int64) if expected == "i" else ids
 
 
 def same_numbers(a: FittedSteps, b: FittedSteps) -> bool:
     """Whether two FittedSteps hold exactly the same numbers (the plain data and the pickles agree)."""
     if len(a.scaler) != len(b.scaler) or not np.array_equal(a.centers, b.centers):
         return False
-    if (a.segment_share is None) != (b.segment_share is None) or (
-            a.segment_share is not None and not np.array_equal(a.segment_share, b.segment_share)):
-        return False
+    for u, v in ((a.segment_share, b.segment_share), (a.item_ids, b.item_ids)):
+        if (u is None) != (v is None) or (u is not None and not np.array_equal(u, v)):
+            return False
     for x, y in zip(a.scaler, b.scaler):
         if type(x) is not type(y):
             return False

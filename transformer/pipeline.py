@@ -19,7 +19,7 @@ from transformer.bundle import Bundle
 from transformer.kernels import (
     NearestCentroid, SklearnScaler, SklearnSegmenter, rules_on_candidates, steps_kernel, top_items,
 )
-from transformer.predictor import Contract
+from transformer.predictor import Contract, PredictorError
 
 log = logging.getLogger("transformer")
 
@@ -28,8 +28,8 @@ KERNELS = ("numpy", "sklearn")
 
 @dataclass(frozen=True)
 class Ranked:
-    """The answer for n rows: segment and distance per row, best items (n, k) with ``keep`` marking
-    the entries that pass the rules."""
+    """The answer for n rows: segment and distance per row, best items (n, k) by their own ids (int64 or
+    text) with ``keep`` marking the entries that pass the rules."""
 
     labels: np.ndarray
     distances: np.ndarray
@@ -49,6 +49,7 @@ class Pipeline:
         self.feature_names = bundle.feature_names
         self.spec = bundle.model
         self.rules = bundle.rules
+        self.catalogue = bundle.fitted.item_ids  # item index -> the users' own id; None: the index is the id
         if kernels == "numpy":  # the fitted numbers, read without unpickling anything
             self.scaler = steps_kernel(bundle.fitted.scaler)
             self.segmenter = NearestCentroid(bundle.fitted.centers)
@@ -89,6 +90,12 @@ class Pipeline:
         if self.use_candidates:
             ids, scores, keep = rules_on_candidates(outputs[spec.candidate_ids_output],
                                                     outputs[spec.candidate_scores_output], rules.min_score, rules.top_k)
+            if ids.size and (ids.min() < 0 or ids.max() >= spec.n_items):
+                raise PredictorError(502, f"the predictor's {spec.candidate_ids_output!r} holds item indices outside "
+                                     f"[0, {spec.n_items}): is it serving the model this bundle was trained with?",
+                                     "predictor_bad_answer")
         else:
             ids, scores, keep = top_items(outputs[spec.scores_output], rules.min_score, rules.top_k)
+        if self.catalogue is not None:
+            ids = self.catalogue[ids]
         return Ranked(labels, distances, ids, scores, keep)

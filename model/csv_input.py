@@ -1,0 +1,350 @@
+"""Read users and interactions from CSV files, in chunks, with messages that name file, line and column.
+
+Two forms:
+
+* **Two files**, the way event data comes: ``users.csv`` with one row per user (an id column,
+  numeric feature columns, optionally a known segment label) and ``interactions.csv`` with
+  one row per interaction (``user_id,item_id``, optionally a weight column; other columns,
+  a timestamp say, are reported and ignored).
+* **One file**: ``users.csv`` with an ``items`` column of space-separated item ids per user.
+
+Item ids may be any strings or non-negative integers. They are mapped to contiguous indices
+(sorted: numerically when every id is a non-negative integer, else as text) and the catalogue
+travels with the model, so answers carry the users' own ids. Both forms go through the same
+catalogue and the same sparse builder, so the same data gives the same training input.
+
+Files are read in chunks (pandas' C parser, every value as text first so that a bad one is
+reported exactly), with a progress bar over the bytes read. Nothing is dropped silently: a
+bad value stops the read with its place, and every row left out is counted in the summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.data import UserData, from_pairs
+
+#: Rows per chunk: 200,000 users of 12 features, or 1,000,000 interactions, as text.
+USER_CHUNK = 200_000
+INTERACTION_CHUNK = 1_000_000
+_INTEGER_ID = re.compile(r"(0|[1-9][0-9]{0,17})")
+
+
+class DataError(ValueError):
+    """A file that cannot be read as users or interactions; the message says where and why."""
+
+
+@dataclass
+class ReadSummary:
+    """What a read found, and every row it left out, by reason."""
+
+    users: int = 0
+    interactions: int = 0
+    items: int = 0
+    repeated_interactions_merged: int = 0
+    interactions_of_unknown_users_skipped: int = 0
+    users_without_interactions: int = 0
+    users_without_interactions_dropped: int = 0
+    ignored_columns: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        lines = [f"read {self.users} users, {self.interactions} interactions, {self.items} distinct items"]
+        if self.repeated_interactions_merged:
+            lines.append(f"  {self.repeated_interactions_merged} repeated (user, item) rows merged into one "
+                         "(weights summed)")
+        if self.interactions_of_unknown_users_skipped:
+            lines.append(f"  {self.interactions_of_unknown_users_skipped} interactions of users not in the users "
+                         "file skipped")
+        if self.users_without_interactions:
+            verb = "dropped" if self.users_without_interactions_dropped else "kept (they train the scaler only)"
+            lines.append(f"  {self.users_without_interactions} users without interactions {verb}")
+        if self.ignored_columns:
+            lines.append(f"  columns not used: {', '.join(self.ignored_columns)}")
+        return "\n".join(lines)
+
+
+def _header(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), None)
+    if not header or not any(name.strip() for name in header):
+        raise DataError(f"{path}: empty file, expected a header row")
+    return header
+
+
+def _chunks(path: Path, columns: list[str], rows: int, progress: bool):
+    """(first line number, DataFrame of text) per chunk of ``columns``."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    with path.open("rb") as raw, tqdm.wrapattr(raw, "read", total=path.stat().st_size, desc=f"reading {path.name}",
+                                                unit="B", unit_scale=True, disable=not progress, leave=False) as handle:
+        reader = pd.read_csv(handle, usecols=columns, dtype=str, keep_default_na=False, na_filter=False,
+                             chunksize=rows, engine="c")
+        line = 2
+        try:
+            for chunk in reader:
+                yield line, chunk
+                line += len(chunk)
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not a readable CSV file near line {line} ({exc})") from None
+
+
+def _column(text) -> np.ndarray:
+    """Text to float64, exactly as Python reads each number (pandas' own fast parser may differ in the last
+    bit); a value that is not a number becomes NaN, to be reported."""
+    import pandas as pd
+
+    try:
+        return text.to_numpy(object).astype(np.float64)
+    except ValueError:
+        exact = pd.to_numeric(text, errors="coerce").to_numpy(np.float64)
+        ok = np.isfinite(exact)
+        exact[ok] = text[ok].to_numpy(object).astype(np.float64)
+        return exact
+
+
+def _numbers(path: Path, chunk, columns: list[str], first_line: int) -> np.ndarray:
+    """The columns as float64 (rows, len(columns)); a missing, non-numeric or infinite value stops with its place."""
+    values = np.column_stack([_column(chunk[c]) for c in columns]) if len(chunk) else np.empty((0, len(columns)))
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        text = chunk[columns[col]].iloc[row]
+        try:
+            float(text)
+            what = f"must be finite, got {text!r}"
+        except ValueError:
+            what = "is missing" if not text.strip() else f"must be a number, got {text!r}"
+        raise DataError(f"{path}:{first_line + row}: column '{columns[col]}' {what}")
+    return values
+
+
+class Catalogue:
+    """Item ids seen so far -> provisional codes; :meth:`finish` sorts them into the final catalogue."""
+
+    def __init__(self) -> None:
+        self._codes: dict[str, int] = {}
+
+    def codes(self, ids) -> np.ndarray:
+        import pandas as pd
+
+        codes, uniques = pd.factorize(ids, sort=False)
+        lookup = np.fromiter((self._codes.setdefault(t, len(self._codes)) for t in uniques), dtype=np.int64,
+                             count=len(uniques))
+        return lookup[codes]
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids in catalogue order, provisional code -> catalogue index)."""
+        names = list(self._codes)
+        if all(_INTEGER_ID.fullmatch(n) for n in names):
+            ids = np.array([int(n) for n in names], dtype=np.int64)
+        else:
+            ids = np.array(names, dtype=str)
+        order = np.argsort(ids, kind="stable")
+        remap = np.empty(len(names), dtype=np.int32)
+        remap[order] = np.arange(len(names), dtype=np.int32)
+        return ids[order], remap
+
+
+@dataclass(frozen=True)
+class _Users:
+    features: np.ndarray
+    feature_names: tuple[str, ...]
+    ids: np.ndarray | None
+    labels: list[str] | None
+    extra: dict[str, list]  # other text columns read alongside (the one-file form's items)
+
+
+def _read_users(path: Path, *, id_column: str | None, label_column: str | None, text_columns: tuple[str, ...],
+                progress: bool) -> _Users:
+    header = _header(path)
+    special = {c for c in (id_column, label_column, *text_columns) if c}
+    feature_names = tuple(c for c in header if c not in special)
+    if not feature_names:
+        raise DataError(f"{path}: no feature columns besides {', '.join(sorted(special & set(header)))}")
+    has_id, has_label = id_column in header, label_column is not None and label_column in header
+    columns = [*feature_names, *([id_column] if has_id else []), *([label_column] if has_label else []),
+               *text_columns]
+    blocks, ids, labels, extra = [], [], [], {c: [] for c in text_columns}
+    for first_line, chunk in _chunks(path, columns, USER_CHUNK, progress):
+        blocks.append(_numbers(path, chunk, list(feature_names), first_line))
+        if has_id:
+            ids.append(chunk[id_column].to_numpy(str))
+        if has_label:
+            labels.extend(chunk[label_column].tolist())
+        for c in text_columns:
+            extra[c].extend(chunk[c].tolist())
+    if not blocks or sum(len(b) for b in blocks) == 0:
+        raise DataError(f"{path}: no data rows after the header")
+    user_ids = np.concatenate(ids) if has_id else None
+    if user_ids is not None:
+        import pandas as pd
+
+        duplicated = pd.Index(user_ids).duplicated()
+        if duplicated.any():
+            row = int(np.flatnonzero(duplicated)[0])
+            first = int(np.flatnonzero(user_ids == user_ids[row])[0])
+            raise DataError(f"{path}:{row + 2}: column '{id_column}': user id {str(user_ids[row])!r} appears again "
+                            f"(first on line {first + 2}); each user needs one row")
+        empty = np.flatnonzero(np.char.str_len(user_ids.astype(str)) == 0) if user_ids.size else []
+        if len(empty):
+            raise DataError(f"{path}:{int(empty[0]) + 2}: column '{id_column}' is missing")
+    return _Users(np.concatenate(blocks), feature_names, user_ids, labels if has_label else None, extra)
+
+
+def _finish(users: _Users, user_rows: np.ndarray, provisional: np.ndarray, catalogue: Catalogue,
+            weights: np.ndarray | None, summary: ReadSummary, drop_users_without_interactions: bool,
+            source: Path) -> UserData:
+    if provisional.size == 0:
+        raise DataError(f"{source}: no interactions; training needs items that users interacted with")
+    item_ids, remap = catalogue.finish()
+    if len(item_ids) < 2:
+        raise DataError(f"{source}: need at least two distinct items to learn a ranking, found {len(item_ids)}")
+    segments = np.unique(np.array(users.labels), return_inverse=True)[1] if users.labels is not None else None
+    data, merged = from_pairs(users.features, users.feature_names, user_rows, remap[provisional], item_ids,
+                              weights=weights, segments=segments, user_ids=users.ids)
+    summary.users, summary.items = data.n_users, data.n_items
+    summary.repeated_interactions_merged = merged
+    empty = np.flatnonzero(data.counts() == 0)
+    summary.users_without_interactions = int(empty.size)
+    if empty.size and drop_users_without_interactions:
+        data = data.subset(np.flatnonzero(data.counts() > 0))
+        summary.users_without_interactions_dropped = int(empty.size)
+        summary.users = data.n_users
+    return data
+
+
+def load_one_file(path: str | Path, *, items_column: str = "items", label_column: str | None = "segment",
+                  user_column: str | None = "user_id", drop_users_without_interactions: bool = False,
+                  progress: bool = False) -> tuple[UserData, ReadSummary]:
+    """Users with their items in one CSV: numeric feature columns, ``items_column`` holding the item ids of
+    each user separated by spaces (``"3 17 42"`` or ``"sku-3 sku-17"``), optionally ``label_column`` (a known
+    segment, used only to report agreement) and ``user_column`` (an id, not a feature).
+
+    Raises:
+        DataError: with the line number and column of the first bad value.
+    """
+    path = Path(path)
+    if items_column not in _header(path):
+        raise DataError(f"{path}: no '{items_column}' column; add one with the item ids each user interacted "
+                        "with, separated by spaces (e.g. \"3 17 42\"), or give the interactions as a second file "
+                        "with --interactions")
+    users = _read_users(path, id_column=user_column, label_column=label_column, text_columns=(items_column,),
+                        progress=progress)
+    tokens = [cell.split() for cell in users.extra[items_column]]
+    counts = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+    catalogue = Catalogue()
+    provisional = catalogue.codes(np.array([t for row in tokens for t in row], dtype=object)) \
+        if counts.sum() else np.empty(0, np.int64)
+    summary = ReadSummary(interactions=int(counts.sum()))
+    user_rows = np.repeat(np.arange(len(tokens), dtype=np.int64), counts)
+    return _finish(users, user_rows, provisional, catalogue, None, summary, drop_users_without_interactions,
+                   path), summary
+
+
+def load_two_files(users_path: str | Path, interactions_path: str | Path, *, user_column: str = "user_id",
+                   item_column: str = "item_id", weight_column: str | None = None,
+                   label_column: str | None = "segment", skip_unknown_users: bool = False,
+                   drop_users_without_interactions: bool = False,
+                   progress: bool = False) -> tuple[UserData, ReadSummary]:
+    """Users from one CSV (``user_column``, numeric features, optionally ``label_column``) and their
+    interactions from another (one row per interaction: ``user_column``, ``item_column``, optionally a
+    positive ``weight_column``).
+
+    Raises:
+        DataError: with file, line and column of the first bad value, a repeated user id, or an interaction
+            whose user is not in the users file (unless ``skip_unknown_users``: then counted and skipped).
+    """
+    import pandas as pd
+
+    users_path, interactions_path = Path(users_path), Path(interactions_path)
+    if user_column not in _header(users_path):
+        raise DataError(f"{users_path}: no '{user_column}' column; the users file needs an id column that the "
+                        "interactions file refers to (name it with --user-column)")
+    header = _header(interactions_path)
+    wanted = [user_column, item_column, *([weight_column] if weight_column else [])]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(f"{interactions_path}: no {', '.join(repr(c) for c in missing)} column; its columns are "
+                        f"{', '.join(header)} (name the id, item and weight columns with --user-column, "
+                        "--item-column and --weight-column)")
+    users = _read_users(users_path, id_column=user_column, label_column=label_column, text_columns=(),
+                        progress=progress)
+    summary = ReadSummary(ignored_columns=tuple(c for c in header if c not in wanted))
+    index = pd.Index(users.ids)
+    catalogue = Catalogue()
+    rows, items, weights = [], [], []
+    for first_line, chunk in _chunks(interactions_path, wanted, INTERACTION_CHUNK, progress):
+        summary.interactions += len(chunk)
+        item_text = chunk[item_column]
+        empty = (item_text.str.strip() == "").to_numpy()
+        if empty.any():
+            raise DataError(f"{interactions_path}:{first_line + int(np.flatnonzero(empty)[0])}: "
+                            f"column '{item_column}' is missing")
+        if weight_column:
+            w = _numbers(interactions_path, chunk, [weight_column], first_line)[:, 0]
+            if (w <= 0).any():
+                row = int(np.flatnonzero(w <= 0)[0])
+                raise DataError(f"{interactions_path}:{first_line + row}: column '{weight_column}' must be "
+                                f"positive, got {chunk[weight_column].iloc[row]!r}")
+        user_rows = index.get_indexer(chunk[user_column])
+        known = user_rows >= 0
+        if not known.all():
+            if not skip_unknown_users:
+                row = int(np.flatnonzero(~known)[0])
+                raise DataError(f"{interactions_path}:{first_line + row}: column '{user_column}': user "
+                                f"{chunk[user_column].iloc[row]!r} is not in {users_path.name}; add the user, or "
+                                "skip such rows with --skip-unknown-users (they are counted)")
+            summary.interactions_of_unknown_users_skipped += int((~known).sum())
+            user_rows, item_text = user_rows[known], item_text[known]
+            if weight_column:
+                w = w[known]
+        if weight_column:
+            weights.append(w.astype(np.float32))
+        rows.append(user_rows.astype(np.int32))
+        items.append(catalogue.codes(item_text.to_numpy(object)).astype(np.int32))
+    if summary.interactions == 0:
+        raise DataError(f"{interactions_path}: no data rows after the header")
+    return _finish(users, np.concatenate(rows), np.concatenate(items), catalogue,
+                   np.concatenate(weights) if weight_column else None, summary, drop_users_without_interactions,
+                   interactions_path), summary
+
+
+def _user_frame(data: UserData, id_column: str | None):
+    import pandas as pd
+
+    frame = pd.DataFrame(data.features, columns=list(data.feature_names))
+    if id_column:
+        frame.insert(0, id_column, data.user_ids if data.user_ids is not None else np.arange(data.n_users))
+    if data.segments is not None:
+        frame["segment"] = data.segments
+    return frame
+
+
+def write_one_file(data: UserData, path: str | Path) -> Path:
+    """Users in the one-file form :func:`load_one_file` reads (handy as a template)."""
+    frame = _user_frame(data, None)
+    frame.insert(len(data.feature_names), "items",
+                 [" ".join(map(str, data.item_ids[data.items_of(u)])) for u in range(data.n_users)])
+    frame.to_csv(path, index=False)
+    return Path(path)
+
+
+def write_two_files(data: UserData, users_path: str | Path, interactions_path: str | Path) -> list[Path]:
+    """Users and interactions in the two-file form :func:`load_two_files` reads."""
+    import pandas as pd
+
+    _user_frame(data, "user_id").to_csv(users_path, index=False)
+    ids = data.user_ids if data.user_ids is not None else np.arange(data.n_users)
+    frame = pd.DataFrame({"user_id": ids[data.user_of_each_interaction()], "item_id": data.item_ids[data.indices]})
+    if data.weights is not None:
+        frame["weight"] = data.weights
+    frame.to_csv(interactions_path, index=False, chunksize=INTERACTION_CHUNK)
+    return [Path(users_path), Path(interactions_path)]
