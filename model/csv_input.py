@@ -83,17 +83,19 @@ def _chunks(path: Path, columns: list[str], rows: int, progress: bool):
     import pandas as pd
     from tqdm import tqdm
 
-    with path.open("rb") as raw, tqdm.wrapattr(raw, "read", total=path.stat().st_size, desc=f"reading {path.name}",
-                                                unit="B", unit_scale=True, disable=not progress, leave=False) as handle:
-        reader = pd.read_csv(handle, usecols=columns, dtype=str, keep_default_na=False, na_filter=False,
-                             chunksize=rows, engine="c")
+    size = path.stat().st_size
+    with path.open("rb") as handle, tqdm(total=size, desc=f"reading {path.name}", unit="B", unit_scale=True,
+                                         disable=not progress, leave=False) as bar:
+        # Every column is read (not usecols: with it, pandas drops a row's extra fields silently).
+        reader = pd.read_csv(handle, dtype=str, keep_default_na=False, na_filter=False, chunksize=rows, engine="c")
         line = 2
         try:
             for chunk in reader:
-                yield line, chunk
+                bar.update(min(handle.tell(), size) - bar.n)  # the parser reads ahead: close enough
+                yield line, chunk[columns]
                 line += len(chunk)
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: not a readable CSV file near line {line} ({exc})") from None
+            raise DataError(f"{path}: not a readable CSV file after line {line - 1} ({exc})") from None
 
 
 def _column(text) -> np.ndarray:

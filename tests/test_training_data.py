@@ -103,7 +103,9 @@ EVENTS = "user_id,item_id\nann,1\nbob,2\n"
         ("user_id,a,b\nann,1,2\nbob,3,4\nann,5,6\n", EVENTS,
          "users.csv:4: column 'user_id': user id 'ann' appears again \\(first on line 2\\)"),
         (USERS, "user_id,item_id\nann,1\nbob,\n", "events.csv:3: column 'item_id' is missing"),
+        (USERS, "user_id,item_id\nann,1\nbob\n", "events.csv:3: column 'item_id' is missing"),  # a short row
         (USERS, "user_id,item_id\nann,1\nann,1\n", "need at least two distinct items"),
+        (USERS, "user_id,item_id\nann,1\nbob,2,3\n", "events.csv: not a readable CSV file after line 1 .*Expected 2 fields in line 3, saw 3"),
     ],
 )
 def test_two_file_errors_name_file_line_and_column(tmp_path, users, events, message):
