@@ -100,6 +100,7 @@ def train_embedder(
     batch_size: int = 128,
     negatives: int = 2048,
     learning_rate: float = 3e-3,
+    item_prior: np.ndarray | None = None,
     seed: int = 0,
     progress=None,
 ) -> EmbedderWeights:
@@ -117,6 +118,11 @@ def train_embedder(
     every item, which is exactly the dense loss.
 
     Args:
+        item_prior: the share of training users who chose each item. Each item's bias starts at its
+            log-odds, the optimum of the loss for a model of biases alone (the popularity baseline),
+            so training starts from popularity instead of learning it: with sampled negatives a
+            rare item is seen in few steps, and from zero biases 100,000 users x 20,000 items ended
+            below the popularity baseline (recall@10 0.007 against 0.009).
         progress: optional callable(epoch, logs) called after every epoch.
     """
     import keras
@@ -125,6 +131,9 @@ def train_embedder(
     from model.input_pipeline import training_dataset
 
     hidden_layers, projection, item_scores = build_layers(n_features, n_items, embedding_dim, hidden, seed)
+    if item_prior is not None:
+        p = np.clip(np.asarray(item_prior, dtype=np.float64), 1e-6, 1 - 1e-6)
+        item_scores.item_bias.assign(np.log(p / (1 - p)).astype(np.float32))
     variables = [v for layer in (*hidden_layers, projection, item_scores) for v in layer.trainable_variables]
     optimizer = keras.optimizers.Adam(learning_rate)
     sampled = negatives < n_items

@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = train_embedder(
             write_shards(X_train, train, shards, seed=args.seed), n_features=X_train.shape[1],
             n_items=train.n_items, weighted=train.weights is not None, embedding_dim=args.embedding_dim,
-            epochs=args.epochs, batch_size=batch_size, negatives=args.negatives, seed=args.seed, progress=on_epoch,
+            epochs=args.epochs, batch_size=batch_size, negatives=args.negatives,
+            item_prior=train.item_counts() / train.n_users, seed=args.seed, progress=on_epoch,
         )
     finally:
         shutil.rmtree(shards, ignore_errors=True)
