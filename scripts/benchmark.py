@@ -57,8 +57,11 @@ def newest_version_dir(build: Path) -> Path:
     return build / "models" / MODEL / str(model_versions(build / "models" / MODEL)[-1])
 
 
-def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict]:
-    """Transformer bodies (raw rows), predictor bodies (scaled rows), fused bodies (raw rows)."""
+def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict, dict, dict]:
+    """Transformer bodies (raw rows; v1 JSON, v2 JSON, v2 gRPC with the rows as raw bytes), predictor
+    bodies (scaled rows), fused bodies (raw rows)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
     import joblib
 
     from model.synthetic import make_synthetic
@@ -72,13 +75,18 @@ def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict]:
     # The predictor alone answers the same signature the transformer asks for (its best candidates
     # when the model has them), so (a) and (b) differ by the transformer hop only.
     signature = manifest["model"].get("candidates_signature") or manifest["model"]["signature_name"]
-    transformer, predictor, fused = {}, {}, {}
+    transformer, predictor, fused, v2_rest, v2_grpc = {}, {}, {}, {}, {}
     for b in batches:
         transformer[b] = json.dumps({"instances": raw[:b].tolist()}).encode()
+        v2_rest[b] = json.dumps({"inputs": [{"name": "features", "datatype": "FP64", "shape": [b, raw.shape[1]],
+                                             "data": raw[:b].ravel().tolist()}]}).encode()
+        request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[raw[:b].astype("<f8").tobytes()])
+        request.inputs.add(name="features", datatype="FP64", shape=[b, raw.shape[1]])
+        v2_grpc[b] = request.SerializeToString()
         predictor[b] = json.dumps({"signature_name": signature,
                                    "inputs": [[float(v) for v in row] for row in scaled[:b]]}).encode()
         fused[b] = json.dumps({"inputs": raw[:b].astype(np.float32).astype(np.float64).tolist()}).encode()
-    return transformer, predictor, fused
+    return transformer, predictor, fused, v2_rest, v2_grpc
 
 
 _STAGE = re.compile(r'^request_(pre|post)process_seconds_(sum|count)\{model_name="' + MODEL + r'"\} (\S+)$', re.M)
@@ -200,6 +208,19 @@ def explain(results: dict) -> list[str]:
             "(parsing and validating every value, scaling, ranking, JSON both ways), while the predictor is busy "
             f"{b['extra']['cpu_share'].get('predictor', 0.0):.2f} of a core. "
             "A single transformer process uses one core; scale replicas, or use fused mode for large batches."
+        )
+    protocols = [(key, label) for key, label in (("b", "v1 REST"), ("e", "v2 REST"), ("f", "v2 gRPC"))
+                 if (key, top_batch, top_c) in runs]
+    if len(protocols) > 1:
+        cells = ", ".join(f"{label} {runs[(key, top_batch, top_c)]['throughput']:.0f} req/s "
+                          f"(transformer {runs[(key, top_batch, top_c)]['extra']['cpu_share'].get('transformer', 0):.2f} "
+                          "of a core)" for key, label in protocols)
+        notes.append(
+            f"The transformer's protocols at {top_batch} rows and concurrency {top_c}: {cells}. The predictor "
+            "hop is REST JSON in all three, so the differences are the transformer's own reading and writing: "
+            "v2 carries each tensor as one flat list (or raw bytes over gRPC) where v1 has an object per row "
+            "and per item. The gRPC load comes from a Python client on the same two cores, which costs more "
+            "client CPU than wrk."
         )
     notes.append(
         "The predictor here is `python -m model.serve`, TF Serving's REST API in Python over the same "
@@ -667,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     if not have_wrk():
         print("note: wrk is not installed (apt-get install wrk); using the slower Python load generator")
 
-    transformer_bodies, predictor_bodies, fused_bodies = request_bodies(args.build, batches)
+    transformer_bodies, predictor_bodies, fused_bodies, v2_rest_bodies, v2_grpc_bodies = request_bodies(
+        args.build, batches)
     logs = Path(tempfile.mkdtemp(prefix="benchmark-logs-"))
     main_stack = LocalStack(build=args.build, predictor="local", log_dir=logs / "main")
     baseline = LocalStack(build=args.build, predictor_port=main_stack.predictor_port, log_dir=logs / "baseline",
@@ -692,6 +714,13 @@ def main(argv: list[str] | None = None) -> int:
                    f"{baseline.transformer_url}/metrics"),
             Target("d", "fused alone", f"{fused.predictor_url}/v1/models/{FUSED}:predict", fused_bodies,
                    {"predictor": proc["fused"]}),
+            Target("e", "transformer v2 REST -> predictor", f"{main_stack.transformer_url}/v2/models/{MODEL}/infer",
+                   v2_rest_bodies, {"transformer": proc["transformer"], "predictor": proc["predictor"]},
+                   f"{main_stack.transformer_url}/metrics"),
+            Target("f", "transformer v2 gRPC -> predictor",
+                   f"grpc://{main_stack.grpc_target}/inference.GRPCInferenceService/ModelInfer",
+                   v2_grpc_bodies, {"transformer": proc["transformer"], "predictor": proc["predictor"]},
+                   f"{main_stack.transformer_url}/metrics"),
         ]
         runs = []
         for batch in batches:

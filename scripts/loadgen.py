@@ -126,20 +126,55 @@ async def _python_load(url: str, body: bytes, concurrency: int, seconds: float) 
     return latencies, non_2xx, errors
 
 
+async def _grpc_load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[list[float], int, int]:
+    """Unary gRPC calls of an already serialized request, ``concurrency`` at a time on one channel
+    (``url``: ``grpc://host:port/package.Service/Method``); a non-OK status counts as a non-2xx."""
+    import grpc
+
+    target, method = url.removeprefix("grpc://").split("/", 1)
+    latencies: list[float] = []
+    non_ok = errors = 0
+    deadline = time.perf_counter() + seconds
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/{method}")  # bytes in, bytes out: no (de)serialising in the client
+
+        async def worker():
+            nonlocal non_ok, errors
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                try:
+                    await call(body, timeout=10.0)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+                        errors += 1
+                    else:
+                        non_ok += 1
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, non_ok, errors
+
+
 def run_python(url: str, body: bytes, concurrency: int, seconds: float) -> LoadResult:
+    """httpx for http:// URLs, a gRPC channel for grpc:// ones."""
     cpu_before, wall_before = time.process_time(), time.perf_counter()
-    latencies, non_2xx, errors = asyncio.run(_python_load(url, body, concurrency, seconds))
+    load = _grpc_load if url.startswith("grpc://") else _python_load
+    latencies, non_2xx, errors = asyncio.run(load(url, body, concurrency, seconds))
     wall = time.perf_counter() - wall_before
     values = np.percentile(np.array(latencies) * 1000.0, PERCENTILES) if latencies else [float("nan")] * len(PERCENTILES)
     return LoadResult(
         requests=len(latencies), seconds=wall, non_2xx=non_2xx, socket_errors=errors,
         percentiles_ms={str(p): float(v) for p, v in zip(PERCENTILES, values)},
-        client_cpu_seconds=time.process_time() - cpu_before, generator="python",
+        client_cpu_seconds=time.process_time() - cpu_before,
+        generator="python-grpc" if url.startswith("grpc://") else "python",
     )
 
 
 def run_load(url: str, body: bytes, concurrency: int, seconds: float) -> LoadResult:
-    return run_wrk(url, body, concurrency, seconds) if have_wrk() else run_python(url, body, concurrency, seconds)
+    """wrk for HTTP when installed, else Python; gRPC (``grpc://``) always from Python."""
+    if have_wrk() and not url.startswith("grpc://"):
+        return run_wrk(url, body, concurrency, seconds)
+    return run_python(url, body, concurrency, seconds)
 
 
 async def _recorded_load(host: str, port: int, path: str, body: bytes, concurrency: int,

@@ -75,6 +75,7 @@ class LocalStack:
         predictor: str = "auto",
         predictor_port: int | None = None,
         transformer_port: int | None = None,
+        grpc_port: int | None = None,
         transformer_args: list[str] | None = None,
         log_dir: Path | None = None,
         model_dir: Path | None = None,
@@ -86,6 +87,7 @@ class LocalStack:
         self.predictor_kind = ""  # what actually runs, once started
         self.predictor_port = predictor_port or free_port()
         self.transformer_port = transformer_port or free_port()
+        self.grpc_port = grpc_port or free_port()  # the transformer's gRPC (v2) port
         self.transformer_args = transformer_args or []
         self.log_dir = Path(log_dir) if log_dir else self.build / "logs"
         self.processes: dict[str, subprocess.Popen] = {}
@@ -162,13 +164,21 @@ class LocalStack:
 
         self._wait("predictor", f"{self.predictor_url}/v1/models/{self.model_name}", available, timeout)
 
-    def start_transformer(self, timeout: float = 60.0) -> None:
-        self._spawn("transformer", [
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def transformer_command(self, model_dir: Path | None = None) -> list[str]:
+        """``python -m transformer`` against this stack's predictor, on this stack's REST and gRPC ports."""
+        return [
             sys.executable, "-m", "transformer", "--model_name", self.model_name,
-            "--predictor_host", f"127.0.0.1:{self.predictor_port}", "--model_base_path", str(self.model_dir),
-            "--http_port", str(self.transformer_port), "--enable_latency_logging", "false",
-            *self.transformer_args,
-        ])
+            "--predictor_host", f"127.0.0.1:{self.predictor_port}", "--model_base_path", str(model_dir or self.model_dir),
+            "--http_port", str(self.transformer_port), "--grpc_port", str(self.grpc_port),
+            "--enable_latency_logging", "false", *self.transformer_args,
+        ]
+
+    def start_transformer(self, timeout: float = 60.0) -> None:
+        self._spawn("transformer", self.transformer_command())
         self._wait("transformer", f"{self.transformer_url}/v1/models/{self.model_name}",
                    lambda r: r.status_code == 200, timeout)
 
@@ -214,16 +224,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="container: the tensorflow/serving image; local: python -m model.serve")
     parser.add_argument("--predictor-port", type=int, default=8501)
     parser.add_argument("--transformer-port", type=int, default=8080)
+    parser.add_argument("--grpc-port", type=int, default=8081, help="the transformer's gRPC (v2) port")
     args = parser.parse_args(argv)
     stack = LocalStack(build=args.build, model_name=args.model_name, predictor=args.predictor,
-                       predictor_port=args.predictor_port, transformer_port=args.transformer_port)
+                       predictor_port=args.predictor_port, transformer_port=args.transformer_port,
+                       grpc_port=args.grpc_port)
     try:
         stack.start()
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"predictor   {stack.predictor_url}/v1/models/{args.model_name}")
-    print(f"transformer {stack.transformer_url}/v1/models/{args.model_name}:predict")
+    print(f"transformer {stack.transformer_url}/v1/models/{args.model_name}:predict (v1 REST), "
+          f"{stack.transformer_url}/v2/models/{args.model_name}/infer (v2 REST), {stack.grpc_target} (v2 gRPC)")
     print("Ctrl-C stops both.")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

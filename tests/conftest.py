@@ -166,3 +166,44 @@ class RunsCode:
 def poison(path: Path, marker: Path) -> None:
     """Replace a pickled artifact by one that runs code when loaded."""
     path.write_bytes(pickle.dumps(RunsCode(marker)))
+
+
+# -- Open Inference Protocol (v2) helpers: requests built and answers read with KServe's own types --------
+
+def run(coro):
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def matrix_request(rows: np.ndarray, datatype: str = "FP64", binary: bool = False, request_id: str = "r1"):
+    from kserve import InferInput, InferRequest
+
+    tensor = InferInput(name="features", shape=list(rows.shape), datatype=datatype)
+    tensor.set_data_from_numpy(rows.astype(np.float64 if datatype == "FP64" else np.float32), binary_data=binary)
+    return InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor], request_id=request_id)
+
+
+def column_request(rows: np.ndarray, names: list[str], binary: bool = False):
+    from kserve import InferInput, InferRequest
+
+    inputs = []
+    for j, name in enumerate(names):
+        tensor = InferInput(name=name, shape=[rows.shape[0]], datatype="FP64")
+        tensor.set_data_from_numpy(np.ascontiguousarray(rows[:, j]), binary_data=binary)
+        inputs.append(tensor)
+    return InferRequest(model_name=MODEL_NAME, infer_inputs=inputs[::-1])  # any order: matched by name
+
+
+def as_predictions(response) -> list[dict]:
+    """An InferResponse's tensors in the v1 answer shape (padding dropped), to compare with the offline answers."""
+    from scripts.cluster import fused_as_predictions
+
+    return fused_as_predictions({out.name: out.as_numpy() for out in response.outputs})
+
+
+async def grpc_infer(stack, request, headers=None):
+    from kserve import InferenceGRPCClient
+
+    async with InferenceGRPCClient(stack.grpc_target, retries=0, timeout=30) as client:
+        return await client.infer(request, headers=headers)

@@ -202,8 +202,12 @@ def test_names_ports_and_paths_agree_everywhere(overlay):
     port = container["ports"][0]["containerPort"]
     assert port == int(arg_value(args, "--http_port")) == defaults.http_port == 8080
     assert container["readinessProbe"]["httpGet"]["port"] == container["livenessProbe"]["httpGet"]["port"] == port
-    assert re.search(rf"^EXPOSE {port}$", dockerfile(), re.M)
-    assert f'"--http_port={port}"' in docker_cmd
+    grpc = container["ports"][1]
+    assert grpc["name"].startswith("grpc")  # KServe's Service gives it appProtocol kubernetes.io/h2c
+    assert grpc["containerPort"] == int(arg_value(args, "--grpc_port")) == defaults.grpc_port == 8081
+    assert arg_value(args, "--enable_grpc") == "true" and defaults.enable_grpc
+    assert re.search(rf"^EXPOSE {port} {grpc['containerPort']}$", dockerfile(), re.M)
+    assert f'"--http_port={port}"' in docker_cmd and f'"--grpc_port={grpc["containerPort"]}"' in docker_cmd
     # Model store: where the storage initializer puts STORAGE_URI, the flag, the default, the Dockerfile;
     # and it is the predictor's own storage URI, so both sides read the same version folders.
     base_path = arg_value(args, "--model_base_path")
@@ -401,6 +405,8 @@ def test_collocated_transformer_shares_the_predictor_pod_and_store():
     # The Service targets this container's first port; it must be the transformer's HTTP port.
     assert container["ports"][0]["containerPort"] == int(arg_value(args, "--http_port")) == 8080
     assert container["readinessProbe"]["httpGet"] == {"path": "/v1/models/embedder", "port": 8080}
+    # Its other ports become Service ports of their own: v2 gRPC on 8081 (h2c by its name).
+    assert container["ports"][1] == {"containerPort": 8081, "name": "grpc-v2", "protocol": "TCP"}
     # The store comes from the predictor's storageUri (mounted into both); STORAGE_URI here is refused.
     assert not any(e["name"] == "STORAGE_URI" for e in container.get("env", []))
     assert arg_value(args, "--model_base_path") == "/mnt/models"
@@ -410,7 +416,8 @@ def test_collocated_transformer_shares_the_predictor_pod_and_store():
     assert same_args <= set(args) and kind_container["image"] == container["image"]
     (policy,) = objects("collocated", "NetworkPolicy")
     open_rule, scrape_rule = policy["spec"]["ingress"]
-    assert "from" not in open_rule and open_rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert "from" not in open_rule and open_rule["ports"] == [{"protocol": "TCP", "port": 8080},
+                                                              {"protocol": "TCP", "port": 8081}]
     assert scrape_rule["ports"] == [{"protocol": "TCP", "port": int(rest_port)}]
 
 

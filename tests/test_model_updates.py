@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -290,11 +289,7 @@ def test_a_served_version_without_a_bundle_is_refused_then_recovers(two_versions
     stack = LocalStack(build=tmp_path / "predictor", predictor="local", log_dir=tmp_path / "logs")
     stack.start_predictor()
     try:
-        stack._spawn("transformer", [
-            sys.executable, "-m", "transformer", "--model_name", MODEL_NAME,
-            "--predictor_host", f"127.0.0.1:{stack.predictor_port}", "--model_base_path", str(transformer_store),
-            "--http_port", str(stack.transformer_port), "--enable_latency_logging", "false",
-        ])
+        stack._spawn("transformer", stack.transformer_command(transformer_store))
         health = f"{stack.transformer_url}/v1/models/{MODEL_NAME}"
         stack._wait("transformer", f"{stack.transformer_url}/", lambda r: r.status_code == 200, 60)
         url = f"{health}:predict"

@@ -139,7 +139,7 @@ def test_string_item_ids_reach_the_answers_of_both_modes(tmp_path):
     model's, equal to the offline computation mapped through the catalogue."""
     import httpx
 
-    from conftest import Offline, assert_same_predictions
+    from conftest import Offline, as_predictions, assert_same_predictions, grpc_infer, matrix_request, run
     from model.train import main as train
     from scripts.cluster import fused_as_predictions
     from scripts.localstack import LocalStack
@@ -154,11 +154,22 @@ def test_string_item_ids_reach_the_answers_of_both_modes(tmp_path):
     assert all(isinstance(i["id"], str) and i["id"].startswith("sku-") for p in expected for i in p["items"])
     assert sum(len(p["items"]) for p in expected) > 60
 
+    v2_body = {"inputs": [{"name": "features", "datatype": "FP64", "shape": list(rows.shape),
+                           "data": rows.ravel().tolist()}]}
     with LocalStack(build=build, predictor="local", log_dir=tmp_path / "logs") as stack:
         answer = httpx.post(f"{stack.transformer_url}/v1/models/embedder:predict",
                             json={"instances": rows.tolist()}, timeout=30)
+        v2 = httpx.post(f"{stack.transformer_url}/v2/models/embedder/infer", json=v2_body, timeout=30)
+        metadata = httpx.get(f"{stack.transformer_url}/v2/models/embedder", timeout=10).json()
+        over_grpc = run(grpc_infer(stack, matrix_request(rows)))
     assert answer.status_code == 200, answer.text
     assert_same_predictions(answer.json()["predictions"], expected)
+    assert v2.status_code == 200, v2.text
+    outputs = {o["name"]: np.array(o["data"], dtype=object if o["datatype"] == "BYTES" else None).reshape(o["shape"])
+               for o in v2.json()["outputs"]}
+    assert_same_predictions(fused_as_predictions(outputs), expected)
+    assert_same_predictions(as_predictions(over_grpc), expected)
+    assert {"name": "item_ids", "datatype": "BYTES", "shape": [-1, 4]} in metadata["outputs"]
 
     fused = LocalStack(build=build, model_name="embedder-fused", predictor="local", log_dir=tmp_path / "fused-logs")
     try:

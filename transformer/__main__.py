@@ -82,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "with their request id)")
     ours.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                       help="level of the transformer's own (JSON) log lines")
-    parser.set_defaults(enable_grpc=False)
     return parser
 
 

@@ -47,11 +47,15 @@ class RequestError(InvalidInput):
         self.cause = cause
 
 
-def decode_json(body: bytes | bytearray | str) -> Any:
+V1_HINT = 'send {"instances": [...]}'
+
+
+def decode_json(body: bytes | bytearray | str, hint: str = V1_HINT) -> Any:
     """Parse a request body. ``NaN`` and ``Infinity`` tokens are read (as TF Serving does) so
-    that validation can name the row and the field that holds them."""
+    that validation can name the row and the field that holds them. ``hint`` ends each message:
+    what the body should look like."""
     if not body or not body.strip():
-        raise RequestError('the body is empty; send {"instances": [...]}', cause="invalid_json")
+        raise RequestError(f"the body is empty; {hint}", cause="invalid_json")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -60,12 +64,12 @@ def decode_json(body: bytes | bytearray | str) -> Any:
         return json.loads(body)
     except json.JSONDecodeError as exc:
         raise RequestError(
-            f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
-            'send {"instances": [...]}', cause="invalid_json",
+            f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; {hint}",
+            cause="invalid_json",
         ) from None
     except (UnicodeDecodeError, RecursionError) as exc:
         reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "is nested too deeply"
-        raise RequestError(f'the body {reason}; send {{"instances": [...]}} as JSON', cause="invalid_json") from None
+        raise RequestError(f"the body {reason}; {hint} as JSON", cause="invalid_json") from None
 
 
 def decode_body(payload: Any) -> Any:
@@ -200,3 +204,16 @@ def encode_predictions(
             "items": [{"id": row_ids[j], "score": row_scores[j]} for j in range(len(row_ids)) if row_keep[j]],
         })
     return {"predictions": predictions}
+
+
+class V1Codec:
+    """One v1 request on its way: ``{"instances": [...]}`` in, ``{"predictions": [...]}`` out."""
+
+    def __init__(self, payload: Any):
+        self.doc = decode_body(payload)
+
+    def rows(self, feature_names: tuple[str, ...], max_rows: int) -> np.ndarray:
+        return parse_instances(self.doc, feature_names, max_rows)
+
+    def answer(self, ranked: Any, model_name: str, model_version: int) -> dict:
+        return encode_predictions(ranked.labels, ranked.distances, ranked.item_ids, ranked.item_scores, ranked.keep)

@@ -1,10 +1,14 @@
 """The KServe transformer: scale -> TF Serving -> segment and rank, one model version per request.
 
-    preprocess   take the active model version; parse and validate rows against its features;
-                 quantile-scale them (float64), float32 out
-    predict      POST the scaled rows to TF Serving, pinned to that version
-    postprocess  nearest centroid -> segment; scores -> rules -> best items; the answer names
-                 the version (``x-model-version``)
+    preprocess   take the active model version; the request's codec parses and validates its
+                 rows against the version's features; quantile-scale them (float64), float32 out
+    predict      send the scaled rows to TF Serving, pinned to that version
+    postprocess  nearest centroid -> segment; scores -> rules -> best items; the codec writes the
+                 answer in the request's protocol, naming the version (``x-model-version``)
+
+What is computed is ``pipeline.py``'s, protocol-free; how it travels is a codec's: v1 REST
+(``codec.py``), v2 REST and gRPC (``codec_v2.py``). Adding a protocol means adding a codec
+and a line in :func:`codec_for`.
 
 The request carries its :class:`ServedVersion` from preprocess to postprocess, so a
 model update in between cannot mix two versions' steps in one answer (``versions.py``
@@ -20,6 +24,7 @@ import asyncio
 import contextvars
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,11 +33,13 @@ from typing import Any, Callable
 import kserve
 import numpy as np
 
-from transformer.admission import Admission, check_deadline, deadline
+from transformer.admission import TIMEOUT_HEADER, Admission, check_deadline, deadline
 from transformer.bundle import Bundle, BundleError, load_bundle
 from transformer.coalesce import Coalescer
-from transformer.codec import decode_body, encode_predictions, parse_instances
+from transformer.codec import V1Codec
+from transformer.codec_v2 import V2Codec, V2Request, tensor_metadata
 from transformer.drift import DriftMonitor
+from transformer.edge import Failure, grpc_code, handle
 from transformer.metrics import ModelMetrics, VersionMetrics
 from transformer.pipeline import Pipeline
 from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, VersionNotServed
@@ -51,10 +58,20 @@ request_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("re
 
 @dataclass(frozen=True)
 class Batch:
-    """Rows on their way through one model version: scaled features, then TF Serving's outputs."""
+    """Rows on their way through one model version: scaled features, then TF Serving's outputs; and the
+    codec that read the request and writes its answer."""
 
     served: ServedVersion
     data: Any
+    codec: Any
+
+
+def codec_for(payload: Any) -> Any:
+    """The codec of a request's protocol: v2 (REST, as the v2 endpoint decoded it, or gRPC, as KServe's
+    servicer did), else v1 REST."""
+    if isinstance(payload, (V2Request, kserve.InferRequest)):
+        return V2Codec(payload)
+    return V1Codec(payload)
 
 
 class EmbedderTransformer(kserve.Model):
@@ -178,9 +195,25 @@ class EmbedderTransformer(kserve.Model):
     # -- the request path ---------------------------------------------------------------------
 
     async def __call__(self, body, headers=None, verb=kserve.model.InferenceVerb.PREDICT):
-        """KServe's pre -> predict -> post, tried once more on another version if TF Serving stopped
-        serving this request's version meanwhile (a rollback, or a predictor pod that has not
-        loaded the newest version yet). The retry starts from the raw request: no mixing."""
+        """KServe's pre -> predict -> post. REST requests come through the transformer's own endpoints,
+        which run them through the edge (``edge.py``); gRPC requests come straight from KServe's
+        servicer and go through the same edge here, their failures turned into gRPC status codes."""
+        if isinstance(body, kserve.InferRequest) and body.from_grpc:
+            from grpc_interceptor.exceptions import GrpcException
+
+            headers = dict(headers or {})
+            request_id = headers.setdefault("x-request-id", uuid.uuid4().hex)
+            try:
+                return await handle(self, self.name, request_id, headers.get(TIMEOUT_HEADER),
+                                    lambda: self._answer(body, headers, verb))
+            except Failure as failure:
+                raise GrpcException(failure.message, status_code=grpc_code(failure.status)) from None
+        return await self._answer(body, headers, verb)
+
+    async def _answer(self, body, headers, verb):
+        """Pre -> predict -> post, tried once more on another version if TF Serving stopped serving this
+        request's version meanwhile (a rollback, or a predictor pod that has not loaded the newest
+        version yet). The retry starts from the raw request: no mixing."""
         started = time.monotonic()
         try:
             return await super().__call__(body, headers, verb)
@@ -201,25 +234,45 @@ class EmbedderTransformer(kserve.Model):
         served = self.versions.current(exclude=_avoid_version.get())
         request_version.set(served.version)
         pipeline = served.pipeline
-        X = parse_instances(decode_body(payload), pipeline.feature_names, self.max_rows)
+        codec = codec_for(payload)
+        X = codec.rows(pipeline.feature_names, self.max_rows)
         self.admission.take_rows(X.shape[0])
         self.metrics.rows.observe(X.shape[0])
         served.metrics.observe_rows(X)
-        return Batch(served, await self._compute(pipeline.scale, X.shape[0], X))
+        return Batch(served, await self._compute(pipeline.scale, X.shape[0], X), codec)
 
     async def predict(self, batch: Batch, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> Batch:
         check_deadline("the predictor call")
-        return Batch(batch.served, await batch.served.forward(batch.data, deadline.get()))
+        return Batch(batch.served, await batch.served.forward(batch.data, deadline.get()), batch.codec)
 
     async def postprocess(self, batch: Batch, headers: dict[str, str] | None = None,
-                          response_headers: dict[str, str] | None = None) -> dict:
+                          response_headers: dict[str, str] | None = None) -> Any:
         served = batch.served
         if response_headers is not None:
             response_headers[VERSION_HEADER] = str(served.version)
         ranked = await self._compute(served.pipeline.rank, len(next(iter(batch.data.values()))), batch.data)
         served.metrics.observe_segments(ranked.labels)
-        return encode_predictions(ranked.labels, ranked.distances, ranked.item_ids, ranked.item_scores, ranked.keep)
+        return batch.codec.answer(ranked, self.name, served.version)
+
+    # -- v2 model metadata ----------------------------------------------------------------------
+
+    def _tensor_metadata(self) -> tuple[list[dict], list[dict]]:
+        served = self.versions.active if self.versions is not None else None
+        if served is None:
+            return [], []
+        pipeline = served.pipeline
+        catalogue = pipeline.catalogue
+        return tensor_metadata(pipeline.feature_names, min(pipeline.rules.top_k, pipeline.spec.n_items),
+                               catalogue is not None and catalogue.dtype.kind == "U")
+
+    def get_input_types(self) -> list[dict]:
+        """v2 metadata: ``features`` FP64 [-1, F] (one tensor per feature name is accepted too)."""
+        return self._tensor_metadata()[0]
+
+    def get_output_types(self) -> list[dict]:
+        """v2 metadata: the answer's tensors, as fused mode names them."""
+        return self._tensor_metadata()[1]
 
 
 class _LazyClient:

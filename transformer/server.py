@@ -1,22 +1,23 @@
 """Wiring of the transformer into KServe's ModelServer.
 
-KServe's own v1 predict endpoint answers 500 for most failures, reads bodies of
-any size and rejects ``NaN`` before the model can say where it is. The
-transformer registers its own ``POST /v1/models/{name}:predict`` in front of it:
+KServe's own predict endpoints answer 500 for most failures, read bodies of any size and
+reject ``NaN`` before the model can say where it is. The transformer registers its own
+``POST /v1/models/{name}:predict`` and ``POST /v2/models/{name}/infer`` in front of them:
 
 * the body is refused with 413 past ``--max_body_bytes`` (from Content-Length,
   before reading it, or while streaming it);
-* JSON is decoded here, so every problem is a 4xx naming the row and field;
-* admission control (``admission.py``): a request is refused at once with 503 and
-  ``Retry-After`` when the process holds as much work as it should, and work past the
-  request's deadline is dropped (504);
-* predictor failures keep their status (502, 503, 504);
+* the body is decoded by the protocol's codec (``codec.py``, ``codec_v2.py``), so every
+  problem is a 4xx naming the row or tensor and the field;
+* admission, outcome counts, failure logs and statuses are the edge's (``edge.py``): 503 with
+  ``Retry-After`` when the process holds as much work as it should, 502/503/504 for the
+  predictor's failures;
 * each request gets an id (``x-request-id``, echoed back) that its log lines carry;
-* each answer names the model version that computed it (``x-model-version``);
-* each outcome is counted in ``embedder_requests_total``, by model version.
+* each answer names the model version that computed it (``x-model-version``).
 
-Everything else (liveness ``/``, readiness ``/v1/models/{name}``, ``/metrics``,
-the pre/predict/post contract and its histograms) is KServe's.
+gRPC (KServe's ``GRPCInferenceService``) reaches the same model; its requests go through
+the same edge in ``model.py``. Everything else (liveness ``/``, readiness ``/v1/models/{name}``
+and ``/v2/models/{name}/ready``, v2 metadata, ``/metrics``, the pre/predict/post contract and
+its histograms) is KServe's.
 """
 
 from __future__ import annotations
@@ -24,28 +25,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import logging
-import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import ORJSONResponse, Response
 from kserve import ModelServer, model_server
 from kserve.errors import ModelNotFound
 
-from transformer.admission import RETRY_AFTER_SECONDS, TIMEOUT_HEADER, Refused
+from transformer.admission import TIMEOUT_HEADER
 from transformer.codec import RequestError, decode_json
-from transformer.model import request_version
-from transformer.predictor import PredictorError
+from transformer.codec_v2 import HEADER_LENGTH, EncodedAnswer, from_rest
+from transformer.edge import Failure, handle
 
 log = logging.getLogger("transformer")
-
-
-def log_event(level: int, event: str, **fields) -> None:
-    """One structured (JSON) log line."""
-    if log.isEnabledFor(level):
-        log.log(level, "%s", json.dumps({"event": event, **fields}, default=str))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -63,58 +56,47 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class PredictEndpoint:
-    """``POST /v1/models/{model_name}:predict`` with bounded bodies, precise statuses and request ids."""
+def decode_v1(body: bytes, request: Request):
+    return decode_json(body)
 
-    def __init__(self, dataplane, max_body_bytes: int):
+
+def decode_v2(body: bytes, request: Request):
+    length = request.headers.get(HEADER_LENGTH)
+    if length is not None and not length.isdigit():
+        raise RequestError(f"the {HEADER_LENGTH} header must be a number of bytes, got {length[:20]!r}")
+    return from_rest(body, int(length) if length is not None else None)
+
+
+class Endpoint:
+    """A REST inference endpoint: bounded body, the protocol's decoder, the edge, an answer or a status."""
+
+    def __init__(self, dataplane, max_body_bytes: int, decode):
         self.dataplane = dataplane
         self.max_body_bytes = max_body_bytes
+        self.decode = decode
 
-    async def __call__(self, model_name: str, request: Request) -> ORJSONResponse:
+    async def __call__(self, model_name: str, request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        started = time.perf_counter()
         model = self.dataplane.model_registry.get_model(model_name)
         if model is None:
             raise ModelNotFound(model_name)  # KServe's handler: 404
-        metrics = getattr(model, "metrics", None)
-        admission = getattr(model, "admission", None)
-        request_version.set(None)
-        admitted = False
-        try:
-            if admission is not None:  # before the body is read: refusing costs next to nothing
-                admission.enter(request.headers.get(TIMEOUT_HEADER))
-                admitted = True
-            body = await read_body(request, self.max_body_bytes)
+
+        async def work():
+            payload = self.decode(await read_body(request, self.max_body_bytes), request)
             headers = dict(request.headers.items())
             headers["x-request-id"] = request_id
-            response, response_headers = await self.dataplane.infer(model_name, decode_json(body), headers)
-        except (RequestError, PredictorError, Refused) as exc:
-            outcome = ("shed" if isinstance(exc, Refused) and exc.status != 400 else
-                       "predictor_error" if isinstance(exc, PredictorError) else "client_error")
-            version = request_version.get()
-            if metrics:
-                metrics.request(outcome, exc.cause, version)
-            # Shed requests are counted, not logged one by one: under overload that would be thousands a second.
-            level = {"client_error": logging.INFO, "shed": logging.DEBUG}.get(outcome, logging.WARNING)
-            log_event(level, "request_failed",
-                      request_id=request_id, model=model_name, model_version=version, status=exc.status,
-                      cause=exc.cause, error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
-            headers = {"x-request-id": request_id}
-            if exc.status == 503:
-                headers["retry-after"] = str(RETRY_AFTER_SECONDS)
-            return ORJSONResponse(status_code=exc.status, content={"error": str(exc)}, headers=headers)
-        except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
-            if metrics:
-                metrics.request("internal_error", type(exc).__name__, request_version.get())
-            log.exception("%s", json.dumps({"event": "request_crashed", "request_id": request_id}))
-            return ORJSONResponse(status_code=500, content={"error": f"internal error (request id {request_id})"},
-                                  headers={"x-request-id": request_id})
-        finally:
-            if admitted:
-                admission.leave()
-        if metrics:
-            metrics.request("ok", "ok", request_version.get())
-        return ORJSONResponse(content=response, headers={**response_headers, "x-request-id": request_id})
+            return await self.dataplane.infer(model_name, payload, headers)
+
+        try:
+            response, response_headers = await handle(model, model_name, request_id,
+                                                      request.headers.get(TIMEOUT_HEADER), work)
+        except Failure as failure:
+            return ORJSONResponse(status_code=failure.status, content={"error": failure.message},
+                                  headers=failure.headers)
+        headers = {**response_headers, "x-request-id": request_id}
+        if isinstance(response, EncodedAnswer):
+            return Response(content=response.body, media_type=response.media_type, headers={**headers, **response.headers})
+        return ORJSONResponse(content=response, headers=headers)
 
 
 def serve(model, args: argparse.Namespace) -> None:
@@ -137,13 +119,12 @@ def serve(model, args: argparse.Namespace) -> None:
         from kserve.logging import trace_logger
 
         trace_logger.setLevel(logging.WARNING)
-    # Registered before KServe adds its routes at start, so this one is matched first.
-    model_server.app.add_api_route(
-        "/v1/models/{model_name}:predict",
-        PredictEndpoint(server.dataplane, args.max_body_bytes),
-        methods=["POST"],
-        response_model=None,
-    )
+    # Registered before KServe adds its routes at start, so these are matched first.
+    for path, decode in (("/v1/models/{model_name}:predict", decode_v1), ("/v2/models/{model_name}/infer", decode_v2)):
+        model_server.app.add_api_route(path, Endpoint(server.dataplane, args.max_body_bytes, decode),
+                                       methods=["POST"], response_model=None)
+    # gRPC messages are bounded like REST bodies (gRPC refuses larger ones with RESOURCE_EXHAUSTED).
+    model_server.args.grpc_max_receive_message_length = args.max_body_bytes
     if not args.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     if args.event_loop in ("auto", "uvloop"):

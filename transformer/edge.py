@@ -1,0 +1,90 @@
+"""What every request goes through at the edge, whatever its protocol: admission, accounting, failures.
+
+:func:`handle` admits a request (``admission.py``: refused at once with 503 when the process
+holds as much work as it should), runs it, counts its outcome in ``embedder_requests_total``
+by model version, logs failures with the request id, and turns every failure into a
+:class:`Failure` with the status v1 REST answers (400, 413, 502, 503, 504, 500). Each
+transport then speaks its own language: REST answers the status (``server.py``), gRPC the
+matching code (:data:`GRPC_CODES`, raised from ``model.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from transformer.admission import RETRY_AFTER_SECONDS, Refused
+from transformer.codec import RequestError
+from transformer.predictor import PredictorError
+
+log = logging.getLogger("transformer")
+
+
+class Failure(Exception):
+    """A request that ends without an answer: its status, message and response headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str]):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def grpc_code(status: int):
+    """The gRPC status code of an HTTP status, as gRPC's own HTTP mapping pairs them (413: the size limit's)."""
+    from grpc import StatusCode
+
+    return {400: StatusCode.INVALID_ARGUMENT, 404: StatusCode.NOT_FOUND, 413: StatusCode.RESOURCE_EXHAUSTED,
+            502: StatusCode.UNAVAILABLE, 503: StatusCode.UNAVAILABLE,
+            504: StatusCode.DEADLINE_EXCEEDED}.get(status, StatusCode.INTERNAL)
+
+
+def log_event(level: int, event: str, **fields) -> None:
+    """One structured (JSON) log line."""
+    if log.isEnabledFor(level):
+        log.log(level, "%s", json.dumps({"event": event, **fields}, default=str))
+
+
+async def handle(model: Any, model_name: str, request_id: str, timeout_header: str | None,
+                 work: Callable[[], Awaitable[Any]]) -> Any:
+    """Admit, run and account for one request; returns ``work()``'s result or raises :class:`Failure`."""
+    from transformer.model import request_version  # the version the request was given, set by preprocess
+
+    started = time.perf_counter()
+    metrics = getattr(model, "metrics", None)
+    admission = getattr(model, "admission", None)
+    request_version.set(None)
+    admitted = False
+    headers = {"x-request-id": request_id}
+    try:
+        if admission is not None:  # before the body is read: refusing costs next to nothing
+            admission.enter(timeout_header)
+            admitted = True
+        result = await work()
+    except (RequestError, PredictorError, Refused) as exc:
+        outcome = ("shed" if isinstance(exc, Refused) and exc.status != 400 else
+                   "predictor_error" if isinstance(exc, PredictorError) else "client_error")
+        version = request_version.get()
+        if metrics:
+            metrics.request(outcome, exc.cause, version)
+        # Shed requests are counted, not logged one by one: under overload that would be thousands a second.
+        level = {"client_error": logging.INFO, "shed": logging.DEBUG}.get(outcome, logging.WARNING)
+        log_event(level, "request_failed",
+                  request_id=request_id, model=model_name, model_version=version, status=exc.status,
+                  cause=exc.cause, error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
+        if exc.status == 503:
+            headers["retry-after"] = str(RETRY_AFTER_SECONDS)
+        raise Failure(exc.status, str(exc), headers) from None
+    except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
+        if metrics:
+            metrics.request("internal_error", type(exc).__name__, request_version.get())
+        log.exception("%s", json.dumps({"event": "request_crashed", "request_id": request_id}))
+        raise Failure(500, f"internal error (request id {request_id})", headers) from None
+    finally:
+        if admitted:
+            admission.leave()
+    if metrics:
+        metrics.request("ok", "ok", request_version.get())
+    return result
