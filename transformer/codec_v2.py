@@ -241,7 +241,7 @@ def parse_v2(request: V2Request, feature_names: tuple[str, ...], max_rows: int) 
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
         raise RequestError(f"row {row}: feature '{columns[col]}' must be a finite number within float32 range, "
-                           f"got {X[row, col]!r}", cause="invalid_value")
+                           f"got {float(X[row, col])!r}", cause="invalid_value")
     return X
 
 
