@@ -28,6 +28,10 @@ def show(title: str, response: httpx.Response, elapsed_ms: float) -> None:
     if response.status_code != 200:
         print(f"   error: {body.get('error')}")
         return
+    if "outputs" in body:  # v2: tensors, printed as they came
+        for output in body["outputs"]:
+            print(f"   {output['name']:17s} {output['datatype']:5s} {output['shape']}  {output['data']}")
+        return
     for i, prediction in enumerate(body["predictions"]):
         items = ", ".join(f"{item['id']} ({item['score']:.2f})" for item in prediction["items"]) or "none above the minimum score"
         print(f"   user {i}: segment {prediction['segment']} (distance {prediction['segment_distance']:.3f})")
@@ -59,16 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"   predictor:   {stack.predictor_url}/v1/models/embedder   ({stack.predictor_kind})")
         print(f"   transformer: {stack.transformer_url}/v1/models/embedder:predict")
+        print(f"                {stack.transformer_url}/v2/models/embedder/infer   (and v2 gRPC on {stack.grpc_target})")
         url = f"{stack.transformer_url}/v1/models/embedder:predict"
+        v2_url = f"{stack.transformer_url}/v2/models/embedder/infer"
         with httpx.Client(timeout=10.0) as client:
-            for name, title in (
-                ("one-user.json", "one user, features by name"),
-                ("batch.json", "five users, by name and as lists in manifest order"),
-                ("bad-row.json", "a request with a bad value (expect 400)"),
+            for name, title, target in (
+                ("one-user.json", "one user, features by name", url),
+                ("batch.json", "five users, by name and as lists in manifest order", url),
+                ("bad-row.json", "a request with a bad value (expect 400)", url),
+                ("v2-two-users.json", "two users over the Open Inference Protocol (v2): tensors in, tensors out", v2_url),
             ):
                 body = (REQUESTS / name).read_bytes()
                 t0 = time.perf_counter()
-                response = client.post(url, content=body, headers={"content-type": "application/json"})
+                response = client.post(target, content=body, headers={"content-type": "application/json"})
                 show(f"{title}  [scripts/requests/{name}]", response, (time.perf_counter() - t0) * 1000)
             print("\n   to try it yourself, keep both running with  .venv/bin/python -m scripts.localstack up  and send")
             print("   curl -s -H 'content-type: application/json' -d @scripts/requests/one-user.json "

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -74,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         if code:
             print((work / "train.log").read_text()[-2000:], file=sys.stderr)
             return 1
+        written = int(re.search(r"(\d+) interactions", (work / "synthetic.log").read_text()).group(1))
         manifest = json.loads(next((work / "build" / "models" / "embedder").glob(
             "*/assets.extra/transformer-bundle/manifest.json")).read_text())
         training, quality = manifest["training"], manifest["training"]["quality"]
         size_mb = sum(f.stat().st_size for f in (work / "data").iterdir()) / 1e6
-        rows.append((users, items, training["n_train_interactions"], size_mb, training["batch_size"], seconds, peak,
+        rows.append((users, items, written, training["n_train_interactions"], size_mb, training["batch_size"], seconds, peak,
                      quality["adjusted_rand_index"], quality["recall_at_k"], quality["popularity_recall_at_k"]))
         print(f"  {seconds:.0f} s, peak {peak:.2f} GiB, recall@10 {quality['recall_at_k']:.3f} "
               f"(popularity {quality['popularity_recall_at_k']:.3f})", flush=True)
@@ -95,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
            "model too)") + ". Time is the whole `python -m model.train` run (reading, "
         "scaling, training, KMeans, evaluation, export); memory is its peak resident set, from the kernel.",
         "",
-        "| users | items | training interactions | CSV MB | batch | time | peak memory | ARI | recall@10 | popularity |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| users | items | interactions | of training users | CSV MB | batch | time | peak memory | ARI | recall@10 "
+        "| popularity |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for users, items, interactions, size_mb, batch, seconds, peak, ari, recall, popularity in rows:
-        lines.append(f"| {users:,} | {items:,} | {interactions:,} | {size_mb:,.0f} | {batch} | {seconds / 60:.1f} min "
+    for users, items, written, interactions, size_mb, batch, seconds, peak, ari, recall, popularity in rows:
+        lines.append(f"| {users:,} | {items:,} | {written:,} | {interactions:,} | {size_mb:,.0f} | {batch} "
+                     f"| {seconds / 60:.1f} min "
                      f"| {peak:.2f} GiB | {ari:.3f} | {recall:.3f} | {popularity:.3f} |")
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text("\n".join(lines) + "\n")

@@ -11,6 +11,7 @@ def test_demo_trains_serves_and_answers():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "quality on" in out and "recall@10" in out
-    assert out.count("HTTP 200") == 2 and "HTTP 400" in out
+    assert out.count("HTTP 200") == 3 and "HTTP 400" in out
+    assert "item_scores       FP32  [2, 10]" in out  # the v2 request's tensors
     assert "segment" in out and "items" in out
     assert "stopped both servers" in out

@@ -196,5 +196,6 @@ def test_the_training_scale_report_comes_from_real_runs(tmp_path):
                                                            "transformer-bundle/manifest.json")).read_text())
     row = report.read_text().strip().splitlines()[-1].split("|")
     assert row[1].strip() == "400" and row[2].strip() == "30"
-    assert row[3].strip() == f"{manifest['training']['n_train_interactions']:,}"
+    assert row[4].strip() == f"{manifest['training']['n_train_interactions']:,}"
+    assert int(row[3].replace(",", "")) > int(row[4].replace(",", ""))  # all users' interactions, from the files
     assert row[-2].strip() == f"{manifest['training']['quality']['popularity_recall_at_k']:.3f}"
