@@ -143,6 +143,7 @@ def train_embedder(
     def logits(embedding, item_matrix, item_bias):
         return tf.exp(item_scores.log_temperature) * tf.matmul(embedding, item_matrix, transpose_b=True) + item_bias
 
+    @tf.autograph.experimental.do_not_convert  # plain ops: AutoGraph would only add tracing time
     def step(features, items, weights):
         with tf.GradientTape() as tape:
             h = features

@@ -78,25 +78,14 @@ class EmbedderGraph(tf.Module):
                 CANDIDATE_SCORES_OUTPUT: scores}
 
 
-    # Batch helpers for training and evaluation (local functions: not part of the SavedModel).
-
-    def embed_in_batches(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
-        """Embeddings (n, D) float32 of scaled features X (n, F), a batch at a time."""
-        embed = tf.function(self.embed)
-        return np.concatenate([embed(tf.constant(X[i:i + batch])).numpy() for i in range(0, len(X), batch)]
-                              or [np.empty((0, self.projection_kernel.shape[1]), np.float32)])
-
-    def embed_and_rank_in_batches(self, X: np.ndarray, k: int, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings (n, D), the k best item indices (n, k)) of scaled features X, a batch at a time,
-        so memory holds one batch's scores, not n x n_items."""
-
-        @tf.function
-        def embed_and_rank(features):
-            out = self.embed_and_score(features)
-            return out[EMBEDDING_OUTPUT], tf.math.top_k(out[SCORES_OUTPUT], k=min(k, self.item_bias.shape[0]))[1]
-
-        parts = [embed_and_rank(tf.constant(X[i:i + batch])) for i in range(0, len(X), batch)]
-        return (np.concatenate([e.numpy() for e, _ in parts]), np.concatenate([t.numpy() for _, t in parts]))
+    def candidates_in_batches(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings (n, D), the ``n_candidates`` best item indices (n, k)) of scaled features X, through
+        the traced ``serve_candidates`` a batch at a time: memory holds one batch's scores (at most 2**25
+        floats), never n x n_items."""
+        batch = max(64, 2**25 // int(self.item_bias.shape[0]))
+        parts = [self.serve_candidates(tf.constant(X[i:i + batch])) for i in range(0, len(X), batch)]
+        return (np.concatenate([p[EMBEDDING_OUTPUT].numpy() for p in parts]),
+                np.concatenate([p[CANDIDATE_IDS_OUTPUT].numpy() for p in parts]))
 
 
 class VersionExists(FileExistsError):

@@ -233,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     n_segments = args.segments or (int(max(train.segments.max(), test.segments.max())) + 1
                                    if train.segments is not None else 6)
     segments = KMeans(n_clusters=n_segments, n_init=10, random_state=args.seed)
-    segments.fit(graph.embed_in_batches(X_train[np.sort(sample)]).astype(np.float64))
+    segments.fit(graph.candidates_in_batches(X_train[np.sort(sample)])[0].astype(np.float64))
 
     # 4. Quality on held-out users, in batches (never a users x items matrix).
-    test_embedding, test_top = graph.embed_and_rank_in_batches(X_test, args.top_k)
+    test_embedding, test_top = graph.candidates_in_batches(X_test)
     quality = Quality(
         n_test_users=test.n_users,
         adjusted_rand_index=(
