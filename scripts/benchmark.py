@@ -57,9 +57,9 @@ def newest_version_dir(build: Path) -> Path:
     return build / "models" / MODEL / str(model_versions(build / "models" / MODEL)[-1])
 
 
-def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict, dict, dict]:
-    """Transformer bodies (raw rows; v1 JSON, v2 JSON, v2 gRPC with the rows as raw bytes), predictor
-    bodies (scaled rows), fused bodies (raw rows)."""
+def request_bodies(build: Path, batches: list[int]) -> dict[str, dict[int, bytes]]:
+    """{kind: {batch size: body}}: the transformer's (raw rows; "v1" JSON, "v2_rest" JSON, "v2_grpc" with the
+    rows as raw bytes), the "predictor"'s (scaled rows) and the "fused" model's (raw rows)."""
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
     import joblib
@@ -86,7 +86,7 @@ def request_bodies(build: Path, batches: list[int]) -> tuple[dict, dict, dict, d
         predictor[b] = json.dumps({"signature_name": signature,
                                    "inputs": [[float(v) for v in row] for row in scaled[:b]]}).encode()
         fused[b] = json.dumps({"inputs": raw[:b].astype(np.float32).astype(np.float64).tolist()}).encode()
-    return transformer, predictor, fused, v2_rest, v2_grpc
+    return {"v1": transformer, "predictor": predictor, "fused": fused, "v2_rest": v2_rest, "v2_grpc": v2_grpc}
 
 
 _STAGE = re.compile(r'^request_(pre|post)process_seconds_(sum|count)\{model_name="' + MODEL + r'"\} (\S+)$', re.M)
@@ -302,7 +302,7 @@ def overload_phase(url: str, body: bytes, connections: int, seconds: float, hono
 
 def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[str] | None = None) -> dict:
     """The transformer at 16, then 1,024, then 16 connections (1-row requests, default admission)."""
-    transformer_bodies, _, _ = request_bodies(build, [1])
+    transformer_bodies = request_bodies(build, [1])["v1"]
     body = transformer_bodies[1]
     stack = LocalStack(build=build, predictor="local", log_dir=Path(tempfile.mkdtemp(prefix="overload-logs-")),
                        transformer_args=transformer_args)
@@ -380,7 +380,7 @@ def chaos(build: Path, out: Path, requests: int = 100_000, connections: int = 64
     workdir = Path(tempfile.mkdtemp(prefix="chaos-"))
     store = workdir / "models" / MODEL
     shutil.copytree(source / str(old), store / str(old))
-    body = request_bodies(build, [1])[0][1]
+    body = request_bodies(build, [1])["v1"][1]
     stack = LocalStack(build=workdir, predictor="local", log_dir=workdir / "logs").start()
     events: list[dict] = []
     try:
@@ -688,8 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     if not have_wrk():
         print("note: wrk is not installed (apt-get install wrk); using the slower Python load generator")
 
-    transformer_bodies, predictor_bodies, fused_bodies, v2_rest_bodies, v2_grpc_bodies = request_bodies(
-        args.build, batches)
+    bodies = request_bodies(args.build, batches)
+    transformer_bodies, predictor_bodies, fused_bodies = bodies["v1"], bodies["predictor"], bodies["fused"]
+    v2_rest_bodies, v2_grpc_bodies = bodies["v2_rest"], bodies["v2_grpc"]
     logs = Path(tempfile.mkdtemp(prefix="benchmark-logs-"))
     main_stack = LocalStack(build=args.build, predictor="local", log_dir=logs / "main")
     baseline = LocalStack(build=args.build, predictor_port=main_stack.predictor_port, log_dir=logs / "baseline",
