@@ -43,14 +43,12 @@ import model  # noqa: F401  (TensorFlow environment defaults)
 from model.export import VersionExists, save_versioned
 from transformer.bundle import Bundle, BundleError, Rules, load_bundle, model_versions
 from transformer.fitted import AffineStep, QuantileStep, UnsupportedEstimator, kmeans_centers, scaler_steps
+from transformer.codec_v2 import PAD_ID, PAD_SCORE, PAD_TEXT_ID  # both modes pad alike
 from transformer.kernels import BOUNDS_THRESHOLD
 from scipy.special import ndtri
 
 FUSED_SIGNATURE = "serving_default"
 FLOAT64_SIGNATURE = "serving_float64"
-PAD_ID = -1
-PAD_TEXT_ID = ""
-PAD_SCORE = -1.0
 FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
 
 

@@ -359,7 +359,7 @@ def render_predict_response(outputs: dict[str, np.ndarray], form: str) -> bytes:
     if form == "columnar":
         if len(outputs) == 1:
             (array,) = outputs.values()
-            body = dump(array) if fast else _render_slow(array, *outputs)
+            body = dump(array) if fast else _render_slow(array, next(iter(outputs)))
         elif fast:
             body = dump(outputs)
         else:
@@ -378,7 +378,7 @@ def render_predict_response(outputs: dict[str, np.ndarray], form: str) -> bytes:
             )
     if len(outputs) == 1:
         (array,) = outputs.values()
-        body = dump(array) if fast else _render_slow(array, *outputs)
+        body = dump(array) if fast else _render_slow(array, next(iter(outputs)))
     elif fast:
         names = list(outputs)
         arrays = [np.ascontiguousarray(outputs[n]) for n in names]

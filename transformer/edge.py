@@ -10,6 +10,7 @@ matching code (:data:`GRPC_CODES`, raised from ``model.py``).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
@@ -20,6 +21,10 @@ from transformer.codec import RequestError
 from transformer.predictor import PredictorError
 
 log = logging.getLogger("transformer")
+
+# The version a request was given, for its log line and outcome counter (set by the model's preprocess,
+# read here, in the same context).
+request_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_version", default=None)
 
 
 class Failure(Exception):
@@ -50,8 +55,6 @@ def log_event(level: int, event: str, **fields) -> None:
 async def handle(model: Any, model_name: str, request_id: str, timeout_header: str | None,
                  work: Callable[[], Awaitable[Any]]) -> Any:
     """Admit, run and account for one request; returns ``work()``'s result or raises :class:`Failure`."""
-    from transformer.model import request_version  # the version the request was given, set by preprocess
-
     started = time.perf_counter()
     metrics = getattr(model, "metrics", None)
     admission = getattr(model, "admission", None)

@@ -39,7 +39,7 @@ from transformer.coalesce import Coalescer
 from transformer.codec import V1Codec
 from transformer.codec_v2 import V2Codec, V2Request, tensor_metadata
 from transformer.drift import DriftMonitor
-from transformer.edge import Failure, grpc_code, handle
+from transformer.edge import Failure, grpc_code, handle, request_version
 from transformer.metrics import ModelMetrics, VersionMetrics
 from transformer.pipeline import Pipeline
 from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, VersionNotServed
@@ -51,9 +51,6 @@ VERSION_HEADER = "x-model-version"
 
 # Set for the one retry of a request whose version TF Serving stopped serving: the version to avoid.
 _avoid_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("avoid_version", default=None)
-# The version a request was given, for its log line and outcome counter (set by preprocess, read by
-# the endpoint that awaited it in the same context).
-request_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_version", default=None)
 
 
 @dataclass(frozen=True)
