@@ -41,9 +41,8 @@ import tensorflow as tf
 
 import model  # noqa: F401  (TensorFlow environment defaults)
 from model.export import VersionExists, save_versioned
-from transformer.bundle import Bundle, BundleError, Rules, load_bundle, model_versions
+from transformer.bundle import PAD_ID, PAD_SCORE, PAD_TEXT_ID, Bundle, BundleError, Rules, load_bundle, model_versions
 from transformer.fitted import AffineStep, QuantileStep, UnsupportedEstimator, kmeans_centers, scaler_steps
-from transformer.codec_v2 import PAD_ID, PAD_SCORE, PAD_TEXT_ID  # both modes pad alike
 from transformer.kernels import BOUNDS_THRESHOLD
 from scipy.special import ndtri
 

@@ -199,3 +199,16 @@ def test_the_training_scale_report_comes_from_real_runs(tmp_path):
     assert row[4].strip() == f"{manifest['training']['n_train_interactions']:,}"
     assert int(row[3].replace(",", "")) > int(row[4].replace(",", ""))  # all users' interactions, from the files
     assert row[-2].strip() == f"{manifest['training']['quality']['popularity_recall_at_k']:.3f}"
+
+
+@pytest.mark.parametrize("module", ["model.train", "model.fuse", "scripts.demo", "scripts.localstack",
+                                    "scripts.benchmark"])
+def test_command_line_tools_do_not_import_kserve(module):
+    # Importing kserve parses sys.argv with the model server's parser: the demo's
+    # `--predictor local` then died as an "ambiguous option" once training had run.
+    probe = (f"import importlib, sys; importlib.import_module({module!r}); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kserve'))")
+    result = subprocess.run([sys.executable, "-c", probe, "--predictor", "local"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -75,9 +75,19 @@ class ModelSpec:
     n_candidates: int = 0
 
 
+# Padding of the empty item slots, shared by the transformer's codecs and the fused graph
+# (model/fuse.py) so both modes answer alike. Defined here, not in a codec, because
+# training imports it and must not import kserve (whose import parses sys.argv).
+PAD_ID, PAD_TEXT_ID, PAD_SCORE = -1, "", -1.0
+
+
 @dataclass(frozen=True)
 class Rules:
-    """Which items to return: at most ``top_k``, each scoring at least ``min_score``."""
+    """Which items to return: at most ``top_k``, each scoring at least ``min_score``.
+
+    Answers are ``top_k`` wide in every mode; slots left empty by ``min_score`` hold
+    ``PAD_ID`` (``PAD_TEXT_ID`` for string catalogues) and ``PAD_SCORE``.
+    """
 
     min_score: float
     top_k: int

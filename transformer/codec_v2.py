@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from transformer.bundle import PAD_ID, PAD_SCORE, PAD_TEXT_ID
 from transformer.codec import FLOAT32_MAX, RequestError, decode_json
 
 FEATURES = "features"
 OUTPUTS = ("segment", "segment_distance", "item_ids", "item_scores")
-PAD_ID, PAD_TEXT_ID, PAD_SCORE = -1, "", -1.0
 #: The datatypes accepted, and their numpy types (little-endian, as the binary extension sends them).
 MATRIX_TYPES = {"FP64": "<f8", "FP32": "<f4"}
 COLUMN_TYPES = {**MATRIX_TYPES, "INT64": "<i8", "INT32": "<i4"}
