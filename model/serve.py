@@ -1,4 +1,4 @@
-"""A local server that speaks TF Serving's REST API over a SavedModel folder.
+"""A local server that speaks TF Serving's REST and gRPC APIs over a SavedModel folder.
 
 For machines without ``tensorflow_model_server`` (it ships only as the
 ``tensorflow/serving`` container image). It takes the same flags, reads the
@@ -14,9 +14,12 @@ folder is removed is unloaded. It answers like TF Serving's REST API
     GET  /v1/models/<name>[/versions/<v>]/metadata     signature defs
     POST /v1/models/<name>[/versions/<v>]:predict      row or columnar JSON
 
-Errors come back as ``{"error": "..."}`` with TF Serving's status codes.
+Errors come back as ``{"error": "..."}`` with TF Serving's status codes. On ``--port``
+it serves TF Serving's gRPC API (``serve_grpc.py``: Predict, GetModelMetadata,
+GetModelStatus) from the same loaded versions.
 
-    python -m model.serve --model_name embedder --model_base_path build/models/embedder --rest_api_port 8501
+    python -m model.serve --model_name embedder --model_base_path build/models/embedder \
+        --port 8500 --rest_api_port 8501
 """
 
 from __future__ import annotations
@@ -322,8 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_name", default="embedder", help="name in the URL: /v1/models/<model_name>")
     parser.add_argument("--model_base_path", type=Path, default=Path("build/models/embedder"),
                         help="folder holding numeric version folders, each a SavedModel")
+    parser.add_argument("--port", type=int, default=8500, help="port of the gRPC API (0: any free port, logged)")
     parser.add_argument("--rest_api_port", type=int, default=8501, help="port of the REST API")
-    parser.add_argument("--rest_api_host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--rest_api_host", default="127.0.0.1", help="address both APIs listen on")
     parser.add_argument("--rest_api_num_threads", type=int, default=4, help="threads running the model")
     parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
                         help="how often to look for new and removed versions (0 to never look)")
@@ -371,6 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(config)
 
     async def run() -> None:
+        from model.serve_grpc import grpc_server
+
+        try:
+            grpc_api, grpc_port = grpc_server(app, args.rest_api_host, args.port)
+        except (OSError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        await grpc_api.start()
+        log.info("gRPC API at %s:%d (tensorflow.serving.PredictionService, ModelService)", args.rest_api_host,
+                 grpc_port)
         poller = (asyncio.create_task(_poll(store, args.file_system_poll_wait_seconds, args.model_config_file,
                                             args.model_config_file_poll_wait_seconds))
                   if args.file_system_poll_wait_seconds > 0 else None)
@@ -381,10 +395,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if poller:
                 poller.cancel()
+            await grpc_api.stop(grace=1.0)
 
     asyncio.run(run())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: serve_grpc catches model.serve.ServingError,
+    # which the store must raise, not a twin class of the same name.
+    from model.serve import main as imported_main
+
+    sys.exit(imported_main())

@@ -693,8 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     v2_rest_bodies, v2_grpc_bodies = bodies["v2_rest"], bodies["v2_grpc"]
     logs = Path(tempfile.mkdtemp(prefix="benchmark-logs-"))
     main_stack = LocalStack(build=args.build, predictor="local", log_dir=logs / "main")
-    baseline = LocalStack(build=args.build, predictor_port=main_stack.predictor_port, log_dir=logs / "baseline",
-                          transformer_args=["--kernels", "sklearn"])
+    baseline = main_stack.another_transformer(log_dir=logs / "baseline", transformer_args=["--kernels", "sklearn"])
     fused = LocalStack(build=args.build, model_name=FUSED, predictor="local", log_dir=logs / "fused")
     started = time.monotonic()
     try:

@@ -74,6 +74,7 @@ class LocalStack:
         model_name: str = "embedder",
         predictor: str = "auto",
         predictor_port: int | None = None,
+        predictor_grpc_port: int | None = None,
         transformer_port: int | None = None,
         grpc_port: int | None = None,
         transformer_args: list[str] | None = None,
@@ -85,13 +86,19 @@ class LocalStack:
         self.model_dir = Path(model_dir) if model_dir else self.build / "models" / model_name
         self.predictor_choice = predictor  # auto, container or local
         self.predictor_kind = ""  # what actually runs, once started
-        self.predictor_port = predictor_port or free_port()
+        self.predictor_port = predictor_port or free_port()  # TF Serving's REST API
+        self.predictor_grpc_port = predictor_grpc_port or free_port()  # TF Serving's gRPC API
         self.transformer_port = transformer_port or free_port()
         self.grpc_port = grpc_port or free_port()  # the transformer's gRPC (v2) port
         self.transformer_args = transformer_args or []
         self.log_dir = Path(log_dir) if log_dir else self.build / "logs"
         self.processes: dict[str, subprocess.Popen] = {}
         self._container: tuple[str, str] | None = None
+
+    def another_transformer(self, **options) -> "LocalStack":
+        """A stack for one more transformer (``start_transformer()``) on this stack's predictor."""
+        options = {"build": self.build, "model_name": self.model_name, **options}
+        return LocalStack(predictor_port=self.predictor_port, predictor_grpc_port=self.predictor_grpc_port, **options)
 
     @property
     def predictor_url(self) -> str:
@@ -144,6 +151,7 @@ class LocalStack:
             config.write_text(model_config(self.model_name, f"/models/{self.model_name}"))
             self._spawn("predictor", [
                 engine, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{self.predictor_port}:8501",
+                "-p", f"127.0.0.1:{self.predictor_grpc_port}:8500",
                 "-v", f"{self.model_dir.resolve()}:/models/{self.model_name}:ro",
                 "-v", f"{config.resolve()}:/config/models.config:ro", image,
                 "--model_config_file=/config/models.config",
@@ -153,7 +161,7 @@ class LocalStack:
             config.write_text(model_config(self.model_name, str(self.model_dir.resolve())))
             self._spawn("predictor", [
                 sys.executable, "-m", "model.serve", "--model_config_file", str(config),
-                "--rest_api_port", str(self.predictor_port),
+                "--rest_api_port", str(self.predictor_port), "--port", str(self.predictor_grpc_port),
             ])
 
         def available(response: httpx.Response) -> bool:
@@ -172,7 +180,8 @@ class LocalStack:
         """``python -m transformer`` against this stack's predictor, on this stack's REST and gRPC ports."""
         return [
             sys.executable, "-m", "transformer", "--model_name", self.model_name,
-            "--predictor_host", f"127.0.0.1:{self.predictor_port}", "--model_base_path", str(model_dir or self.model_dir),
+            "--predictor_host", f"127.0.0.1:{self.predictor_port}", "--predictor_grpc_port", str(self.predictor_grpc_port),
+            "--model_base_path", str(model_dir or self.model_dir),
             "--http_port", str(self.transformer_port), "--grpc_port", str(self.grpc_port),
             "--enable_latency_logging", "false", *self.transformer_args,
         ]
@@ -222,19 +231,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default="embedder")
     parser.add_argument("--predictor", choices=["auto", "container", "local"], default="auto",
                         help="container: the tensorflow/serving image; local: python -m model.serve")
-    parser.add_argument("--predictor-port", type=int, default=8501)
+    parser.add_argument("--predictor-port", type=int, default=8501, help="TF Serving's REST port")
+    parser.add_argument("--predictor-grpc-port", type=int, default=8500,
+                        help="TF Serving's gRPC port (the transformer's default way to call it)")
     parser.add_argument("--transformer-port", type=int, default=8080)
     parser.add_argument("--grpc-port", type=int, default=8081, help="the transformer's gRPC (v2) port")
     args = parser.parse_args(argv)
     stack = LocalStack(build=args.build, model_name=args.model_name, predictor=args.predictor,
-                       predictor_port=args.predictor_port, transformer_port=args.transformer_port,
+                       predictor_port=args.predictor_port, predictor_grpc_port=args.predictor_grpc_port,
+                       transformer_port=args.transformer_port,
                        grpc_port=args.grpc_port)
     try:
         stack.start()
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"predictor   {stack.predictor_url}/v1/models/{args.model_name}")
+    print(f"predictor   {stack.predictor_url}/v1/models/{args.model_name} (REST), "
+          f"127.0.0.1:{stack.predictor_grpc_port} (gRPC)")
     print(f"transformer {stack.transformer_url}/v1/models/{args.model_name}:predict (v1 REST), "
           f"{stack.transformer_url}/v2/models/{args.model_name}/infer (v2 REST), {stack.grpc_target} (v2 gRPC)")
     print("Ctrl-C stops both.")

@@ -11,8 +11,8 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   exit 1
 fi
 
-# sha256sum on Linux, shasum on macOS (BSD tools).
-if command -v sha256sum >/dev/null 2>&1; then digest=$(sha256sum pyproject.toml); else digest=$(shasum -a 256 pyproject.toml); fi
+# sha256sum on Linux, shasum on macOS (BSD tools). A change to either file means a new install.
+if command -v sha256sum >/dev/null 2>&1; then digest=$(cat pyproject.toml "$0" | sha256sum); else digest=$(cat pyproject.toml "$0" | shasum -a 256); fi
 stamp=.venv/.installed-$(printf '%s' "$digest" | cut -c1-16)
 if [ -f "$stamp" ]; then
   exit 0
@@ -21,5 +21,9 @@ echo "== setting up .venv (Python 3.11, TensorFlow, KServe, scikit-learn; a few 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet --progress-bar off -e '.[dev]'
+# TF Serving's official Python stubs, for the tests that check our own protos' bytes against them. Without
+# its dependencies: it requires the `tensorflow` distribution, which would install a second copy of
+# TensorFlow beside tensorflow-cpu (the same version, the same `tensorflow` module).
+.venv/bin/python -m pip install --quiet --progress-bar off --no-deps 'tensorflow-serving-api==2.21.0'
 rm -f .venv/.installed-*
 touch "$stamp"

@@ -95,7 +95,7 @@ def slow(stack, tmp_path_factory):
     """A transformer with a small admission bound, before a predictor that answers after 0.8 s."""
     proxy = FaultProxy(stack.predictor_url).start()
     transformer = LocalStack(build=stack.build, predictor_port=proxy.port, log_dir=tmp_path_factory.mktemp("slow"),
-                             transformer_args=["--max_inflight", "4", "--coalesce_inflight", "1",
+                             transformer_args=["--predictor_api", "rest", "--max_inflight", "4", "--coalesce_inflight", "1",
                                                "--predictor_timeout", "5"])
     transformer.start_transformer()
     yield proxy, transformer.transformer_url

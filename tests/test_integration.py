@@ -137,9 +137,7 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(stack, raw_users, body, s
 def test_every_score_path_gives_the_same_answers(stack, offline, raw_users, tmp_path):
     """--full_scores asks TF Serving for all item scores instead of its best candidates, and
     --offload_rows runs large batches in a worker thread: same results."""
-    from scripts.localstack import LocalStack
-
-    full = LocalStack(build=stack.build, predictor_port=stack.predictor_port, log_dir=tmp_path,
+    full = stack.another_transformer(log_dir=tmp_path,
                       transformer_args=["--full_scores", "--offload_rows", "64"])
     full.start_transformer()
     try:

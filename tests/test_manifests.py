@@ -232,6 +232,19 @@ def test_names_ports_and_paths_agree_everywhere(overlay):
     assert config.name == name and str(config.base_path) == "/mnt/models"
     assert config.policy.kind == "latest"
     assert config.policy.num_versions == int(arg_value(args, "--model_versions")) == defaults.model_versions == 2
+    # TF Serving's two APIs. KServe's TF Serving runtime starts it with --rest_api_port=8080 --port=9000
+    # and declares no port; the predictor declares them so KServe's Service maps 80 to REST (the
+    # transformer's --predictor_host) and exposes gRPC as itself (h2c by its name), where the
+    # transformer calls it by default. The NetworkPolicy lets the transformer reach both.
+    rest, grpc = model["ports"]
+    assert rest["containerPort"] == int(tf_serving_rest_port(model)) == 8080 and "grpc" not in rest["name"]
+    assert "grpc" in grpc["name"] and grpc["containerPort"] == TF_SERVING_GRPC_PORT
+    assert arg_value(args, "--predictor_api") == defaults.predictor_api == "grpc"
+    assert int(arg_value(args, "--predictor_grpc_port")) == defaults.predictor_grpc_port == TF_SERVING_GRPC_PORT
+    (policy,) = [p for p in objects(overlay, "NetworkPolicy") if p["metadata"]["name"].endswith("predictor-ingress")]
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] if "podSelector" in rule["from"][0]
+               for p in rule["ports"]}
+    assert {8080, TF_SERVING_GRPC_PORT} <= allowed
 
 
 def test_kind_storage_points_at_the_mounted_build_folder():
@@ -337,6 +350,7 @@ def test_transformer_runs_without_tensorflow(build_dir):
         "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
         "from transformer.__main__ import build_parser\n"
         "from transformer.model import EmbedderTransformer\n"
+        "import transformer.predictor_grpc\n"  # the gRPC client to TF Serving: our own protos, no TF stubs
         f"m = EmbedderTransformer('embedder', {str(build_dir / 'models' / 'embedder')!r}); m.load(); print(m.ready)\n"
     )
     result = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -386,6 +400,9 @@ def test_tf_serving_metrics_are_exported_annotated_and_admitted(overlay):
     assert admitted, f"nothing admits Prometheus to TF Serving's port {rest_port}"
 
 
+TF_SERVING_GRPC_PORT = 9000  # KServe's kserve-tensorflow-serving runtime: --port=9000
+
+
 def tf_serving_rest_port(model: dict) -> str:
     """TF Serving's REST port: the runtime passes --rest_api_port=8080 first, and the last one wins."""
     ports = [a.split("=", 1)[1] for a in model.get("args", []) if a.startswith("--rest_api_port=")]
@@ -407,6 +424,10 @@ def test_collocated_transformer_shares_the_predictor_pod_and_store():
     assert container["readinessProbe"]["httpGet"] == {"path": "/v1/models/embedder", "port": 8080}
     # Its other ports become Service ports of their own: v2 gRPC on 8081 (h2c by its name).
     assert container["ports"][1] == {"containerPort": 8081, "name": "grpc-v2", "protocol": "TCP"}
+    # TF Serving's gRPC API in the same pod; its declared ports are the ones it listens on.
+    assert arg_value(args, "--predictor_api") == "grpc"
+    assert int(arg_value(args, "--predictor_grpc_port")) == TF_SERVING_GRPC_PORT
+    assert [p["containerPort"] for p in predictor["model"]["ports"]] == [int(rest_port), TF_SERVING_GRPC_PORT]
     # The store comes from the predictor's storageUri (mounted into both); STORAGE_URI here is refused.
     assert not any(e["name"] == "STORAGE_URI" for e in container.get("env", []))
     assert arg_value(args, "--model_base_path") == "/mnt/models"

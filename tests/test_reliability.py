@@ -180,7 +180,8 @@ def proxied(stack, tmp_path_factory):
     """A transformer whose predictor is a fault proxy in front of the real one."""
     proxy = FaultProxy(stack.predictor_url).start()
     transformer = LocalStack(build=stack.build, predictor_port=proxy.port, log_dir=tmp_path_factory.mktemp("proxied"),
-                             transformer_args=["--predictor_timeout", "1", "--predictor_retries", "2"])
+                             transformer_args=["--predictor_api", "rest", "--predictor_timeout", "1",
+                                               "--predictor_retries", "2"])
     transformer.start_transformer()
     yield proxy, transformer.transformer_url
     transformer.stop()
@@ -289,7 +290,8 @@ def test_predictor_killed_mid_stream_and_restarted(build_dir, raw_users, tmp_pat
 
 def test_sigterm_lets_in_flight_requests_finish(stack, raw_users, tmp_path):
     proxy = FaultProxy(stack.predictor_url).start()
-    transformer = LocalStack(build=stack.build, predictor_port=proxy.port, log_dir=tmp_path)
+    transformer = LocalStack(build=stack.build, predictor_port=proxy.port, log_dir=tmp_path,
+                             transformer_args=["--predictor_api", "rest"])
     transformer.start_transformer()
     result = {}
     try:
@@ -317,9 +319,13 @@ def test_sigterm_lets_in_flight_requests_finish(stack, raw_users, tmp_path):
 
 # -- artifacts -----------------------------------------------------------------------------------
 
-def start_transformer(base_path, predictor_host="127.0.0.1:9", *more):
+def start_transformer(base_path, stack=None, *more):
+    """Start ``python -m transformer`` on a model base path and wait for it to exit (it should, with 2);
+    against the stack's predictor, or against nothing listening."""
+    predictor = (["--predictor_host", f"127.0.0.1:{stack.predictor_port}", "--predictor_grpc_port",
+                  str(stack.predictor_grpc_port)] if stack else ["--predictor_host", "127.0.0.1:9"])
     return subprocess.run(
-        [sys.executable, "-m", "transformer", "--model_name", MODEL_NAME, "--predictor_host", predictor_host,
+        [sys.executable, "-m", "transformer", "--model_name", MODEL_NAME, *predictor,
          "--model_base_path", str(base_path), "--http_port", "0", *more],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -354,7 +360,7 @@ def test_transformer_refuses_bad_artifacts_at_start(build_dir, tmp_path, tamper,
 def test_transformer_refuses_a_predictor_model_that_does_not_fit(stack, build_dir, tmp_path):
     base, bundle = copy_of_version_1(build_dir, tmp_path)
     edit_manifest(bundle, lambda m: m["model"].__setitem__("n_candidates", 7))  # the model returns 5
-    result = start_transformer(base, f"127.0.0.1:{stack.predictor_port}")
+    result = start_transformer(base, stack)
     assert result.returncode == 2
     assert ("the predictor's model does not fit the bundle: version 1: output 'candidate_ids' is DT_INT64 [-1, 5], "
             "the bundle expects DT_INT64 [-1, 7]") in result.stderr
@@ -373,7 +379,7 @@ def test_a_poisoned_pickle_runs_nothing_and_a_pin_refuses_the_rewritten_manifest
     poison(bundle / "scaler.joblib", marker)
     rewrite_digest(bundle, "scaler.joblib")
 
-    poisoned = LocalStack(build=tmp_path, predictor_port=stack.predictor_port, log_dir=tmp_path / "logs")
+    poisoned = stack.another_transformer(build=tmp_path, log_dir=tmp_path / "logs")
     poisoned.start_transformer()
     try:
         response = httpx.post(predict_url(poisoned.transformer_url), json=valid_body(raw_users, 5), timeout=30)
@@ -383,11 +389,11 @@ def test_a_poisoned_pickle_runs_nothing_and_a_pin_refuses_the_rewritten_manifest
         poisoned.stop()
     assert not marker.exists()
 
-    result = start_transformer(base, f"127.0.0.1:{stack.predictor_port}", "--trusted_manifests", trusted)
+    result = start_transformer(base, stack, "--trusted_manifests", trusted)
     assert result.returncode == 2
     assert f"has sha256 {sha256_of(bundle / 'manifest.json')}, which is not among the trusted" in result.stderr
     assert not marker.exists()
-    bad = start_transformer(base, "127.0.0.1:9", "--trusted_manifests", "not-a-digest")
+    bad = start_transformer(base, None, "--trusted_manifests", "not-a-digest")
     assert bad.returncode == 2 and "takes sha256 digests (64 hex digits), got not-a-digest" in bad.stderr
 
 

@@ -161,7 +161,8 @@ def test_new_and_removed_versions_follow_the_version_policy(build_dir, tmp_path,
     stack = LocalStack(build=tmp_path, predictor="local", log_dir=tmp_path / "logs")
     if policy == "default":  # no --model_config_file: the flags alone, as `tensorflow_model_server` takes them
         stack._spawn("predictor", [sys.executable, "-m", "model.serve", "--model_name", MODEL_NAME,
-                                   "--model_base_path", str(models), "--rest_api_port", str(stack.predictor_port)])
+                                   "--model_base_path", str(models), "--rest_api_port", str(stack.predictor_port),
+                                   "--port", str(stack.predictor_grpc_port)])
         stack._wait("predictor", f"{stack.predictor_url}/v1/models/{MODEL_NAME}", lambda r: r.status_code == 200, 60)
     else:
         stack.start_predictor()

@@ -17,7 +17,7 @@ from kserve import model_server
 from transformer.admission import Admission
 from transformer.bundle import BundleError
 from transformer.kernels import UnsupportedEstimator
-from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, metadata_problems
+from transformer.predictor import APIS, PredictorError, RetryPolicy, connect, metadata_problems
 
 DEFAULT_MODEL_BASE_PATH = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 TRUSTED_ENV = "EMBEDDER_TRUSTED_MANIFESTS"  # set on the container, outside the model store
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated sha256 digests of the bundle manifests that may be loaded (training "
                            f"prints each one); a bundle whose manifest is not among them is refused. Default: "
                            f"${TRUSTED_ENV}; empty: any manifest whose files verify")
+    ours.add_argument("--predictor_api", choices=APIS, default="grpc",
+                      help="how to call TF Serving: grpc (its gRPC API on --predictor_grpc_port of the predictor "
+                           "host, tensors as bytes) or rest (its REST API at --predictor_host, JSON)")
+    ours.add_argument("--predictor_grpc_port", type=int, default=9000,
+                      help="TF Serving's gRPC port (tensorflow_model_server --port; KServe's TF Serving runtime "
+                           "uses 9000) on the host of --predictor_host")
     ours.add_argument("--predictor_timeout", type=float, default=5.0,
                       help="seconds to wait for TF Serving before answering 504")
     ours.add_argument("--predictor_retries", type=int, default=2,
@@ -89,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.predictor_host:
-        parser.error("--predictor_host HOST:PORT is required (TF Serving's REST address)")
+        parser.error("--predictor_host HOST[:PORT] is required (TF Serving's REST address; over gRPC, its host "
+                     "with --predictor_grpc_port)")
     if args.workers != 1:
         parser.error("--workers must be 1: KServe's multi-process mode loses the predictor "
                      "configuration; scale with replicas instead")
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model_name,
         args.model_base_path,
         predictor_host=args.predictor_host,
+        predictor_api=args.predictor_api,
+        predictor_grpc_port=args.predictor_grpc_port,
         predictor_timeout=args.predictor_timeout,
         retry=RetryPolicy(attempts=args.predictor_retries + 1),
         max_rows=args.max_rows,
@@ -133,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load the artifact bundle: {exc}", file=sys.stderr)
         return 2
     contracts = {v: served.pipeline.contract for v, served in model.versions.loaded.items()}
-    problems = asyncio.run(check_predictor(args.predictor_host, args.model_name, contracts))
+    problems = asyncio.run(check_predictor(connect(args.predictor_api, args.predictor_host, args.model_name,
+                                                   grpc_port=args.predictor_grpc_port, timeout=3.0,
+                                                   retry=RetryPolicy(attempts=1)), contracts))
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run closed its loop; KServe expects one
     if problems:
         print("error: the predictor's model does not fit the bundle: " + "; ".join(problems)
@@ -144,12 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def check_predictor(host: str, model_name: str, contracts: dict) -> list[str]:
+async def check_predictor(client, contracts: dict) -> list[str]:
     """Compare TF Serving's metadata with each loaded bundle whose version it serves, if it answers already.
 
     An unreachable predictor is not an error here: readiness stays false until it answers
     and a version fits (the same check runs there)."""
-    client = PredictorClient(host, model_name, timeout=3.0, retry=RetryPolicy(attempts=1))
     try:
         states = await client.version_states()
         problems = []

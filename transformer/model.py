@@ -42,7 +42,7 @@ from transformer.drift import DriftMonitor
 from transformer.edge import Failure, grpc_code, handle, request_version
 from transformer.metrics import ModelMetrics, VersionMetrics
 from transformer.pipeline import Pipeline
-from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, VersionNotServed
+from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, VersionNotServed, connect
 from transformer.versions import ModelVersions, NoServableVersion, ServedVersion
 
 log = logging.getLogger("transformer")
@@ -80,6 +80,8 @@ class EmbedderTransformer(kserve.Model):
         model_base_path: str | Path,
         *,
         predictor_host: str | None = None,
+        predictor_api: str = "grpc",
+        predictor_grpc_port: int = 9000,
         predictor_timeout: float = 5.0,
         retry: RetryPolicy = RetryPolicy(),
         max_rows: int = 1024,
@@ -108,6 +110,8 @@ class EmbedderTransformer(kserve.Model):
         self.drift_window = drift_window
         self.admission = admission or Admission()
         self._predictor_host = predictor_host
+        self._predictor_api = predictor_api
+        self._predictor_grpc_port = predictor_grpc_port
         self._predictor_timeout = predictor_timeout
         self._retry = retry
         self._predictor: PredictorClient | None = None
@@ -175,8 +179,8 @@ class EmbedderTransformer(kserve.Model):
             host = self._predictor_host or (self.predictor_config.predictor_host if self.predictor_config else None)
             if not host:
                 raise PredictorError(503, "no predictor host configured: start with --predictor_host HOST:PORT")
-            self._predictor = PredictorClient(host, self.name, timeout=self._predictor_timeout, retry=self._retry,
-                                              on_retry=self.metrics.retry)
+            self._predictor = connect(self._predictor_api, host, self.name, grpc_port=self._predictor_grpc_port,
+                                      timeout=self._predictor_timeout, retry=self._retry, on_retry=self.metrics.retry)
         return self._predictor
 
     async def healthy(self) -> bool:

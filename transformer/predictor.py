@@ -1,20 +1,24 @@
-"""The transformer's client for TF Serving's REST API.
+"""The transformer's clients for TF Serving: what they share, and the REST one.
 
-One pooled keep-alive connection set per process; bounded timeouts; retries
-with jittered backoff only where a retry cannot do harm (the connection could
-not be made or dropped before the answer, or TF Serving said 503); every
-failure mapped to a status the client can act on:
+Two transports speak to TF Serving: its gRPC API (``predictor_grpc.py``, the default:
+tensors travel as bytes) and its REST API (below, JSON). Both share this module's
+contract, errors and retry loop, so a request fails the same way over either.
 
-    predictor unreachable / 503 after retries  -> 503
-    the pinned model version is not served    -> 503 (VersionNotServed: the transformer
-                                                 looks again at what TF Serving serves)
-    no answer within the timeout              -> 504
-    TF Serving answered 400                   -> 400, with its message
-    any other answer that is not 200          -> 502
+One pooled connection set per process; bounded timeouts; retries with jittered
+backoff only where a retry cannot do harm (the connection could not be made or
+dropped before the answer, or TF Serving said it is unavailable); every failure
+mapped to a status the client can act on:
+
+    predictor unreachable / unavailable after retries  -> 503
+    the pinned model version is not served             -> 503 (VersionNotServed: the transformer
+                                                          looks again at what TF Serving serves)
+    no answer within the timeout                       -> 504
+    TF Serving rejected the input                      -> 400, with its message
+    anything else                                      -> 502
 
 Every predict call names the model version whose fitted steps scaled its input
-(``/v1/models/<name>/versions/<v>:predict``), so TF Serving loading a newer
-version never changes what an answer means.
+(``/v1/models/<name>/versions/<v>:predict``, or ``model_spec.version`` over gRPC), so
+TF Serving loading a newer version never changes what an answer means.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ import json
 import logging
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
 import numpy as np
 import orjson
 
 log = logging.getLogger("transformer")
+
+T = TypeVar("T")
+APIS = ("grpc", "rest")  # how the transformer talks to TF Serving (--predictor_api)
+
 
 class PredictorError(Exception):
     """The predictor call failed; ``status`` is what the transformer answers, ``cause`` a metrics label."""
@@ -39,6 +47,14 @@ class PredictorError(Exception):
         super().__init__(message)
         self.status = status
         self.cause = cause
+
+
+class Retryable(Exception):
+    """Raised by one try of a call when trying again may succeed; carries the error to answer if not."""
+
+    def __init__(self, error: PredictorError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class VersionNotServed(PredictorError):
@@ -106,6 +122,90 @@ def _loads(content: bytes):
 
 
 class PredictorClient:
+    """What the transformer asks of TF Serving, whatever the transport: predict on a pinned version,
+    the state of each version, a version's signatures (in the REST API's JSON form)."""
+
+    api = ""
+
+    def __init__(self, address: str, model_name: str, *, timeout: float = 5.0, retry: RetryPolicy = RetryPolicy(),
+                 on_retry: Callable[[str], None] | None = None):
+        self.address = address
+        self.model_name = model_name
+        self.timeout = timeout
+        self.retry = retry
+        self._on_retry = on_retry or (lambda reason: None)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], retry: bool = True) -> T:
+        """Run ``attempt`` until it returns, raises a PredictorError, or has raised Retryable for the
+        last time allowed by the retry policy (tries and seconds spent waiting)."""
+        waited = 0.0
+        last: PredictorError | None = None
+        for number in range(self.retry.attempts if retry else 1):
+            if number:
+                remaining = self.retry.budget - waited
+                if remaining <= 0:
+                    break
+                self._on_retry(last.cause)
+                pause = min(self.retry.delay(number - 1), remaining)
+                await asyncio.sleep(pause)
+                waited += pause
+            try:
+                return await attempt()
+            except Retryable as exc:
+                last = exc.error
+        raise last
+
+    @staticmethod
+    def checked_shapes(arrays: dict[str, np.ndarray], rows: int, contract: Contract) -> dict[str, np.ndarray]:
+        for name, (_, width) in contract.outputs.items():
+            if arrays[name].shape != (rows, width):
+                raise PredictorError(
+                    502, f"the predictor's output {name!r} has shape {list(arrays[name].shape)}, expected "
+                    f"{[rows, width]}: is it serving the model this bundle was trained with?", "predictor_bad_answer")
+        return arrays
+
+    async def predict(self, features: np.ndarray, contract: Contract) -> dict[str, np.ndarray]:
+        """Predict on the contract's version: float32 features (n, F) -> {output: array (n, width)}."""
+        raise NotImplementedError
+
+    async def version_states(self) -> dict[int, str]:
+        """{version: state} for every version TF Serving knows (``AVAILABLE`` when it serves it)."""
+        raise NotImplementedError
+
+    async def metadata(self, version: int | None = None) -> dict:
+        """The model's metadata as TF Serving's REST API writes it (``metadata.signature_def...``)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+def connect(api: str, host: str, model_name: str, *, grpc_port: int = 9000, **options) -> PredictorClient:
+    """The client for ``--predictor_api``: REST at ``host`` (KServe's --predictor_host, port 80 when it
+    names none), or gRPC at the same host on ``grpc_port`` (TF Serving's --port)."""
+    if api == "rest":
+        return RestPredictorClient(host, model_name, **options)
+    if api == "grpc":
+        from transformer.predictor_grpc import GrpcPredictorClient
+
+        return GrpcPredictorClient(grpc_address(host, grpc_port), model_name, **options)
+    raise ValueError(f"predictor api must be one of {', '.join(APIS)}, got {api!r}")
+
+
+def grpc_address(host: str, grpc_port: int) -> str:
+    """``host[:port]`` -> ``host:grpc_port``; IPv6 literals as ``[::1]:port``."""
+    if host.startswith("["):
+        name = host[: host.index("]") + 1]
+    elif host.count(":") == 1:
+        name = host.split(":")[0]
+    elif ":" in host:
+        name = f"[{host}]"  # a bare IPv6 literal
+    else:
+        name = host
+    return f"{name}:{grpc_port}"
+
+
+class RestPredictorClient(PredictorClient):
     """Calls ``/v1/models/<name>:predict`` and the status/metadata endpoints.
 
     aiohttp (its HTTP parser is C) keeps a pool of keep-alive connections. Predict is a
@@ -113,23 +213,12 @@ class PredictorClient:
     answer, can be repeated safely; a timeout is not repeated (the predictor is busy).
     """
 
-    def __init__(
-        self,
-        host: str,
-        model_name: str,
-        *,
-        timeout: float = 5.0,
-        retry: RetryPolicy = RetryPolicy(),
-        use_ssl: bool = False,
-        max_connections: int = 64,
-        on_retry: Callable[[str], None] | None = None,
-    ):
-        self.model_name = model_name
+    api = "rest"
+
+    def __init__(self, host: str, model_name: str, *, use_ssl: bool = False, max_connections: int = 64, **options):
+        super().__init__(host, model_name, **options)
         self.base_url = f"{'https' if use_ssl else 'http'}://{host}"
-        self.timeout = timeout
-        self.retry = retry
         self.max_connections = max_connections
-        self._on_retry = on_retry or (lambda reason: None)
         self._session: aiohttp.ClientSession | None = None
         self._status_url = f"{self.base_url}/v1/models/{model_name}"
 
@@ -151,46 +240,35 @@ class PredictorClient:
 
     async def _send(self, method: str, url: str, content: bytes | None = None, retry: bool = True) -> Answer:
         """One request, retried on connection failures and 503 within the retry budget."""
-        waited = 0.0
-        last: PredictorError | None = None
         headers = {"Content-Type": "application/json"} if content is not None else None
-        for attempt in range(self.retry.attempts if retry else 1):
-            if attempt:
-                remaining = self.retry.budget - waited
-                if remaining <= 0:
-                    break
-                self._on_retry(last.cause)
-                pause = min(self.retry.delay(attempt - 1), remaining)
-                await asyncio.sleep(pause)
-                waited += pause
+
+        async def attempt() -> Answer:
             try:
                 async with self._client().request(method, url, data=content, headers=headers) as response:
                     answer = Answer(response.status, await response.read())
             except aiohttp.ClientConnectorError as exc:
-                last = PredictorError(503, f"the predictor at {self.base_url} is unreachable ({exc.os_error or exc})",
-                                      "predictor_unreachable")
-                continue
+                raise Retryable(PredictorError(
+                    503, f"the predictor at {self.base_url} is unreachable ({exc.os_error or exc})",
+                    "predictor_unreachable")) from None
             except asyncio.TimeoutError:
                 raise PredictorError(
                     504, f"the predictor at {self.base_url} did not answer within {self.timeout:g}s", "predictor_timeout"
                 ) from None
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
-                last = PredictorError(502, f"the connection to the predictor failed: {type(exc).__name__}",
-                                      "predictor_connection_lost")
-                continue
+                raise Retryable(PredictorError(502, f"the connection to the predictor failed: {type(exc).__name__}",
+                                               "predictor_connection_lost")) from None
             except aiohttp.ClientError as exc:
                 raise PredictorError(502, f"the call to the predictor failed: {exc}", "predictor_failed") from None
             if answer.status == 503:
-                last = PredictorError(503, f"the predictor is unavailable: {_error_text(answer)}",
-                                      "predictor_unavailable")
-                continue
+                raise Retryable(PredictorError(503, f"the predictor is unavailable: {_error_text(answer)}",
+                                               "predictor_unavailable"))
             return answer
-        raise last
+
+        return await self._retrying(attempt, retry)
 
     async def predict(self, features: np.ndarray, contract: Contract) -> dict[str, np.ndarray]:
-        """Columnar predict on the contract's version: float32 features (n, F) -> {output: array}, shapes checked."""
         body = orjson.dumps(
-            {"signature_name": contract.signature, "inputs": features.astype(np.float32, copy=False)},
+            {"signature_name": contract.signature, "inputs": np.ascontiguousarray(features, np.float32)},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         answer = await self._send("POST", self._url(contract.version, ":predict"), body)
@@ -211,16 +289,9 @@ class PredictorClient:
             raise PredictorError(502, f"the predictor's answer is not a columnar predict response with "
                                  f"{', '.join(contract.outputs)} ({type(exc).__name__}: {exc})",
                                  "predictor_bad_answer") from None
-        n = features.shape[0]
-        for name, (_, width) in contract.outputs.items():
-            if arrays[name].shape != (n, width):
-                raise PredictorError(
-                    502, f"the predictor's output {name!r} has shape {list(arrays[name].shape)}, expected "
-                    f"{[n, width]}: is it serving the model this bundle was trained with?", "predictor_bad_answer")
-        return arrays
+        return self.checked_shapes(arrays, features.shape[0], contract)
 
     async def version_states(self) -> dict[int, str]:
-        """{version: state} for every version TF Serving knows (``AVAILABLE`` when it serves it)."""
         answer = await self._send("GET", self._status_url, retry=False)
         if answer.status == 404:
             return {}  # TF Serving has no version of this model (yet)
