@@ -188,8 +188,12 @@ class LocalStack:
 
     def start_transformer(self, timeout: float = 60.0) -> None:
         self._spawn("transformer", self.transformer_command())
-        self._wait("transformer", f"{self.transformer_url}/v1/models/{self.model_name}",
-                   lambda r: r.status_code == 200, timeout)
+        try:
+            self._wait("transformer", f"{self.transformer_url}/v1/models/{self.model_name}",
+                       lambda r: r.status_code == 200, timeout)
+        except StackError:
+            self.stop_process("transformer")  # not left running when it never became ready
+            raise
 
     def start(self) -> "LocalStack":
         try:

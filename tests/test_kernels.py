@@ -11,7 +11,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScaler, StandardScaler
 
 from transformer.kernels import (
-    NearestCentroid, QuantileScaler, UnsupportedEstimator, rules_on_candidates, scaler_kernel, top_items,
+    NearestCentroid, QuantileScaler, _Interpolation, UnsupportedEstimator, rules_on_candidates, scaler_kernel, top_items,
 )
 
 
@@ -67,6 +67,30 @@ def test_quantile_midpoints_between_repeated_quantiles(fitted):
     qt, X = fitted
     q = qt.quantiles_
     assert_parity(qt, 0.5 * (q[1:] + q[:-1]))
+
+
+def test_few_rows_and_many_rows_scale_bit_for_bit_alike(fitted):
+    """Up to FEW_ROWS rows take one search over every feature's knots, more take np.interp per
+    feature: the same float64 bits either way, on the awkward values too."""
+    qt, X = fitted
+    q = qt.quantiles_
+    rng = np.random.default_rng(7)
+    rows = np.concatenate([heavy_tailed(rng, 200), q, 0.5 * (q[1:] + q[:-1]), q[[0, -1]] + 5e-8, q[[0, -1]] - 5e-8,
+                           np.tile(np.array([-1e30, -1.0, 0.0, -0.0, 1e30])[:, None], (1, q.shape[1]))])
+    scaler = QuantileScaler.from_estimator(qt)
+    few = _Interpolation.FEW_ROWS
+    many = scaler.transform(rows)
+    one_by_few = np.concatenate([scaler.transform(rows[i:i + few]) for i in range(0, len(rows), few)])
+    assert len(rows) > few and np.array_equal(many.view(np.int64), one_by_few.view(np.int64))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+def test_knots_a_subnormal_apart_interpolate_as_numpy_does():
+    xp = np.array([[0.0, 5e-324, 1.0, 2.0]])  # the first slope is infinite
+    fp = np.array([0.0, 0.5, 0.75, 1.0])
+    x = np.array([[0.0], [5e-324], [0.5], [1.0], [-1.0], [3.0]])
+    expected = np.interp(x[:, 0], xp[0], fp)[:, None]
+    assert np.array_equal(_Interpolation(xp, fp)(x), expected) and not np.isnan(expected).any()
 
 
 def test_quantile_small_n_quantiles_and_single_row():

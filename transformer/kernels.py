@@ -27,6 +27,56 @@ _CLIP_MIN = float(ndtri(BOUNDS_THRESHOLD - np.spacing(1)))
 _CLIP_MAX = float(ndtri(1 - (BOUNDS_THRESHOLD - np.spacing(1))))
 
 
+class _Interpolation:
+    """``np.interp`` of each feature's own table: bit-identical to calling ``np.interp`` per feature,
+    and cheaper for the few rows of a typical request.
+
+    Few rows: one ``searchsorted`` for all rows and features at once, then numpy's ``arr_interp``
+    arithmetic (the bracket found by binary search, the value at an exact knot, the slope times the
+    offset plus the left value). The tables go into one sorted complex array, feature index as the
+    real part and knot as the imaginary part: numpy orders complex numbers by real, then imaginary
+    part, so a search for ``j + x*1j`` stays within feature ``j``'s knots. Many rows: ``np.interp``
+    per feature, whose search is faster per value. Measured on 12 features x 1,000 knots, both
+    directions: 1 row 61 -> 33 us, 32 rows 70 -> 68 us, 256 rows 118 -> 428 us; hence the switch.
+    """
+
+    #: Rows up to which the single search is used (the measured crossover is near 32).
+    FEW_ROWS = 16
+
+    def __init__(self, xp: np.ndarray, fp: np.ndarray):
+        n_features, n_knots = xp.shape
+        self.n_knots = n_knots
+        self.tables = [(np.ascontiguousarray(row), fp) for row in xp]  # for np.interp
+        self.features = np.arange(n_features, dtype=np.float64)
+        self.offsets = np.arange(n_features) * n_knots  # where each feature's knots start in the flat arrays
+        self.keys = (self.features[:, None] + 1j * xp).ravel()
+        self.xp = xp.ravel()
+        self.fp = np.tile(fp, n_features)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # repeated knots: never a bracket
+            slopes = (fp[1:] - fp[:-1]) / (xp[:, 1:] - xp[:, :-1])
+        self.slopes = np.concatenate([slopes, np.zeros((n_features, 1))], axis=1).ravel()
+        self.left, self.right = fp[0], fp[-1]
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        if X.shape[0] > self.FEW_ROWS:
+            return np.column_stack([np.interp(X[:, j], xp, fp) for j, (xp, fp) in enumerate(self.tables)])
+        # The last knot <= x (side "right"), as numpy's binary_search_with_guess finds it: its right
+        # neighbour is strictly greater, so no division by zero. Before a feature's first
+        # knot the index is the previous feature's last (-1 for the first feature: the very last):
+        # always a valid index, its value replaced by ``left`` below, so nothing needs clipping.
+        found = np.searchsorted(self.keys, self.features + 1j * X, side="right") - 1
+        knot, value = self.xp[found], self.fp[found]
+        out = self.slopes[found] * (X - knot) + value
+        # At a knot the value itself, as numpy does: with knots a subnormal apart the slope can be
+        # infinite, and inf * 0 is NaN (numpy warns about it once; no np.errstate here, it costs 3 us).
+        exact = X == knot
+        out[exact] = value[exact]
+        local = found - self.offsets
+        out[local < 0] = self.left
+        out[local >= self.n_knots - 1] = self.right
+        return out
+
+
 class QuantileScaler:
     """``QuantileTransformer.transform`` for dense float64 input, either output distribution."""
 
@@ -34,14 +84,11 @@ class QuantileScaler:
         quantiles, references = step.quantiles, step.references
         self.n_features = quantiles.shape[1]
         self.normal = step.output_distribution == "normal"
-        # One contiguous row per feature, plus the mirrored copies the backward
-        # interpolation needs, so nothing is sliced or reversed per request.
-        self._q = np.ascontiguousarray(quantiles.T)
-        self._q_rev = np.ascontiguousarray(-quantiles.T[:, ::-1])
-        self._ref = references
-        self._ref_rev = np.ascontiguousarray(-references[::-1])
-        self._low = self._q[:, 0].copy()
-        self._high = self._q[:, -1].copy()
+        # The forward interpolation, and the backward one on the mirrored tables.
+        self._forward = _Interpolation(np.ascontiguousarray(quantiles.T), references)
+        self._backward = _Interpolation(np.ascontiguousarray(-quantiles.T[:, ::-1]), -references[::-1])
+        self._low = np.ascontiguousarray(quantiles[0])
+        self._high = np.ascontiguousarray(quantiles[-1])
 
     @classmethod
     def from_estimator(cls, estimator: Any) -> "QuantileScaler":
@@ -51,13 +98,9 @@ class QuantileScaler:
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Scale raw features (n, F) float64; returns float64 like scikit-learn."""
         X = np.asarray(X, dtype=np.float64)
-        out = np.empty_like(X)
-        ref, ref_rev = self._ref, self._ref_rev
-        for j in range(self.n_features):
-            x = X[:, j]
-            # Average of the forward and backward interpolation: with repeated
-            # quantiles (a constant or discrete column) this lands in the middle.
-            out[:, j] = 0.5 * (np.interp(x, self._q[j], ref) - np.interp(-x, self._q_rev[j], ref_rev))
+        # Average of the forward and backward interpolation: with repeated
+        # quantiles (a constant or discrete column) this lands in the middle.
+        out = 0.5 * (self._forward(X) - self._backward(-X))
         if self.normal:
             lower = X - BOUNDS_THRESHOLD < self._low
             upper = X + BOUNDS_THRESHOLD > self._high
@@ -68,7 +111,8 @@ class QuantileScaler:
         out[lower] = 0.0
         if self.normal:
             out = ndtri(out)
-            np.clip(out, _CLIP_MIN, _CLIP_MAX, out=out)
+            np.maximum(out, _CLIP_MIN, out=out)  # np.clip, at half its call overhead (2.6 vs 4.4 us)
+            np.minimum(out, _CLIP_MAX, out=out)
         return out
 
 
