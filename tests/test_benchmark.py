@@ -16,14 +16,16 @@ def test_benchmark_smoke(build_dir, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
-    assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f"}  # e, f: v2 REST and gRPC
+    # e, f: v2 REST and gRPC at the transformer; g: its REST hop to the predictor; h: the predictor's gRPC API
+    assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f", "g", "h"}
     for run in report["runs"]:
         assert run["requests"] > 0 and run["non_2xx"] == 0 and run["socket_errors"] == 0, run
     assert report["soak"]["lost"] == 0 and report["soak"]["ok"] == report["soak"]["requests"]
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     text = (tmp_path / "results.md").read_text()
     assert "## Goals" in text and "## Soak" in text and "(d) fused alone" in text
-    assert "(f) transformer v2 gRPC -> predictor" in text
+    assert "(f) transformer v2 gRPC -> predictor" in text and "(h) predictor alone, gRPC" in text
+    assert "REST / gRPC toward the predictor" in text
 
 
 def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path):
