@@ -1,7 +1,7 @@
 """Export the embedding model as a SavedModel in TF Serving's folder layout.
 
 ``<base>/<name>/<version>/saved_model.pb`` plus ``variables/``: the layout TF
-Serving (and ``python -m model.serve``) loads, highest version first. The
+Serving (and ``python -m model.standin``) loads, highest version first. The
 transformer's bundle is written into the same folder before it is renamed into
 place (``assets.extra/transformer-bundle/``), and a version, once written, is
 never replaced. The graph

@@ -247,7 +247,7 @@ def explain(results: dict) -> list[str]:
     if cells:
         notes.append("REST / gRPC toward the predictor, in requests per second: " + "; ".join(cells) + ".")
     notes.append(
-        "The predictor here is `python -m model.serve`, TF Serving's REST API in Python over the same "
+        "The predictor here is `python -m model.standin`, TF Serving's REST API in Python over the same "
         "SavedModel (no container engine on this machine). Its own HTTP and JSON work is slower than TF "
         "Serving's C++, which makes (a) and (d) slower than on real TF Serving and the transformer's fixed "
         "hop cost relatively smaller."
@@ -500,7 +500,7 @@ def machine() -> dict:
         "os": platform.platform(), "python": platform.python_version(), "kserve": version("kserve"),
         "tensorflow": tf.__version__, "scikit-learn": sklearn.__version__,
         "load_generator": "wrk " + (os.popen("wrk -v 2>&1").read().split()[1] if have_wrk() else "absent: python httpx"),
-        "predictor": "python -m model.serve (TF Serving REST stand-in; no container engine here)",
+        "predictor": "python -m model.standin (TF Serving REST stand-in; no container engine here)",
     }
 
 

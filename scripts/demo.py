@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-train", action="store_true", help="serve the newest model version already in build/")
     parser.add_argument("--predictor", choices=["auto", "container", "local"], default="auto",
-                        help="container: tensorflow/serving image; local: python -m model.serve; auto: container if one runs")
+                        help="container: tensorflow/serving image; local: python -m model.standin; auto: container if one runs")
     args = parser.parse_args(argv)
 
     started = time.monotonic()

@@ -4,7 +4,7 @@
     python -m scripts.localstack --help
 
 The predictor is the real ``tensorflow/serving`` image when a container engine
-answers (docker or podman), otherwise ``python -m model.serve``, which speaks
+answers (docker or podman), otherwise ``python -m model.standin``, which speaks
 the same REST API over the same SavedModel folder. Used by the demo, the
 benchmark and the integration tests.
 """
@@ -157,10 +157,10 @@ class LocalStack:
                 "--model_config_file=/config/models.config",
             ])
         else:
-            self.predictor_kind = "python -m model.serve"
+            self.predictor_kind = "python -m model.standin"
             config.write_text(model_config(self.model_name, str(self.model_dir.resolve())))
             self._spawn("predictor", [
-                sys.executable, "-m", "model.serve", "--model_config_file", str(config),
+                sys.executable, "-m", "model.standin", "--model_config_file", str(config),
                 "--rest_api_port", str(self.predictor_port), "--port", str(self.predictor_grpc_port),
             ])
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", type=Path, default=ROOT / "build", help="build folder written by model.train")
     parser.add_argument("--model-name", default="embedder")
     parser.add_argument("--predictor", choices=["auto", "container", "local"], default="auto",
-                        help="container: the tensorflow/serving image; local: python -m model.serve")
+                        help="container: the tensorflow/serving image; local: python -m model.standin")
     parser.add_argument("--predictor-port", type=int, default=8501, help="TF Serving's REST port")
     parser.add_argument("--predictor-grpc-port", type=int, default=8500,
                         help="TF Serving's gRPC port (the transformer's default way to call it)")

@@ -30,7 +30,7 @@ def build_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack(build_dir, tmp_path_factory):
-    """The predictor (python -m model.serve) and the transformer, on free loopback ports."""
+    """The predictor (python -m model.standin) and the transformer, on free loopback ports."""
     with LocalStack(build=build_dir, predictor="local", log_dir=tmp_path_factory.mktemp("logs")) as running:
         yield running
 

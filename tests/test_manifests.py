@@ -184,7 +184,7 @@ def dockerfile() -> str:
 
 @pytest.mark.parametrize("overlay", WITH_TRANSFORMER)
 def test_names_ports_and_paths_agree_everywhere(overlay):
-    from model.serving_config import parse_model_config
+    from model.standin.serving_config import parse_model_config
     from transformer.__main__ import DEFAULT_MODEL_BASE_PATH, build_parser
 
     service = isvc(overlay)

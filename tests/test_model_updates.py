@@ -1,6 +1,6 @@
 """Model updates: a version and its fitted steps are one unit; switching and rolling back never mix them.
 
-End to end, with the predictor (``python -m model.serve``, TF Serving's version policy ``latest 2``)
+End to end, with the predictor (``python -m model.standin``, TF Serving's version policy ``latest 2``)
 and the transformer as processes, a client sending requests all the time, and every answer
 compared with an offline recomputation (scikit-learn and the SavedModel called directly) of the
 version the answer names.

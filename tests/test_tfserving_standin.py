@@ -1,4 +1,4 @@
-"""``python -m model.serve`` answers like TF Serving's REST API (g3doc/api_rest.md)."""
+"""``python -m model.standin`` answers like TF Serving's REST API (g3doc/api_rest.md)."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ from conftest import MODEL_NAME
 from hypothesis import HealthCheck, given, settings
 from strategies import json_documents
 
-from model.tfjson import TensorJsonError, TensorSpecInfo, parse_predict_request, render_predict_response
+from model.standin.tfjson import TensorJsonError, TensorSpecInfo, parse_predict_request, render_predict_response
 from scripts.localstack import ROOT
 
 
@@ -160,7 +160,7 @@ def test_new_and_removed_versions_follow_the_version_policy(build_dir, tmp_path,
     shutil.copytree(build_dir / "models" / MODEL_NAME / "1", models / "1")
     stack = LocalStack(build=tmp_path, predictor="local", log_dir=tmp_path / "logs")
     if policy == "default":  # no --model_config_file: the flags alone, as `tensorflow_model_server` takes them
-        stack._spawn("predictor", [sys.executable, "-m", "model.serve", "--model_name", MODEL_NAME,
+        stack._spawn("predictor", [sys.executable, "-m", "model.standin", "--model_name", MODEL_NAME,
                                    "--model_base_path", str(models), "--rest_api_port", str(stack.predictor_port),
                                    "--port", str(stack.predictor_grpc_port)])
         stack._wait("predictor", f"{stack.predictor_url}/v1/models/{MODEL_NAME}", lambda r: r.status_code == 200, 60)
@@ -196,13 +196,13 @@ def test_new_and_removed_versions_follow_the_version_policy(build_dir, tmp_path,
 def test_bad_model_config_files_are_refused(tmp_path, text, message):
     config = tmp_path / "models.config"
     config.write_text(text)
-    result = subprocess.run([sys.executable, "-m", "model.serve", "--model_config_file", str(config)],
+    result = subprocess.run([sys.executable, "-m", "model.standin", "--model_config_file", str(config)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_model_config_policies():
-    from model.serving_config import parse_model_config
+    from model.standin.serving_config import parse_model_config
 
     def aspired(policy_text):
         (config,) = parse_model_config(

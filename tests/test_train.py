@@ -47,7 +47,7 @@ def test_train_reports_a_bad_csv_without_a_traceback(tmp_path):
     assert "no 'items' column" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("module", ["model.train", "model.synthetic", "model.serve", "transformer", "scripts.localstack",
+@pytest.mark.parametrize("module", ["model.train", "model.synthetic", "model.standin", "transformer", "scripts.localstack",
                                     "scripts.demo", "scripts.training_scale"])
 def test_every_command_explains_itself(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,

@@ -15,10 +15,10 @@ folder is removed is unloaded. It answers like TF Serving's REST API
     POST /v1/models/<name>[/versions/<v>]:predict      row or columnar JSON
 
 Errors come back as ``{"error": "..."}`` with TF Serving's status codes. On ``--port``
-it serves TF Serving's gRPC API (``serve_grpc.py``: Predict, GetModelMetadata,
+it serves TF Serving's gRPC API (``grpc_api.py``: Predict, GetModelMetadata,
 GetModelStatus) from the same loaded versions.
 
-    python -m model.serve --model_name embedder --model_base_path build/models/embedder \
+    python -m model.standin --model_name embedder --model_base_path build/models/embedder \
         --port 8500 --rest_api_port 8501
 """
 
@@ -39,8 +39,8 @@ import numpy as np
 import orjson
 
 import model  # noqa: F401  (TensorFlow environment defaults)
-from model.serving_config import ConfigError, VersionPolicy, read_model_config
-from model.tfjson import (
+from model.standin.serving_config import ConfigError, VersionPolicy, read_model_config
+from model.standin.tfjson import (
     TensorJsonError,
     TensorSpecInfo,
     check_shapes,
@@ -49,7 +49,7 @@ from model.tfjson import (
     render_predict_response,
 )
 
-log = logging.getLogger("model.serve")
+log = logging.getLogger("model.standin")
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -317,7 +317,7 @@ async def _poll(store: ModelStore, seconds: float, config_file: Path | None, con
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m model.serve",
+        prog="python -m model.standin",
         description="Serve a SavedModel folder over TF Serving's REST API (a stand-in for "
                     "tensorflow_model_server where it cannot run). Flags follow tensorflow_model_server.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -375,14 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(config)
 
     async def run() -> None:
-        from model.serve_grpc import grpc_server
+        from model.standin.grpc_api import grpc_server
 
         try:
-            grpc_api, grpc_port = grpc_server(app, args.rest_api_host, args.port)
+            grpc_api_server, grpc_port = grpc_server(app, args.rest_api_host, args.port)
         except (OSError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        await grpc_api.start()
+        await grpc_api_server.start()
         log.info("gRPC API at %s:%d (tensorflow.serving.PredictionService, ModelService)", args.rest_api_host,
                  grpc_port)
         poller = (asyncio.create_task(_poll(store, args.file_system_poll_wait_seconds, args.model_config_file,
@@ -395,15 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if poller:
                 poller.cancel()
-            await grpc_api.stop(grace=1.0)
+            await grpc_api_server.stop(grace=1.0)
 
     asyncio.run(run())
     return 0
-
-
-if __name__ == "__main__":
-    # Run the imported module, not this __main__ copy: serve_grpc catches model.serve.ServingError,
-    # which the store must raise, not a twin class of the same name.
-    from model.serve import main as imported_main
-
-    sys.exit(imported_main())

@@ -1,4 +1,4 @@
-"""TF Serving's gRPC API for the local stand-in (``python -m model.serve --port``).
+"""TF Serving's gRPC API for the local stand-in (``python -m model.standin --port``).
 
 The three calls a client of this model makes, answered as ``tensorflow_model_server``
 answers them (``tensorflow_serving/servables/tensorflow/predict_util.cc``,
@@ -22,8 +22,8 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from model.serve import ServingError
-from model.tfjson import TensorJsonError, check_shapes
+from model.standin.serve import ServingError
+from model.standin.tfjson import TensorJsonError, check_shapes
 from transformer.predictor_grpc import (
     GET_MODEL_METADATA,
     GET_MODEL_STATUS,
@@ -34,7 +34,7 @@ from transformer.predictor_grpc import (
 )
 from transformer.protos import tfserving_pb2 as pb
 
-log = logging.getLogger("model.serve")
+log = logging.getLogger("model.standin")
 
 # HTTP status of the REST handler's ServingError -> the gRPC code TF Serving returns for it.
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,

@@ -1,0 +1,7 @@
+"""``python -m model.standin``: see ``serve.py``."""
+
+import sys
+
+from model.standin.serve import main
+
+sys.exit(main())
