@@ -41,16 +41,56 @@ def test_requests_and_rows_are_bounded_and_released():
         return admission.rows
 
     assert run(second) == 10 and admission.requests == 2
-    with pytest.raises(Refused, match=r"2 requests in progress, at most 2") as caught:
+    with pytest.raises(Refused, match=r"2 requests in progress, at most 2 now") as caught:
         run(lambda: admission.enter(None))
     assert (caught.value.status, caught.value.cause) == (503, "overloaded_requests")
 
     def release():
         rows_held.set(8)
-        admission.leave()
+        admission.leave(0.01)
 
     run(release)
     assert (admission.requests, admission.rows) == (1, 2)
+
+
+def answer_window(admission: Admission, seconds: float) -> None:
+    """One window of requests admitted and answered, each after ``seconds`` inside."""
+    from transformer.admission import WINDOW
+
+    for _ in range(WINDOW):
+        contextvars.copy_context().run(lambda: (admission.enter(None), admission.leave(seconds)))
+
+
+def test_the_request_limit_follows_the_latency_of_admitted_requests():
+    admission = Admission(max_requests=100, min_requests=10, latency_budget=0.05)
+    assert admission.limit == 100
+    limits = []
+    for _ in range(12):  # slower than the budget: down by a fifth per window, to the floor and no lower
+        answer_window(admission, 0.08)
+        limits.append(admission.limit)
+    assert limits[:4] == [80, 64, 51, 40] and limits[-1] == 10 and min(limits) == 10
+    answer_window(admission, 0.04)  # within the budget but above half of it: held
+    assert admission.limit == 10
+    for expected in (11, 12, 13):  # well within it: up by an eighth (at least one) per window
+        answer_window(admission, 0.01)
+        assert admission.limit == expected
+    for _ in range(60):
+        answer_window(admission, 0.01)
+    assert admission.limit == 100  # and no higher than the ceiling
+    assert Admission(max_requests=4).min_requests == 4  # the floor never exceeds the ceiling
+
+
+def test_a_request_finding_the_limit_reached_is_refused_at_once():
+    admission = Admission(max_requests=40, min_requests=8)
+    for _ in range(3):
+        answer_window(admission, 1.0)
+    assert admission.limit == 20  # 40 -> 32 -> 25 -> 20
+    ctx = [contextvars.copy_context() for _ in range(21)]
+    for c in ctx[:20]:
+        c.run(lambda: admission.enter(None))
+    assert admission.full()
+    with pytest.raises(Refused, match=r"20 requests in progress, at most 20 now"):
+        ctx[20].run(lambda: admission.enter(None))
 
 
 def test_a_request_larger_than_the_row_bound_is_served_when_alone():
@@ -138,8 +178,8 @@ def test_excess_requests_get_503_at_once_and_the_admitted_ones_are_served(slow, 
     refused = [r for r in results if r[0].status_code == 503]
     assert len(ok) == 4 and len(refused) == 8, [r[0].status_code for r in results]
     for response, _, _ in refused:
-        assert response.headers["retry-after"] == "1"
-        assert "the transformer is at capacity (4 requests in progress, at most 4)" in response.json()["error"]
+        assert response.headers["retry-after"] == "1" and len(response.headers["x-request-id"]) == 32
+        assert "the transformer is at capacity (4 requests in progress, at most 4 now)" in response.json()["error"]
     # Refused before the slow predictor had answered anyone: nobody waited for it.
     assert max(done for _, _, done in refused) < min(done for _, _, done in ok)
     assert metric(base, 'embedder_requests_total{cause="overloaded_requests"') - shed_before == 8

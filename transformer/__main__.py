@@ -41,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--model_poll_seconds", type=float, default=1.0,
                       help="how often to look for new version folders and at what TF Serving serves")
     ours.add_argument("--max_inflight", type=int, default=256,
-                      help="requests admitted at once; more get 503 with Retry-After at once (default: about "
-                           "100 ms of work at the measured 2,400 req/s)")
+                      help="requests admitted at once, at most; more get 503 with Retry-After at once. The limit "
+                           "in force moves between --min_inflight and this, keeping the p90 time of admitted "
+                           "requests inside the process within --latency_budget_ms (admission.py)")
+    ours.add_argument("--min_inflight", type=int, default=32,
+                      help="the floor of the request limit: this many concurrent requests are never shed")
+    ours.add_argument("--latency_budget_ms", type=float, default=50.0,
+                      help="the p90 time inside the process that the request limit aims to keep")
     ours.add_argument("--max_inflight_rows", type=int, default=8192,
                       help="rows admitted at once; more get 503 (default: about 100 ms of work at the measured "
                            "68,600 rows/s)")
@@ -102,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                      "configuration; scale with replicas instead")
     if min(args.max_rows, args.max_body_bytes) < 1 or args.predictor_timeout <= 0 or args.predictor_retries < 0:
         parser.error("--max_rows, --max_body_bytes and --predictor_timeout must be positive, --predictor_retries >= 0")
-    if min(args.model_versions, args.drift_window, args.max_inflight, args.max_inflight_rows) < 1 \
-            or args.model_poll_seconds <= 0 or args.request_timeout <= 0:
-        parser.error("--model_versions, --drift_window, --max_inflight and --max_inflight_rows must be at least 1; "
-                     "--model_poll_seconds and --request_timeout positive")
+    if min(args.model_versions, args.drift_window, args.max_inflight, args.min_inflight, args.max_inflight_rows) < 1 \
+            or min(args.model_poll_seconds, args.request_timeout, args.latency_budget_ms) <= 0:
+        parser.error("--model_versions, --drift_window, --max_inflight, --min_inflight and --max_inflight_rows must "
+                     "be at least 1; --model_poll_seconds, --request_timeout and --latency_budget_ms positive")
     trusted = frozenset(d.strip().lower() for d in args.trusted_manifests.split(",") if d.strip())
     malformed = sorted(d for d in trusted if len(d) != 64 or any(c not in "0123456789abcdef" for c in d))
     if malformed:
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=args.model_poll_seconds,
         trusted_manifests=trusted,
         drift_window=args.drift_window,
-        admission=Admission(args.max_inflight, args.max_inflight_rows, args.request_timeout),
+        admission=Admission(args.max_inflight, args.max_inflight_rows, args.request_timeout,
+                            min_requests=args.min_inflight, latency_budget=args.latency_budget_ms / 1000.0),
     )
     try:
         model.load()

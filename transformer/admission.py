@@ -1,13 +1,19 @@
 """Admission control: a bound on the work inside the transformer, and deadlines for what waits.
 
-One transformer process serves about 2,400 one-row requests a second, or 68,600 rows a
-second in 256-row requests (benchmarks/results.md). Past that, requests would queue
-without bound (the event loop, the coalescer's pending list) and every client would wait
-longer, until all time out. Instead a request is refused at once, with 503 and
-``Retry-After``, when admitting it would put more than ``max_requests`` requests or
-``max_rows`` rows inside the process. By Little's law the defaults hold about 100 ms of
-work at the measured capacity (2,437 req/s x 0.1 s -> 256 requests; 68,634 rows/s x
-0.1 s -> 8,192 rows), which keeps the admitted requests' p99 within a 250 ms budget.
+Past its capacity a transformer would queue requests without bound (the event loop, the
+coalescer's pending list) and every client would wait longer, until all time out. Instead a
+request is refused at once, with 503 and ``Retry-After``, when admitting it would put more
+than ``limit`` requests or ``max_rows`` rows inside the process.
+
+The request limit follows the latency of what is admitted: every 32 answered requests, when
+their p90 time inside the process passed ``latency_budget`` the limit shrinks by a fifth;
+when it stayed under half the budget the limit grows by an eighth; always between
+``min_requests`` and ``max_requests``. Capacity differs by machine, model and batch size
+(one process here: 700 to 2,400 one-row requests a second, benchmarks/), so no fixed bound
+suits all: with 256 (100 ms of work at 2,400 req/s) a slower set-up held 360 ms of queue,
+and every answer, a 503 included, waited that long on the one event loop. By Little's law
+the limit settles near capacity x budget. ``min_requests`` keeps ordinary concurrency (up to
+32 requests) from ever being shed; ``max_rows`` bounds large batches (68,634 rows/s x 0.1 s).
 
 A request also carries a deadline (``x-request-timeout-ms``, or ``default_timeout``):
 work still waiting past it, in the coalescer or before a stage, is dropped (504) rather
@@ -46,23 +52,40 @@ def check_deadline(stage: str) -> None:
                       "deadline_exceeded")
 
 
+WINDOW = 32  # answered requests per adjustment of the limit
+
+
 @dataclass
 class Admission:
-    max_requests: int = 256
+    max_requests: int = 256  # the request limit's ceiling
     max_rows: int = 8192
     default_timeout: float = 10.0  # seconds, for requests without x-request-timeout-ms
+    min_requests: int = 32  # the request limit's floor (capped at max_requests)
+    latency_budget: float = 0.05  # seconds: the p90 time inside the process the limit aims to keep
     requests: int = 0
     rows: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_requests < 1 or self.max_rows < 1 or self.default_timeout <= 0:
-            raise ValueError("max_requests and max_rows must be at least 1, default_timeout positive")
+        if min(self.max_requests, self.max_rows, self.min_requests) < 1 or self.default_timeout <= 0 \
+                or self.latency_budget <= 0:
+            raise ValueError("max_requests, max_rows and min_requests must be at least 1; default_timeout and "
+                             "latency_budget positive")
+        self.min_requests = min(self.min_requests, self.max_requests)
+        self.limit = self.max_requests
+        self._latencies: list[float] = []
+
+    def full(self) -> bool:
+        """No room for another request: cheap enough to ask before anything else is done for it."""
+        return self.requests >= self.limit
+
+    def refusal(self) -> Refused:
+        return Refused(503, f"the transformer is at capacity ({self.requests} requests in progress, at most "
+                       f"{self.limit} now); retry after {RETRY_AFTER_SECONDS}s", "overloaded_requests")
 
     def enter(self, timeout_header: str | None) -> None:
         """Admit a request (before its body is read) and set its deadline, or refuse it with 503."""
-        if self.requests >= self.max_requests:
-            raise Refused(503, f"the transformer is at capacity ({self.requests} requests in progress, at most "
-                          f"{self.max_requests}); retry after {RETRY_AFTER_SECONDS}s", "overloaded_requests")
+        if self.full():
+            raise self.refusal()
         timeout = self.default_timeout
         if timeout_header is not None:
             try:
@@ -88,8 +111,17 @@ class Admission:
         self.rows += n
         rows_held.set(n)
 
-    def leave(self) -> None:
-        """The request is answered (whatever the outcome): release what it held."""
+    def leave(self, seconds: float) -> None:
+        """The request is answered (whatever the outcome), ``seconds`` after it was admitted: release what
+        it held, and adjust the limit once a window of answers is in."""
         self.requests -= 1
         self.rows -= rows_held.get()
         rows_held.set(0)
+        self._latencies.append(seconds)
+        if len(self._latencies) >= WINDOW:
+            p90 = sorted(self._latencies)[int(0.9 * len(self._latencies))]
+            self._latencies.clear()
+            if p90 > self.latency_budget:
+                self.limit = max(self.min_requests, int(self.limit * 0.8))
+            elif p90 < self.latency_budget / 2:
+                self.limit = min(self.max_requests, self.limit + max(1, self.limit // 8))

@@ -52,6 +52,25 @@ def log_event(level: int, event: str, **fields) -> None:
         log.log(level, "%s", json.dumps({"event": event, **fields}, default=str))
 
 
+def failure(exc: RequestError | PredictorError | Refused, metrics: Any, model_name: str, request_id: str,
+            started: float) -> Failure:
+    """Count and log a request that ends without an answer; the Failure its transport answers."""
+    outcome = ("shed" if isinstance(exc, Refused) and exc.status != 400 else
+               "predictor_error" if isinstance(exc, PredictorError) else "client_error")
+    version = request_version.get()
+    if metrics:
+        metrics.request(outcome, exc.cause, version)
+    # Shed requests are counted, not logged one by one: under overload that would be thousands a second.
+    level = {"client_error": logging.INFO, "shed": logging.DEBUG}.get(outcome, logging.WARNING)
+    log_event(level, "request_failed",
+              request_id=request_id, model=model_name, model_version=version, status=exc.status,
+              cause=exc.cause, error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
+    headers = {"x-request-id": request_id}
+    if exc.status == 503:
+        headers["retry-after"] = str(RETRY_AFTER_SECONDS)
+    return Failure(exc.status, str(exc), headers)
+
+
 async def handle(model: Any, model_name: str, request_id: str, timeout_header: str | None,
                  work: Callable[[], Awaitable[Any]]) -> Any:
     """Admit, run and account for one request; returns ``work()``'s result or raises :class:`Failure`."""
@@ -60,34 +79,21 @@ async def handle(model: Any, model_name: str, request_id: str, timeout_header: s
     admission = getattr(model, "admission", None)
     request_version.set(None)
     admitted = False
-    headers = {"x-request-id": request_id}
     try:
         if admission is not None:  # before the body is read: refusing costs next to nothing
             admission.enter(timeout_header)
             admitted = True
         result = await work()
     except (RequestError, PredictorError, Refused) as exc:
-        outcome = ("shed" if isinstance(exc, Refused) and exc.status != 400 else
-                   "predictor_error" if isinstance(exc, PredictorError) else "client_error")
-        version = request_version.get()
-        if metrics:
-            metrics.request(outcome, exc.cause, version)
-        # Shed requests are counted, not logged one by one: under overload that would be thousands a second.
-        level = {"client_error": logging.INFO, "shed": logging.DEBUG}.get(outcome, logging.WARNING)
-        log_event(level, "request_failed",
-                  request_id=request_id, model=model_name, model_version=version, status=exc.status,
-                  cause=exc.cause, error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
-        if exc.status == 503:
-            headers["retry-after"] = str(RETRY_AFTER_SECONDS)
-        raise Failure(exc.status, str(exc), headers) from None
+        raise failure(exc, metrics, model_name, request_id, started) from None
     except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
         if metrics:
             metrics.request("internal_error", type(exc).__name__, request_version.get())
         log.exception("%s", json.dumps({"event": "request_crashed", "request_id": request_id}))
-        raise Failure(500, f"internal error (request id {request_id})", headers) from None
+        raise Failure(500, f"internal error (request id {request_id})", {"x-request-id": request_id}) from None
     finally:
         if admitted:
-            admission.leave()
+            admission.leave(time.perf_counter() - started)
     if metrics:
         metrics.request("ok", "ok", request_version.get())
     return result

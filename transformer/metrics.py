@@ -18,6 +18,7 @@
     embedder_bundle_rejections_total                         version folders whose bundle failed verification
     embedder_inflight_requests, embedder_inflight_rows       work admitted and not answered yet (admission.py):
                                                              the load signal for an autoscaler
+    embedder_admission_limit                                 requests that may be inside at once now
     embedder_feature_drift_psi{feature}                      population stability index of each raw feature
                                                              over the last rows against the training data
     embedder_segment_mix_drift_psi                           the same for the segment mix (drift.py)
@@ -50,6 +51,8 @@ SWITCHES = Counter("embedder_model_version_switches_total", "Changes of the vers
 REJECTIONS = Counter("embedder_bundle_rejections_total", "Version folders whose bundle failed verification", [LABEL])
 INFLIGHT_REQUESTS = Gauge("embedder_inflight_requests", "Requests admitted and not answered yet", [LABEL])
 INFLIGHT_ROWS = Gauge("embedder_inflight_rows", "Rows of admitted requests not answered yet", [LABEL])
+ADMISSION_LIMIT = Gauge("embedder_admission_limit", "Requests that may be inside at once now (it follows their "
+                        "latency, between --min_inflight and --max_inflight)", [LABEL])
 
 
 class DriftCollector:
@@ -106,6 +109,7 @@ class ModelMetrics:
         """Expose the admitted work of an ``Admission`` (read when Prometheus scrapes)."""
         INFLIGHT_REQUESTS.labels(self.model_name).set_function(lambda: admission.requests)
         INFLIGHT_ROWS.labels(self.model_name).set_function(lambda: admission.rows)
+        ADMISSION_LIMIT.labels(self.model_name).set_function(lambda: admission.limit)
 
     def switched(self, version: int | None, drift=None) -> None:
         """A new version answers new requests; ``drift`` is its DriftMonitor (None: not measured)."""

@@ -26,7 +26,10 @@ import argparse
 import asyncio
 import gc
 import logging
+import time
 import uuid
+
+import orjson
 
 from fastapi import Request
 from fastapi.responses import ORJSONResponse, Response
@@ -36,7 +39,7 @@ from kserve.errors import ModelNotFound
 from transformer.admission import TIMEOUT_HEADER
 from transformer.codec import RequestError, decode_json
 from transformer.codec_v2 import HEADER_LENGTH, EncodedAnswer, from_rest
-from transformer.edge import Failure, handle
+from transformer.edge import Failure, failure, handle
 
 log = logging.getLogger("transformer")
 
@@ -99,6 +102,35 @@ class Endpoint:
         return ORJSONResponse(content=response, headers=headers)
 
 
+class ShedWhenFull:
+    """ASGI middleware: a predict request that finds the transformer full is refused here, before
+    KServe's routing, FastAPI's request handling and our endpoint run for it. Under overload most
+    requests are refused, and they share one event loop with the admitted ones: what a refusal costs
+    there, every answer waits for. Counted, logged and worded as the edge does it (``edge.failure``)."""
+
+    def __init__(self, app, model, model_name: str):
+        self.app = app
+        self.model = model
+        self.model_name = model_name
+
+    async def __call__(self, scope, receive, send):
+        admission = getattr(self.model, "admission", None)
+        if scope["type"] == "http" and admission is not None and admission.full() and scope["method"] == "POST" \
+                and scope["path"].endswith((":predict", "/infer")):
+            started = time.perf_counter()
+            request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None) \
+                or uuid.uuid4().hex
+            refused = failure(admission.refusal(), getattr(self.model, "metrics", None), self.model_name,
+                              request_id, started)
+            body = orjson.dumps({"error": refused.message})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(k.encode(), v.encode()) for k, v in refused.headers.items()]
+            await send({"type": "http.response.start", "status": refused.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def serve(model, args: argparse.Namespace) -> None:
     """Run the ModelServer with ``model`` until SIGTERM/SIGINT, then drain in-flight requests."""
     server = ModelServer(
@@ -123,6 +155,7 @@ def serve(model, args: argparse.Namespace) -> None:
     for path, decode in (("/v1/models/{model_name}:predict", decode_v1), ("/v2/models/{model_name}/infer", decode_v2)):
         model_server.app.add_api_route(path, Endpoint(server.dataplane, args.max_body_bytes, decode),
                                        methods=["POST"], response_model=None)
+    model_server.app.add_middleware(ShedWhenFull, model=model, model_name=args.model_name)
     # gRPC messages are bounded like REST bodies (gRPC refuses larger ones with RESOURCE_EXHAUSTED).
     model_server.args.grpc_max_receive_message_length = args.max_body_bytes
     if not args.access_log:
