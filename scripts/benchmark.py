@@ -205,8 +205,12 @@ def explain(results: dict) -> list[str]:
     gap = ""
     if ("a", 1, 1) in runs and ("d", 1, 1) in runs:
         us = 1000 * (runs[("d", 1, 1)]["percentiles_ms"]["50"] - runs[("a", 1, 1)]["percentiles_ms"]["50"])
-        gap = (f" That is {g['fused'] - g['embedder']:.0f} of the {us:.0f} us between (d) and (a) at batch 1; "
-               "the rest is spent around the graph (a raw input, five outputs to convert and write).")
+        if us > 0:
+            gap = (f" That is {g['fused'] - g['embedder']:.0f} of the {us:.0f} us between (d) and (a) at batch 1; "
+                   "the rest is spent around the graph (a raw input, five outputs to convert and write).")
+        else:
+            gap = (f" Here (d) answered {-us:.0f} us faster than (a) at batch 1 all the same: (a)'s stand-in "
+                   "writes every one of its outputs as JSON, (d) answers the segment and the items only.")
     notes.append(
         f"The fused graph runs the scaling, nearest-centroid and top-k steps as some 80 more small TensorFlow "
         f"ops than the embedding model: {g['fused']:.0f} us against {g['embedder']:.0f} us per one-row call "
@@ -238,6 +242,19 @@ def explain(results: dict) -> list[str]:
             "and per item. The gRPC load comes from a Python client on the same two cores, which costs more "
             "client CPU than wrk."
         )
+    hop = ""
+    if ("b", top_batch, top_c) in runs and ("g", top_batch, top_c) in runs:
+        per_request = {k: 1000 * runs[(k, top_batch, top_c)]["extra"]["cpu_share"].get("transformer", 0.0)
+                       / max(runs[(k, top_batch, top_c)]["throughput"], 1e-9) for k in "bg"}
+        hop = (f" At {top_batch} rows and concurrency {top_c} the bytes of gRPC pay: the transformer's CPU per "
+               f"request is {per_request['b']:.1f} ms with the gRPC hop against {per_request['g']:.1f} ms with REST.")
+    notes.append(
+        "Where the transformer's time goes at one row and one client: benchmarks/profile-hop.md (py-spy, gRPC "
+        "hop). gRPC's Python client (grpc.aio's call objects and its polling thread) took more of the "
+        "transformer's samples than pre- and post-processing together, and KServe's timing middleware reads "
+        "the process's CPU time on every request; the rest is uvicorn, Starlette, FastAPI and KServe's data "
+        "plane. At one row the hop is mostly the serving stack's per-request cost, not the arithmetic." + hop
+    )
     cells = []
     for batch, c in sorted({(b, c) for _, b, c in runs}):
         if all((key, batch, c) in runs for key in "ahgb"):
@@ -247,10 +264,11 @@ def explain(results: dict) -> list[str]:
     if cells:
         notes.append("REST / gRPC toward the predictor, in requests per second: " + "; ".join(cells) + ".")
     notes.append(
-        "The predictor here is `python -m model.standin`, TF Serving's REST API in Python over the same "
-        "SavedModel (no container engine on this machine). Its own HTTP and JSON work is slower than TF "
-        "Serving's C++, which makes (a) and (d) slower than on real TF Serving and the transformer's fixed "
-        "hop cost relatively smaller."
+        "The predictor here is `python -m model.standin`, TF Serving's REST and gRPC APIs in Python over the "
+        "same SavedModel (no container engine on this machine). Its own HTTP, JSON and gRPC work is slower than "
+        "TF Serving's C++, which makes (a), (h) and (d) slower than on real TF Serving and the transformer's "
+        "fixed hop cost relatively smaller; its gRPC server (grpc.aio) costs more per call than its REST "
+        "server at small batches, which real TF Serving's does not."
     )
     return notes
 
