@@ -93,6 +93,86 @@ def test_a_request_finding_the_limit_reached_is_refused_at_once():
         ctx[20].run(lambda: admission.enter(None))
 
 
+@pytest.mark.parametrize("field", ["max_requests", "max_rows", "min_requests", "default_timeout", "latency_budget"])
+def test_bounds_that_admit_nothing_are_refused_and_the_smallest_ones_accepted(field):
+    smallest = {"max_requests": 1, "max_rows": 1, "min_requests": 1, "default_timeout": 0.001, "latency_budget": 0.001}
+    with pytest.raises(ValueError, match=r"^max_requests, max_rows and min_requests must be at least 1; "
+                                         r"default_timeout and latency_budget positive$"):
+        Admission(**{**smallest, field: 0})
+    admission = Admission(**smallest)
+    assert (admission.limit, admission.min_requests) == (1, 1)
+
+
+def test_the_deadline_is_the_header_in_milliseconds_up_to_an_hour():
+    def deadline_after(header):
+        admission = Admission()
+        return contextvars.copy_context().run(lambda: (admission.enter(header), deadline.get() - time.monotonic())[1])
+
+    assert 99.95 < deadline_after("100000") <= 100.0
+    assert 3599.9 < deadline_after("3599999") <= 3600.0
+    long = "1" * 30 + "x" * 20
+    for header in ("3600000", long):
+        with pytest.raises(Refused) as caught:
+            deadline_after(header)
+        assert (caught.value.status, caught.value.cause) == (400, "invalid_timeout")
+    assert repr(long[:40]) in str(caught.value) and repr(long[:41]) not in str(caught.value)
+
+
+def test_the_limit_reads_the_p90_of_a_window_and_its_exact_edges():
+    budget = 0.05
+    admission = Admission(max_requests=100, min_requests=10, latency_budget=budget)
+    from transformer.admission import WINDOW
+
+    def window(latencies):
+        for seconds in latencies:
+            contextvars.copy_context().run(lambda: (admission.enter(None), admission.leave(seconds)))
+
+    slow_tail = [0.001] * (WINDOW - 4) + [1.0] * 4  # the p90 (28th of 32, sorted) is a slow one
+    window(slow_tail)
+    assert admission.limit == 80
+    window([budget] * WINDOW)  # at the budget, not past it: held
+    assert admission.limit == 80
+    window([budget / 2] * WINDOW)  # at half the budget, not under it: held
+    assert admission.limit == 80
+    window([0.02] * WINDOW)  # under half the budget: grows by an eighth
+    assert admission.limit == 90
+    assert admission.requests == 0 and admission.rows == 0
+
+
+def test_leaving_forgets_the_rows_so_the_same_context_counts_its_next_request():
+    admission = Admission(max_rows=100)
+
+    def twice():
+        admission.enter(None)
+        admission.take_rows(3)
+        admission.leave(0.01)
+        assert rows_held.get() == 0
+        admission.enter(None)
+        admission.take_rows(5)  # counted: the first request's rows were released
+        assert admission.rows == 5
+        admission.leave(0.01)
+        admission.enter(None)  # a request refused before it had rows: leaving releases none
+        admission.leave(0.01)
+
+    contextvars.copy_context().run(twice)
+    assert (admission.requests, admission.rows) == (0, 0)
+
+
+def test_check_deadline_drops_only_work_whose_deadline_has_passed():
+    from transformer.admission import check_deadline
+
+    def at(limit):
+        deadline.set(limit)
+        check_deadline("the predictor call")
+
+    contextvars.copy_context().run(at, None)  # no deadline
+    contextvars.copy_context().run(at, time.monotonic() + 60)
+    with pytest.raises(Refused, match=r"^the request's deadline passed before the predictor call; nothing more "
+                                      r"was computed for it$") as caught:
+        contextvars.copy_context().run(at, time.monotonic() - 0.001)
+    assert (caught.value.status, caught.value.cause) == (504, "deadline_exceeded")
+
+
 def test_a_request_larger_than_the_row_bound_is_served_when_alone():
     admission = Admission(max_requests=4, max_rows=10)
     contextvars.copy_context().run(lambda: (admission.enter(None), admission.take_rows(50)))
@@ -165,6 +245,7 @@ def metric(base, line_start):
     return sum(values)
 
 
+@pytest.mark.heavy
 def test_excess_requests_get_503_at_once_and_the_admitted_ones_are_served(slow, raw_users, offline):
     proxy, base = slow
     url = f"{base}/v1/models/{MODEL_NAME}:predict"
@@ -189,6 +270,7 @@ def test_excess_requests_get_503_at_once_and_the_admitted_ones_are_served(slow, 
     assert [p["segment"] for p in again.json()["predictions"]] == [p["segment"] for p in offline.predictions(raw_users[:3])]
 
 
+@pytest.mark.heavy
 def test_queued_work_past_its_deadline_is_dropped_not_computed(slow, raw_users):
     proxy, base = slow
     url = f"{base}/v1/models/{MODEL_NAME}:predict"

@@ -22,6 +22,7 @@ def feed(monitor: DriftMonitor, X: np.ndarray, batch: int = 7) -> None:
         monitor.observe_rows(X[start:start + batch])
 
 
+@pytest.mark.heavy  # trains a model (the session's build)
 def test_in_distribution_traffic_stays_stable_and_a_scaled_feature_stands_out(bundle):
     users = make_synthetic(n_users=4000, n_items=60, seed=77).features  # same generator, unseen users
     monitor = DriftMonitor(bundle.fitted, bundle.feature_names, window=2000)
@@ -39,12 +40,14 @@ def test_in_distribution_traffic_stays_stable_and_a_scaled_feature_stands_out(bu
     assert max(v for k, v in drifted.items() if k != "spend_90d") < STABLE, drifted
 
 
+@pytest.mark.heavy  # trains a model (the session's build)
 def test_nothing_is_said_before_enough_rows(bundle):
     monitor = DriftMonitor(bundle.fitted, bundle.feature_names, window=500, min_rows=200)
     feed(monitor, make_synthetic(n_users=150, n_items=60, seed=3).features)
     assert all(math.isnan(v) for v in monitor.feature_psi().values()) and math.isnan(monitor.segment_psi())
 
 
+@pytest.mark.heavy  # trains a model (the session's build)
 def test_segment_mix_against_the_training_mix(bundle):
     share = bundle.fitted.segment_share
     assert share is not None and abs(share.sum() - 1) < 1e-12
@@ -76,6 +79,7 @@ def test_psi_of_equal_distributions_is_zero_and_grows_with_the_difference():
     assert 0 < psi(even, np.array([0.3, 0.2, 0.25, 0.25])) < psi(even, np.array([0.7, 0.1, 0.1, 0.1]))
 
 
+@pytest.mark.heavy
 def test_the_transformer_exposes_the_drift_gauges(stack, raw_users):
     body = {"instances": raw_users[:250].tolist()}
     assert httpx.post(f"{stack.transformer_url}/v1/models/{MODEL_NAME}:predict", json=body, timeout=30).status_code == 200

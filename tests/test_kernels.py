@@ -227,6 +227,7 @@ def test_rules_on_ranked_candidates_equal_rules_on_every_score(scores, min_score
     assert as_lists(ids, keep) == reference_top_items(scores, min_score, k)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("bad_id", [-1, 60])
 def test_candidate_ids_outside_the_catalogue_are_the_predictors_fault(build_dir, bad_id):
     """An item index the catalogue does not have means the predictor serves another model: 502, not 500."""

@@ -1,0 +1,176 @@
+"""Mutation testing: how many deliberate small bugs in transformer/ the fast tests catch.
+
+    .venv/bin/python -m scripts.mutation                 # all of transformer/ (about 40 minutes on 2 cores)
+    .venv/bin/python -m scripts.mutation --only transformer/admission.py --only transformer/coalesce.py
+
+mutmut (pinned in the dev extra) mutates a copy of the working tree, so this checkout never gets
+a ``mutants/`` folder, and runs for each mutant the fast tests that reach the mutated function:
+the test files named in ``[tool.mutmut]`` of pyproject.toml, without the tests marked ``heavy``
+(servers, processes, training). Then this writes ``tests/mutation-report.md``: per module how
+many mutants the tests killed, how many survived and how many no fast test reaches, and the diff
+of every survivor, to be killed by a new test or explained. Not part of the suite: too slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from scripts.localstack import ROOT
+
+COPIED = ("transformer", "model", "scripts", "tests", "pyproject.toml")
+REPORT = ROOT / "tests" / "mutation-report.md"
+# mutmut's statuses: a timeout means the mutant made the tests run far longer than without it, which
+# on a busy machine can also be noise; counted as caught but shown apart.
+CAUGHT = ("killed", "timeout")
+
+
+def copy_tree(into: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "mutants", "build")
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, into / name, ignore=ignore)
+        else:
+            shutil.copy2(source, into / name)
+
+
+def restrict(pyproject: Path, only: list[str]) -> None:
+    """Mutate only these files (mutmut's only_mutate), in the copy's configuration."""
+    text = pyproject.read_text()
+    listed = ", ".join(f'"{path}"' for path in only)
+    pyproject.write_text(text.replace("[tool.mutmut]\n", f"[tool.mutmut]\nonly_mutate = [{listed}]\n", 1))
+
+
+def results(workdir: Path) -> dict[str, str]:
+    """{mutant name: status} for every mutant."""
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir,
+                         capture_output=True, text=True, check=True).stdout
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s*(\S+): (.+?)\s*$", out, re.M)}
+
+
+def diff(workdir: Path, name: str) -> str:
+    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=workdir,
+                           capture_output=True, text=True).stdout
+    return "\n".join(line for line in shown.splitlines()
+                     if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+
+
+def module_of(name: str) -> str:
+    """``transformer.admission.xǁAdmissionǁenter__mutmut_6`` -> ``transformer/admission.py``."""
+    dotted = name.split(".x")[0] if ".x" in name else name.rsplit(".", 1)[0]
+    return dotted.replace(".", "/") + ".py"
+
+
+def function_of(name: str) -> str:
+    tail = name.rsplit(".", 1)[-1]
+    return re.sub(r"__mutmut_\d+$", "", tail.removeprefix("x_").removeprefix("x")).replace("ǁ", ".").strip(".")
+
+
+def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float, only: list[str]) -> None:
+    per_module: dict[str, Counter] = defaultdict(Counter)
+    for name, status in statuses.items():
+        per_module[module_of(name)][status] += 1
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *COPIED], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    total = Counter(statuses.values())
+    reached = sum(n for status, n in total.items() if status != "no tests")
+    caught = sum(total[s] for s in CAUGHT)
+    lines = [
+        "# Mutation testing of the transformer",
+        "",
+        f"`python -m scripts.mutation{''.join(f' --only {p}' for p in only)}` on {time.strftime('%Y-%m-%d')} "
+        f"at {commit}{' with uncommitted changes' if dirty else ''}: mutmut "
+        f"{_version()}, {len(statuses)} mutants in {seconds / 60:.1f} min. Each mutant is one small change "
+        "(an operator, a constant, a condition, an argument); the fast tests (pyproject.toml, "
+        "`[tool.mutmut]`, without the tests marked `heavy`) ran against it. *Caught* is killed (a test "
+        "failed) plus timed out (the tests ran far longer than without the mutant). *No fast test* means only "
+        "the heavy tests (servers, processes, training) reach that code.",
+        "",
+        f"**{caught} of {reached} mutants that fast tests reach were caught ({100 * caught / max(reached, 1):.0f}%)**; "
+        f"{total['survived']} survived; {total['no tests']} are reached by no fast test.",
+        "",
+        "| module | mutants | killed | timed out | survived | no fast test | caught of reached |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for module, counts in sorted(per_module.items()):
+        reached_here = sum(n for status, n in counts.items() if status != "no tests")
+        caught_here = sum(counts[s] for s in CAUGHT)
+        share = f"{100 * caught_here / reached_here:.0f}%" if reached_here else "-"
+        lines.append(f"| `{module}` | {sum(counts.values())} | {counts['killed']} | {counts['timeout']} | "
+                     f"{counts['survived']} | {counts['no tests']} | {share} |")
+    other = {s: n for s, n in total.items() if s not in (*CAUGHT, "survived", "no tests")}
+    if other:
+        lines += ["", "Other outcomes: " + ", ".join(f"{n} {s}" for s, n in sorted(other.items())) + "."]
+    lines += ["", "## Survivors", "",
+              "Each is a change no fast test noticed: a missing assertion, or a change that does not alter "
+              "behaviour (an equivalent mutant).", ""]
+    by_function: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name in sorted(diffs):
+        by_function[(module_of(name), function_of(name))].append(name)
+    for (module, function), names in sorted(by_function.items()):
+        lines += [f"### `{module}`: `{function}`", "", "```diff"]
+        for name in names:
+            lines.append(diffs[name] or f"# {name}: no diff shown")
+        lines += ["```", ""]
+    REPORT.write_text("\n".join(lines) + "\n")
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.mutation", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], metavar="FILE",
+                        help="mutate only this file (repeatable), e.g. transformer/admission.py")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
+    parser.add_argument("--keep", action="store_true", help="keep the working copy (its path is printed)")
+    args = parser.parse_args(argv)
+    missing = [path for path in args.only if not (ROOT / path).is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)} (give paths like transformer/admission.py)")
+    if shutil.which("git") is None:
+        parser.error("git is needed to name the commit in the report")
+
+    workdir = Path(tempfile.mkdtemp(prefix="mutation-"))
+    started = time.monotonic()
+    try:
+        copy_tree(workdir)
+        if args.only:
+            restrict(workdir / "pyproject.toml", args.only)
+        print(f"== mutmut in {workdir} ({args.jobs} at once); its progress line follows", flush=True)
+        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)], cwd=workdir)
+        if run.returncode != 0:
+            print(f"error: mutmut exited with {run.returncode}; the clean test run must pass first "
+                  "(run the selected tests without mutants to see why)", file=sys.stderr)
+            return 1
+        statuses = results(workdir)
+        survivors = [name for name, status in statuses.items() if status == "survived"]
+        print(f"== {len(statuses)} mutants, {len(survivors)} survived; collecting their diffs", flush=True)
+        diffs = {name: diff(workdir, name) for name in survivors}
+        write_report(statuses, diffs, time.monotonic() - started, args.only)
+        print(f"wrote {REPORT.relative_to(ROOT)}")
+        return 0
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
