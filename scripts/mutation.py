@@ -14,6 +14,7 @@ of every survivor, to be killed by a new test or explained. Not part of the suit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,9 @@ from scripts.localstack import ROOT
 
 COPIED = ("transformer", "model", "scripts", "tests", "pyproject.toml")
 REPORT = ROOT / "tests" / "mutation-report.md"
+# Survivors judged equivalent (no test can tell them apart), each with its reason: {"module", "contains"
+# (a line of the mutant's diff), "reason"}.
+EQUIVALENT = ROOT / "tests" / "mutation-equivalent.json"
 # mutmut's statuses: a timeout means the mutant made the tests run far longer than without it, which
 # on a busy machine can also be noise; counted as caught but shown apart.
 CAUGHT = ("killed", "timeout")
@@ -75,7 +79,20 @@ def function_of(name: str) -> str:
     return re.sub(r"__mutmut_\d+$", "", tail.removeprefix("x_").removeprefix("x")).replace("ǁ", ".").strip(".")
 
 
+def equivalence(name: str, diff_text: str, explained: list[dict]) -> str | None:
+    """The reason this survivor is equivalent, if one was given for it."""
+    for entry in explained:
+        if entry["module"] == module_of(name) and any(line[1:].strip() == entry["contains"].strip()
+                                                       or entry["contains"] in line
+                                                       for line in diff_text.splitlines() if line.startswith("+")):
+            return entry["reason"]
+    return None
+
+
 def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float, only: list[str]) -> None:
+    explained = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else []
+    reasons = {name: equivalence(name, text, explained) for name, text in diffs.items()}
+    statuses = {name: "equivalent" if reasons.get(name) else status for name, status in statuses.items()}
     per_module: dict[str, Counter] = defaultdict(Counter)
     for name, status in statuses.items():
         per_module[module_of(name)][status] += 1
@@ -84,7 +101,7 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
     dirty = subprocess.run(["git", "status", "--porcelain", "--", *COPIED], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
     total = Counter(statuses.values())
-    reached = sum(n for status, n in total.items() if status != "no tests")
+    reached = sum(n for status, n in total.items() if status not in ("no tests", "equivalent"))
     caught = sum(total[s] for s in CAUGHT)
     lines = [
         "# Mutation testing of the transformer",
@@ -97,19 +114,20 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
         "failed) plus timed out (the tests ran far longer than without the mutant). *No fast test* means only "
         "the heavy tests (servers, processes, training) reach that code.",
         "",
-        f"**{caught} of {reached} mutants that fast tests reach were caught ({100 * caught / max(reached, 1):.0f}%)**; "
-        f"{total['survived']} survived; {total['no tests']} are reached by no fast test.",
+        f"**{caught} of {reached} mutants that fast tests reach were caught ({100 * caught / max(reached, 1):.1f}%)**; "
+        f"{total['survived']} survived; {total['equivalent']} survivors are equivalent (listed with the reason, "
+        f"from tests/mutation-equivalent.json) and not counted; {total['no tests']} are reached by no fast test.",
         "",
-        "| module | mutants | killed | timed out | survived | no fast test | caught of reached |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| module | mutants | killed | timed out | survived | equivalent | no fast test | caught of reached |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for module, counts in sorted(per_module.items()):
-        reached_here = sum(n for status, n in counts.items() if status != "no tests")
+        reached_here = sum(n for status, n in counts.items() if status not in ("no tests", "equivalent"))
         caught_here = sum(counts[s] for s in CAUGHT)
-        share = f"{100 * caught_here / reached_here:.0f}%" if reached_here else "-"
+        share = f"{100 * caught_here / reached_here:.1f}%" if reached_here else "-"
         lines.append(f"| `{module}` | {sum(counts.values())} | {counts['killed']} | {counts['timeout']} | "
-                     f"{counts['survived']} | {counts['no tests']} | {share} |")
-    other = {s: n for s, n in total.items() if s not in (*CAUGHT, "survived", "no tests")}
+                     f"{counts['survived']} | {counts['equivalent']} | {counts['no tests']} | {share} |")
+    other = {s: n for s, n in total.items() if s not in (*CAUGHT, "survived", "no tests", "equivalent")}
     if other:
         lines += ["", "Other outcomes: " + ", ".join(f"{n} {s}" for s, n in sorted(other.items())) + "."]
     lines += ["", "## Survivors", "",
@@ -117,12 +135,20 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
               "behaviour (an equivalent mutant).", ""]
     by_function: dict[tuple[str, str], list[str]] = defaultdict(list)
     for name in sorted(diffs):
-        by_function[(module_of(name), function_of(name))].append(name)
+        if not reasons[name]:
+            by_function[(module_of(name), function_of(name))].append(name)
     for (module, function), names in sorted(by_function.items()):
         lines += [f"### `{module}`: `{function}`", "", "```diff"]
         for name in names:
             lines.append(diffs[name] or f"# {name}: no diff shown")
         lines += ["```", ""]
+    equivalents = sorted(name for name, reason in reasons.items() if reason)
+    if equivalents:
+        lines += ["## Equivalent survivors", ""]
+        for name in equivalents:
+            changed = " ".join(line[1:].strip() for line in diffs[name].splitlines() if line.startswith("+"))
+            lines.append(f"* `{module_of(name)}`, `{function_of(name)}`: `{changed}`: {reasons[name]}.")
+        lines.append("")
     REPORT.write_text("\n".join(lines) + "\n")
 
 
