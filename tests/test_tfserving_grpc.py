@@ -247,3 +247,15 @@ def test_grpc_predictor_down_means_503_then_service_returns(stack, build_dir, ra
     finally:
         own.stop()
 
+
+
+@pytest.mark.parametrize("host, address", [
+    ("embedder-predictor.models", "embedder-predictor.models:9000"),  # what KServe passes: no port
+    ("127.0.0.1:8501", "127.0.0.1:9000"),
+    ("[::1]:8501", "[::1]:9000"),
+    ("::1", "[::1]:9000"),
+])
+def test_the_grpc_address_is_the_predictor_host_on_the_grpc_port(host, address):
+    from transformer.predictor import grpc_address
+
+    assert grpc_address(host, 9000) == address
