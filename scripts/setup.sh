@@ -12,7 +12,7 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
 fi
 
 # sha256sum on Linux, shasum on macOS (BSD tools). A change to either file means a new install.
-if command -v sha256sum >/dev/null 2>&1; then digest=$(cat pyproject.toml "$0" | sha256sum); else digest=$(cat pyproject.toml "$0" | shasum -a 256); fi
+if command -v sha256sum >/dev/null 2>&1; then digest=$(cat pyproject.toml scripts/setup.sh | sha256sum); else digest=$(cat pyproject.toml scripts/setup.sh | shasum -a 256); fi
 stamp=.venv/.installed-$(printf '%s' "$digest" | cut -c1-16)
 if [ -f "$stamp" ]; then
   exit 0
