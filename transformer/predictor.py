@@ -125,8 +125,6 @@ class PredictorClient:
     """What the transformer asks of TF Serving, whatever the transport: predict on a pinned version,
     the state of each version, a version's signatures (in the REST API's JSON form)."""
 
-    api = ""
-
     def __init__(self, address: str, model_name: str, *, timeout: float = 5.0, retry: RetryPolicy = RetryPolicy(),
                  on_retry: Callable[[str], None] | None = None):
         self.address = address
@@ -212,8 +210,6 @@ class RestPredictorClient(PredictorClient):
     pure function of its input, so a call whose connection failed, or dropped before the
     answer, can be repeated safely; a timeout is not repeated (the predictor is busy).
     """
-
-    api = "rest"
 
     def __init__(self, host: str, model_name: str, *, use_ssl: bool = False, max_connections: int = 64, **options):
         super().__init__(host, model_name, **options)

@@ -84,8 +84,6 @@ def tensor_array(proto: pb.TensorProto) -> np.ndarray:
 class GrpcPredictorClient(PredictorClient):
     """TF Serving's gRPC API over one HTTP/2 channel (requests multiplex on it; no pool needed)."""
 
-    api = "grpc"
-
     def __init__(self, address: str, model_name: str, **options):
         super().__init__(address, model_name, **options)
         self._channel: grpc.aio.Channel | None = None
