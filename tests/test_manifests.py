@@ -545,5 +545,5 @@ def test_alerting_rules_watch_real_metrics_at_the_documented_thresholds():
     assert "embedder_feature_drift_psi" in feature and feature.endswith(f"> {drift.SIGNIFICANT}")
     assert "embedder_segment_mix_drift_psi" in segments and segments.endswith(f"> {drift.SIGNIFICANT}")
     assert metrics.MODEL_VERSION._name in alerts["EmbedderNoServableModelVersion"]["expr"]
-    exposed = {m.name for m in metrics.DriftCollector("x").collect()}
+    exposed = {m.name for m in metrics.DriftCollector().collect()}
     assert exposed == {"embedder_feature_drift_psi", "embedder_segment_mix_drift_psi"}

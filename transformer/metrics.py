@@ -56,11 +56,12 @@ ADMISSION_LIMIT = Gauge("embedder_admission_limit", "Requests that may be inside
 
 
 class DriftCollector:
-    """Reports, at scrape time, the drift of the version answering new requests (one per model name)."""
+    """Reports, at scrape time, the drift of the version answering new requests, for each model name.
 
-    def __init__(self, model_name: str):
-        self.model_name = model_name
-        self.monitor = None
+    One collector for all model names: Prometheus' registry refuses two collectors of the same series."""
+
+    def __init__(self):
+        self.monitors: dict[str, object] = {}  # model name -> its DriftMonitor, or None: not measured
 
     def collect(self):
         features = GaugeMetricFamily("embedder_feature_drift_psi", "Population stability index of each raw "
@@ -68,16 +69,17 @@ class DriftCollector:
                                      "significant drift)", labels=[LABEL, "feature"])
         segments = GaugeMetricFamily("embedder_segment_mix_drift_psi", "Population stability index of the "
                                      "segment mix over the recent rows against the training mix", labels=[LABEL])
-        monitor = self.monitor
-        if monitor is not None:
-            for feature, value in monitor.feature_psi().items():
-                features.add_metric([self.model_name, feature], value)
-            segments.add_metric([self.model_name], monitor.segment_psi())
+        for model_name, monitor in list(self.monitors.items()):
+            if monitor is not None:
+                for feature, value in monitor.feature_psi().items():
+                    features.add_metric([model_name, feature], value)
+                segments.add_metric([model_name], monitor.segment_psi())
         yield features
         yield segments
 
 
-_DRIFT: dict[str, DriftCollector] = {}
+DRIFT = DriftCollector()
+REGISTRY.register(DRIFT)
 
 
 class ModelMetrics:
@@ -90,10 +92,6 @@ class ModelMetrics:
         self.predictor_rows = PREDICTOR_ROWS.labels(model_name)
         self.model_version = MODEL_VERSION.labels(model_name)
         self._outcomes: dict[tuple[str, str, str], object] = {}
-        if model_name not in _DRIFT:
-            _DRIFT[model_name] = DriftCollector(model_name)
-            REGISTRY.register(_DRIFT[model_name])
-        self.drift = _DRIFT[model_name]
 
     def request(self, outcome: str, cause: str, version: int | None = None) -> None:
         key = ("" if version is None else str(version), outcome, cause)
@@ -114,7 +112,7 @@ class ModelMetrics:
     def switched(self, version: int | None, drift=None) -> None:
         """A new version answers new requests; ``drift`` is its DriftMonitor (None: not measured)."""
         self.model_version.set(version or 0)
-        self.drift.monitor = drift
+        DRIFT.monitors[self.model_name] = drift
         SWITCHES.labels(self.model_name).inc()
 
     def rejected(self) -> None:
