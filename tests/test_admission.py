@@ -93,6 +93,83 @@ def test_a_request_finding_the_limit_reached_is_refused_at_once():
         ctx[20].run(lambda: admission.enter(None))
 
 
+class Clock:
+    """time.monotonic for the admission module, moved by the test."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+def refuse(admission: Admission, n: int) -> list[int]:
+    """The Retry-After told to ``n`` requests refused for being over the request limit."""
+    return [admission.refusal().retry_after for _ in range(n)]
+
+
+def test_refused_clients_are_told_to_wait_longer_the_more_of_them_there_are(monkeypatch):
+    from transformer import admission as module
+
+    clock = Clock()
+    monkeypatch.setattr(module, "time", clock)
+    admission = Admission()
+
+    def second(refused: int, answered: int) -> list[int]:
+        """One second of traffic: the waits told, the last refusal after the second has passed."""
+        waits = refuse(admission, refused - 1)
+        for _ in range(answered):
+            contextvars.copy_context().run(lambda: (admission.enter(None), admission.leave(0.01)))
+        clock.now += 1.0
+        return waits + refuse(admission, 1)
+
+    assert second(0 + 1, 100)[-1] == 1  # one refusal per 100 answers: come back after a second
+    assert admission.retry_after == 1
+    # 500 refusals a second, each client told 1 s: about 500 clients waiting; against 400 answers a second,
+    # a quarter of that is 100 retries a second: 5 s.
+    told = second(500, 400)
+    assert set(told[:-1]) == {1} and admission.retry_after == 5
+    told = refuse(admission, 18)
+    assert sorted(told[:9]) == list(range(1, 10)) and told[9:] == told[:9]  # 1 .. 9 in turn: a mean of 5
+    after = told[-1] % 9 + 1
+    assert f"retry after {after}s" in str(admission.refusal())
+    # the same clients now retry every 5 s (100 refusals a second): the wait holds
+    second(100 - 19, 400)
+    assert admission.retry_after == 5
+    second(100, 401)  # 100 x 5 / (0.25 x 401) = 4.99: rounded up
+    assert admission.retry_after == 5
+    second(1000, 100)  # far more clients than answers: no longer than 10 s
+    assert admission.retry_after == 10
+    second(11, 0)  # 11 a second x 10 s = 110 clients, over 100 retries a second even with no answers: 2 s
+    assert admission.retry_after == 2
+    second(50, 0)  # 100 clients: their retries cost next to nothing, whatever is answered (100 a second)
+    assert admission.retry_after == 1 and refuse(admission, 3) == [1, 1, 1]
+
+
+def test_the_wait_is_not_recomputed_within_a_second(monkeypatch):
+    from transformer import admission as module
+
+    clock = Clock()
+    monkeypatch.setattr(module, "time", clock)
+    admission = Admission()
+    refuse(admission, 1000)
+    clock.now += 0.999
+    refuse(admission, 1)
+    assert admission.retry_after == 1
+    clock.now += 0.001  # 1002 refusals in 1.0 s, one answer a second at least: 1002 / 0.25 -> the cap
+    refuse(admission, 1)
+    assert admission.retry_after == 10
+
+
+def test_a_refusal_for_rows_tells_the_same_wait():
+    admission = Admission(max_rows=10)
+    admission.retry_after = 3
+    contextvars.copy_context().run(lambda: (admission.enter(None), admission.take_rows(10)))
+    with pytest.raises(Refused, match=r"retry after 2s$") as caught:
+        contextvars.copy_context().run(lambda: (admission.enter(None), admission.take_rows(1)))
+    assert caught.value.retry_after == 2
+
+
 @pytest.mark.parametrize("field", ["max_requests", "max_rows", "min_requests", "default_timeout", "latency_budget"])
 def test_bounds_that_admit_nothing_are_refused_and_the_smallest_ones_accepted(field):
     smallest = {"max_requests": 1, "max_rows": 1, "min_requests": 1, "default_timeout": 0.001, "latency_budget": 0.001}
@@ -259,8 +336,10 @@ def test_excess_requests_get_503_at_once_and_the_admitted_ones_are_served(slow, 
     refused = [r for r in results if r[0].status_code == 503]
     assert len(ok) == 4 and len(refused) == 8, [r[0].status_code for r in results]
     for response, _, _ in refused:
+        # 8 clients refused: too few for a wait longer than a second (admission.RETRIES_ALWAYS_FINE)
         assert response.headers["retry-after"] == "1" and len(response.headers["x-request-id"]) == 32
-        assert "the transformer is at capacity (4 requests in progress, at most 4 now)" in response.json()["error"]
+        assert response.json()["error"] == ("the transformer is at capacity (4 requests in progress, at most 4 "
+                                            "now); retry after 1s")
     # Refused before the slow predictor had answered anyone: nobody waited for it.
     assert max(done for _, _, done in refused) < min(done for _, _, done in ok)
     assert metric(base, 'embedder_requests_total{cause="overloaded_requests"') - shed_before == 8

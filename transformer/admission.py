@@ -15,6 +15,14 @@ and every answer, a 503 included, waited that long on the one event loop. By Lit
 the limit settles near capacity x budget. ``min_requests`` keeps ordinary concurrency (up to
 32 requests) from ever being shed; ``max_rows`` bounds large batches (68,634 rows/s x 0.1 s).
 
+Refused clients are told when to come back (``Retry-After``), and how long follows the
+overload: every second, the clients being refused are estimated (refusals a second x the
+wait they were told) and the wait set so that their retries stay within a quarter of the
+answers a second (``SHED_SHARE``) or 100 a second, whichever is more, from 1 to 10 seconds, spread over the clients so they
+do not come back together. A refusal is cheap but not free: at 1,024 connections told to
+come back after one second, 926 refusals a second took 29% of the goodput of one process
+(650 of 911 answers a second, benchmarks/overload.md).
+
 A request also carries a deadline (``x-request-timeout-ms``, or ``default_timeout``):
 work still waiting past it, in the coalescer or before a stage, is dropped (504) rather
 than computed for a client that has given up.
@@ -23,11 +31,17 @@ than computed for a client that has given up.
 from __future__ import annotations
 
 import contextvars
+import math
 import time
 from dataclasses import dataclass
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
-RETRY_AFTER_SECONDS = 1
+RETRY_AFTER_SECONDS = 1  # the shortest wait told, and the one for a predictor that is down
+MAX_RETRY_AFTER_SECONDS = 10
+SHED_SHARE = 0.25  # retries of refused clients aimed at, per answer
+# Retries a second that are never worth a longer wait: a refusal takes about 0.3 ms of the event loop
+# (29% of the loop for 926 a second, benchmarks/overload.md), so 100 a second cost 3%.
+RETRIES_ALWAYS_FINE = 100.0
 
 # When the current request's client stops waiting (time.monotonic()), None: no deadline.
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
@@ -38,10 +52,11 @@ rows_held: contextvars.ContextVar[int] = contextvars.ContextVar("rows_held", def
 class Refused(Exception):
     """The transformer did not do the work: ``status`` 503 (overloaded) or 504 (deadline passed)."""
 
-    def __init__(self, status: int, message: str, cause: str):
+    def __init__(self, status: int, message: str, cause: str, retry_after: int = RETRY_AFTER_SECONDS):
         super().__init__(message)
         self.status = status
         self.cause = cause
+        self.retry_after = retry_after  # seconds, told with a 503
 
 
 def check_deadline(stage: str) -> None:
@@ -73,14 +88,39 @@ class Admission:
         self.min_requests = min(self.min_requests, self.max_requests)
         self.limit = self.max_requests
         self._latencies: list[float] = []
+        self.retry_after = RETRY_AFTER_SECONDS  # the mean wait told to refused clients
+        self._period_start = time.monotonic()
+        self._refused = self._answered = 0  # in the current period
+        self._spread = 0  # turns through the waits told, so that refused clients come back spread out
 
     def full(self) -> bool:
         """No room for another request: cheap enough to ask before anything else is done for it."""
         return self.requests >= self.limit
 
     def refusal(self) -> Refused:
+        wait = self._next_wait()
         return Refused(503, f"the transformer is at capacity ({self.requests} requests in progress, at most "
-                       f"{self.limit} now); retry after {RETRY_AFTER_SECONDS}s", "overloaded_requests")
+                       f"{self.limit} now); retry after {wait}s", "overloaded_requests", wait)
+
+    def _next_wait(self) -> int:
+        """The wait told to one refused client: 1 .. 2 x retry_after - 1 in turn (their mean is retry_after)."""
+        self._refused += 1
+        self._follow_the_period()
+        self._spread += 1
+        return 1 + self._spread % (2 * self.retry_after - 1)
+
+    def _follow_the_period(self) -> None:
+        """Once a second: set retry_after so that the refused clients' retries stay within SHED_SHARE of the
+        answers or RETRIES_ALWAYS_FINE (clients waiting ~ refusals a second x the wait they were told)."""
+        now = time.monotonic()
+        elapsed = now - self._period_start
+        if elapsed < 1.0:
+            return
+        waiting = self._refused / elapsed * self.retry_after
+        retries = max(SHED_SHARE * self._answered / elapsed, RETRIES_ALWAYS_FINE)
+        self.retry_after = min(MAX_RETRY_AFTER_SECONDS, max(RETRY_AFTER_SECONDS, math.ceil(waiting / retries)))
+        self._period_start = now
+        self._refused = self._answered = 0
 
     def enter(self, timeout_header: str | None) -> None:
         """Admit a request (before its body is read) and set its deadline, or refuse it with 503."""
@@ -106,8 +146,9 @@ class Admission:
         if rows_held.get():
             return  # taken already (a request computed again on another model version)
         if self.rows and self.rows + n > self.max_rows:
+            wait = self._next_wait()
             raise Refused(503, f"the transformer is at capacity ({self.rows} rows in progress, at most "
-                          f"{self.max_rows}); retry after {RETRY_AFTER_SECONDS}s", "overloaded_rows")
+                          f"{self.max_rows}); retry after {wait}s", "overloaded_rows", wait)
         self.rows += n
         rows_held.set(n)
 
@@ -117,6 +158,8 @@ class Admission:
         self.requests -= 1
         self.rows -= rows_held.get()
         rows_held.set(0)
+        self._answered += 1
+        self._follow_the_period()
         self._latencies.append(seconds)
         if len(self._latencies) >= WINDOW:
             p90 = sorted(self._latencies)[int(0.9 * len(self._latencies))]

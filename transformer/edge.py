@@ -67,7 +67,7 @@ def failure(exc: RequestError | PredictorError | Refused, metrics: Any, model_na
               cause=exc.cause, error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))
     headers = {"x-request-id": request_id}
     if exc.status == 503:
-        headers["retry-after"] = str(RETRY_AFTER_SECONDS)
+        headers["retry-after"] = str(exc.retry_after if isinstance(exc, Refused) else RETRY_AFTER_SECONDS)
     return Failure(exc.status, str(exc), headers)
 
 
