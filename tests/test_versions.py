@@ -1,0 +1,267 @@
+"""Which model version answers, in process: the model store on disk (folders with a stand-in bundle
+loader), TF Serving as a scripted client, and the switch between them. The same logic runs end to end in
+tests/test_model_updates.py; here each rule is pinned on its own, in milliseconds."""
+
+import asyncio
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from transformer.bundle import BundleError
+from transformer.predictor import Contract, PredictorError
+from transformer.versions import ModelVersions, NoServableVersion, ServedVersion
+
+CONTRACT = Contract("serving_default", "features", 3, {})
+
+
+def signature(width=3):
+    return {"metadata": {"signature_def": {"signature_def": {"serving_default": {"inputs": {"features": {
+        "dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}, {"size": str(width)}]}}}, "outputs": {}}}}}}
+
+
+class TFServing:
+    """What the transformer asks TF Serving, scripted: states per version, metadata per version."""
+
+    model_name = "embedder"
+
+    def __init__(self, states=None, metadata=None):
+        self.states = states or {}
+        self.metadata_by_version = metadata or {}
+        self.unreachable = False
+        self.asked = []
+
+    async def version_states(self):
+        self.asked.append("states")
+        if self.unreachable:
+            raise PredictorError(503, "connection refused", "predictor_unreachable")
+        return dict(self.states)
+
+    async def metadata(self, version=None):
+        self.asked.append(("metadata", version))
+        answer = self.metadata_by_version.get(version, signature())
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class Store:
+    """Version folders on disk; a folder holding ``broken`` fails to load with that file's text."""
+
+    def __init__(self, root):
+        self.root = root
+        self.loads = []
+
+    def add(self, version, broken=None):
+        folder = self.root / str(version)
+        (folder / "assets.extra" / "transformer-bundle").mkdir(parents=True)
+        (folder / "fingerprint.pb").write_bytes(b"fp")
+        if broken:
+            (folder / "assets.extra" / "transformer-bundle" / "broken").write_text(broken)
+        return folder
+
+    def load(self, folder):
+        self.loads.append(int(folder.name))
+        broken = folder / "assets.extra" / "transformer-bundle" / "broken"
+        if broken.exists():
+            raise BundleError(broken.read_text())
+        return SimpleNamespace(version=int(folder.name))
+
+
+def build(bundle):
+    return ServedVersion(pipeline=SimpleNamespace(version=bundle.version, contract=CONTRACT), forward=None)
+
+
+def versions(tmp_path, client, **options):
+    store = Store(tmp_path)
+    switches, rejections = [], []
+    watcher = ModelVersions(tmp_path, client, build, load=store.load, on_switch=switches.append,
+                            on_reject=lambda: rejections.append(1), **options)
+    return watcher, store, switches, rejections
+
+
+def refresh(watcher):
+    asyncio.run(watcher.refresh())
+
+
+def test_the_newest_version_loaded_here_and_available_there_answers(tmp_path):
+    client = TFServing({1: "AVAILABLE", 2: "AVAILABLE", 3: "LOADING"})
+    watcher, store, switches, _ = versions(tmp_path, client, keep=3)
+    for v in (1, 2, 3):
+        store.add(v)
+    refresh(watcher)
+    assert watcher.ready_now() and watcher.current().version == 2 and switches == [2]
+    assert client.asked == ["states", ("metadata", 3 - 1)]  # only the candidate's metadata is read
+    client.states[3] = "AVAILABLE"
+    refresh(watcher)
+    assert watcher.current().version == 3 and switches == [2, 3]
+    refresh(watcher)
+    assert switches == [2, 3] and client.asked.count(("metadata", 3)) == 1  # a fit is checked once per bundle
+    del client.states[3]  # TF Serving unloads it: back to the previous version
+    refresh(watcher)
+    assert watcher.current().version == 2 and switches == [2, 3, 2]
+
+
+def test_only_the_newest_keep_versions_are_loaded(tmp_path):
+    watcher, store, _, _ = versions(tmp_path, TFServing({v: "AVAILABLE" for v in range(1, 6)}), keep=2)
+    for v in (1, 5, 3):
+        store.add(v)
+    (tmp_path / "4-incoming").mkdir()
+    watcher.scan()
+    assert sorted(watcher.loaded) == [3, 5] and store.loads == [3, 5]
+    watcher.scan()
+    assert store.loads == [3, 5]  # unchanged files: not loaded again
+    store.add(6)
+    watcher.scan()
+    assert sorted(watcher.loaded) == [5, 6] and store.loads == [3, 5, 6]
+    with pytest.raises(ValueError, match="^keep must be at least 1$"):
+        versions(tmp_path, TFServing(), keep=0)
+
+
+def test_a_rejected_bundle_is_logged_counted_and_tried_again_only_when_its_files_change(tmp_path, caplog):
+    client = TFServing({1: "AVAILABLE", 2: "AVAILABLE"})
+    watcher, store, switches, rejections = versions(tmp_path, client)
+    store.add(1)
+    folder = store.add(2, broken="scaler.joblib has sha256 00, the manifest says 11")
+    with caplog.at_level(logging.INFO, logger="transformer"):
+        refresh(watcher)
+        refresh(watcher)
+    assert watcher.current().version == 1 and switches == [1]
+    assert store.loads == [1, 2] and rejections == [1]  # tried once while its files stay the same
+    assert watcher.problems() == ["version 2: scaler.joblib has sha256 00, the manifest says 11"]
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
+    assert {"event": "bundle_rejected", "model_version": 2,
+            "error": "scaler.joblib has sha256 00, the manifest says 11"} in events
+    assert {"event": "model_version_switch", "from": None, "to": 1} in events
+    (folder / "assets.extra" / "transformer-bundle" / "broken").unlink()  # the copy has finished
+    refresh(watcher)
+    assert watcher.current().version == 2 and store.loads == [1, 2, 2] and watcher.problems() == []
+
+
+def test_a_version_that_does_not_fit_its_bundle_is_passed_over(tmp_path, caplog):
+    client = TFServing({1: "AVAILABLE", 2: "AVAILABLE"}, metadata={2: signature(width=4)})
+    watcher, store, _, _ = versions(tmp_path, client)
+    store.add(1)
+    store.add(2)
+    with caplog.at_level(logging.ERROR, logger="transformer"):
+        refresh(watcher)
+    assert watcher.current().version == 1
+    assert watcher.fits == {2: ["input 'features' is DT_FLOAT [-1, 4], the bundle expects DT_FLOAT [-1, 3]"], 1: []}
+    (record,) = caplog.records
+    assert json.loads(record.getMessage()) == {"event": "model_does_not_fit", "model_version": 2, "problems": [
+        "input 'features' is DT_FLOAT [-1, 4], the bundle expects DT_FLOAT [-1, 3]"]}
+
+
+def test_metadata_that_cannot_be_read_is_asked_again_at_the_next_check(tmp_path):
+    client = TFServing({1: "AVAILABLE"}, metadata={1: PredictorError(502, "model metadata answered INTERNAL")})
+    watcher, store, switches, _ = versions(tmp_path, client)
+    store.add(1)
+    refresh(watcher)
+    assert not watcher.ready_now() and switches == [] and 1 not in watcher.fits
+    client.metadata_by_version = {}
+    refresh(watcher)
+    assert watcher.ready_now() and switches == [1]
+
+
+def test_when_no_version_can_answer_the_message_names_both_sides(tmp_path):
+    client = TFServing({2: "AVAILABLE", 3: "AVAILABLE"}, metadata={3: signature(width=5)})
+    watcher, store, switches, _ = versions(tmp_path, client, keep=3)
+    store.add(1)
+    store.add(3)
+    store.add(4, broken="no manifest.json")
+    refresh(watcher)
+    assert switches == [] and watcher.predictor_reachable and not watcher.ready_now()
+    expected = (f"TF Serving serves version(s) 2, 3 of model 'embedder'; the transformer has verified bundles for "
+                f"version(s) 1, 3 (from {tmp_path}); version 3 does not fit its bundle: input 'features' is "
+                "DT_FLOAT [-1, 5], the bundle expects DT_FLOAT [-1, 3]; version 4: no manifest.json; no version is "
+                "in both: deploy the model store's version folders to TF Serving and the transformer alike (same "
+                "storage URI), or wait until TF Serving has loaded the new version")
+    assert watcher.reason == expected
+    with pytest.raises(NoServableVersion) as caught:
+        watcher.current()
+    assert (caught.value.status, caught.value.cause, str(caught.value)) == (503, "no_servable_version", expected)
+    client.states = {}
+    refresh(watcher)
+    assert watcher.reason.startswith("TF Serving serves version(s) none of model 'embedder'; the transformer has "
+                                     "verified bundles for version(s) 1, 3")
+
+
+def test_an_unreachable_tf_serving_keeps_the_version_but_not_readiness(tmp_path, caplog):
+    client = TFServing({1: "AVAILABLE"})
+    watcher, store, switches, _ = versions(tmp_path, client)
+    store.add(1)
+    refresh(watcher)
+    client.unreachable = True
+    with caplog.at_level(logging.INFO, logger="transformer"):
+        refresh(watcher)
+    assert watcher.active.version == 1 and not watcher.ready_now() and switches == [1]
+    assert watcher.reason == "TF Serving is unreachable: connection refused"
+    (record,) = [r for r in caplog.records if "readiness" in r.getMessage()]
+    assert record.levelno == logging.WARNING and json.loads(record.getMessage()) == {
+        "event": "readiness", "ready": False, "model_version": 1, "reason": "TF Serving is unreachable: connection "
+                                                                           "refused"}
+    client.unreachable = False
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transformer"):
+        refresh(watcher)
+    assert watcher.ready_now() and watcher.reason == ""
+    (record,) = [r for r in caplog.records if "readiness" in r.getMessage()]
+    assert record.levelno == logging.INFO and json.loads(record.getMessage())["ready"] is True
+
+
+def test_a_request_whose_version_went_away_is_given_another_that_is_ready(tmp_path):
+    client = TFServing({1: "AVAILABLE", 2: "LOADING"})
+    watcher, store, _, _ = versions(tmp_path, client)
+    store.add(1)
+    store.add(2)
+    refresh(watcher)
+    with pytest.raises(NoServableVersion, match="^version 1 is no longer served and no other version is ready: "):
+        watcher.current(exclude=1)  # version 2's fit was never checked: it is not given out
+    client.states[2] = "AVAILABLE"
+    refresh(watcher)
+    assert watcher.current().version == 2
+    assert watcher.current(exclude=1).version == 2  # the active one is not the excluded one
+    assert watcher.current(exclude=2).version == 1  # checked when it was active
+    client.states = {2: "AVAILABLE"}
+    refresh(watcher)
+    with pytest.raises(NoServableVersion) as caught:
+        watcher.current(exclude=2)
+    assert str(caught.value).startswith("version 2 is no longer served and no other version is ready: TF Serving "
+                                        "serves version(s) 2 of model 'embedder'")
+
+
+def test_a_missing_version_is_looked_up_once_for_every_request_that_failed_since(tmp_path):
+    client = TFServing({1: "AVAILABLE"})
+    watcher, store, _, _ = versions(tmp_path, client)
+    store.add(1)
+
+    async def scenario():
+        await watcher.refresh()
+        checked = watcher.checked_at
+        await watcher.version_missing(1, since=checked - 1)  # checked after the failure: nothing to do
+        asked = len(client.asked)
+        await watcher.version_missing(1, since=checked + 1)
+        return asked, len(client.asked), watcher.checked_at > checked
+
+    asked_before, asked_after, checked_again = asyncio.run(scenario())
+    assert asked_after == asked_before + 1 and checked_again
+
+
+def test_readiness_checks_once_before_answering_and_polls_after(tmp_path):
+    client = TFServing({1: "AVAILABLE"})
+    watcher, store, _, _ = versions(tmp_path, client, poll_seconds=0.01)
+    store.add(1)
+
+    async def scenario():
+        ready = await watcher.ready()
+        await asyncio.sleep(0.2)
+        polled = client.asked.count("states")
+        await watcher.close()
+        return ready, polled
+
+    ready, polled = asyncio.run(scenario())
+    assert ready and polled >= 3
+    watcher, _, _, _ = versions(tmp_path, TFServing())
+    watcher.start()  # no event loop yet (start-up): nothing started, nothing raised
+    assert watcher._task is None
