@@ -49,22 +49,25 @@ def run(model, work, request_id="rid-1", timeout_header=None):
     return contextvars.copy_context().run(asyncio.run, call())
 
 
-def answering(result, version=None):
+def work_of(version=None, result=None, error=None):
+    """A request's work: it picks ``version`` (as the model's preprocess does), then answers or fails."""
+
     async def work():
         if version is not None:
             edge.request_version.set(version)
+        if error is not None:
+            raise error
         return result
 
     return work
 
 
-def raising(exc, version=None):
-    async def work():
-        if version is not None:
-            edge.request_version.set(version)
-        raise exc
+def answering(result, version=None):
+    return work_of(version, result=result)
 
-    return work
+
+def raising(error, version=None):
+    return work_of(version, error=error)
 
 
 def test_an_answer_is_counted_once_as_ok_by_the_version_that_gave_it():

@@ -177,23 +177,6 @@ def test_rest_timeout_is_504_and_never_retried():
     assert len(script.seen) == 1 and retries == []
 
 
-def test_rest_unreachable_is_503_after_every_try():
-    port, retries = closed_port(), []
-    client = RestPredictorClient(f"127.0.0.1:{port}", "embedder", retry=FAST, on_retry=retries.append)
-
-    async def call():
-        try:
-            return await client.predict(FEATURES, CONTRACT)
-        finally:
-            await client.close()
-
-    with pytest.raises(PredictorError) as caught:
-        run(call())
-    assert (caught.value.status, caught.value.cause) == (503, "predictor_unreachable")
-    assert str(caught.value).startswith(f"the predictor at http://127.0.0.1:{port} is unreachable (")
-    assert retries == ["predictor_unreachable"] * 2
-
-
 def test_rest_model_status_and_metadata():
     status = Script((200, {"model_version_status": [{"version": "2", "state": "AVAILABLE"}, {"version": "1"}]}))
     assert run(rest(status, lambda c: c.version_states())) == {2: "AVAILABLE", 1: "UNKNOWN"}
@@ -359,9 +342,11 @@ def test_grpc_deadline_is_504_and_never_retried():
     assert len(script.seen) == 1 and retries == []
 
 
-def test_grpc_unreachable_is_503_after_every_try():
+@pytest.mark.parametrize("client_type, scheme", [(RestPredictorClient, "http://"), (GrpcPredictorClient, "")],
+                         ids=["rest", "grpc"])
+def test_an_unreachable_predictor_is_503_after_every_try(client_type, scheme):
     port, retries = closed_port(), []
-    client = GrpcPredictorClient(f"127.0.0.1:{port}", "embedder", retry=FAST, on_retry=retries.append)
+    client = client_type(f"127.0.0.1:{port}", "embedder", retry=FAST, on_retry=retries.append)
 
     async def call():
         try:
@@ -372,7 +357,7 @@ def test_grpc_unreachable_is_503_after_every_try():
     with pytest.raises(PredictorError) as caught:
         run(call())
     assert (caught.value.status, caught.value.cause) == (503, "predictor_unreachable")
-    assert str(caught.value).startswith(f"the predictor at 127.0.0.1:{port} is unreachable (")
+    assert str(caught.value).startswith(f"the predictor at {scheme}127.0.0.1:{port} is unreachable (")
     assert retries == ["predictor_unreachable"] * 2
 
 
