@@ -10,33 +10,15 @@ import numpy as np
 import pytest
 import sklearn
 from sklearn.cluster import KMeans
-from sklearn.preprocessing import QuantileTransformer, RobustScaler
+from sklearn.preprocessing import RobustScaler
+from small_bundle import RNG, SCALER, SEGMENTS, SPEC, X, new_version, write
 
 from transformer.bundle import (
-    BUNDLE_SUBDIR, FORMAT_VERSION, BundleError, ModelSpec, Rules, bundle_dir, check_model, check_versions,
-    library_versions, load_bundle, model_versions, read_manifest, sha256_of, verify_files, write_bundle,
+    BUNDLE_SUBDIR, FORMAT_VERSION, BundleError, Rules, bundle_dir, check_model, check_versions, library_versions,
+    load_bundle, model_versions, read_manifest, sha256_of, verify_files,
 )
 
-RNG = np.random.default_rng(3)
-X = RNG.normal(size=(120, 2))
-SCALER = QuantileTransformer(n_quantiles=10).fit(X)
-SEGMENTS = KMeans(n_clusters=2, n_init=2, random_state=0).fit(RNG.normal(size=(120, 3)))
-SPEC = ModelSpec(name="embedder", version=4, signature_name="serving_default", input_name="features",
-                 embedding_output="embedding", scores_output="scores", n_features=2, embedding_dim=3, n_items=3)
 HERE = ".".join(sklearn.__version__.split(".")[:2])
-
-
-def new_version(base, number=4, fingerprint=b"\x08\x01fingerprint"):
-    folder = base / "embedder" / str(number)
-    folder.mkdir(parents=True)
-    (folder / "fingerprint.pb").write_bytes(fingerprint)
-    return folder
-
-
-def write(folder, **changes):
-    options = dict(scaler=SCALER, segments=SEGMENTS, feature_names=("a", "b"), feature_min=(-1.0, -2.0),
-                   feature_max=(1.0, 2.0), model=SPEC, rules=Rules(min_score=0.25, top_k=2), item_ids=["x", "y", "z"])
-    return write_bundle(folder, **{**options, **changes})
 
 
 @pytest.fixture
