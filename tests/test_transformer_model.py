@@ -7,79 +7,15 @@ and tests/test_protocols.py; these run in milliseconds."""
 import asyncio
 
 import grpc
-import numpy as np
 import orjson
 import pytest
-from conftest import reference_top_items
 from grpc_interceptor.exceptions import GrpcException
-from small_bundle import RULES, SCALER, SEGMENTS, new_version, write
+from small_bundle import ROWS, TFServing, new_version, offline, transformer, write
 
 from transformer.admission import Admission
 from transformer.bundle import BundleError
 from transformer.model import EmbedderTransformer
 from transformer.predictor import PredictorError, VersionNotServed
-
-W = np.array([[1.0, -0.5, 0.25], [0.5, 1.0, -1.0]], np.float32)  # scaled features (2) -> embedding (3)
-V = np.array([[1.0, 0.0, -1.0], [0.5, -0.5, 1.0], [-1.0, 1.0, 0.5]], np.float32)  # embedding -> 3 item scores
-ROWS = np.array([[0.1, -0.3], [2.0, 1.5], [-1.2, 0.4], [0.0, 0.0], [-3.0, 2.5]])
-
-
-def model_outputs(scaled: np.ndarray) -> dict:
-    """What the scripted TF Serving computes from the float32 rows it is sent."""
-    embedding = scaled @ W
-    return {"embedding": embedding, "scores": (1 / (1 + np.exp(-(embedding @ V)))).astype(np.float32)}
-
-
-def offline(rows: np.ndarray, item_ids=("x", "y", "z")) -> list[dict]:
-    """The answer computed without the transformer: scikit-learn, the function above, the rules in Python."""
-    outputs = model_outputs(SCALER.transform(rows).astype(np.float32))
-    embedding = outputs["embedding"].astype(np.float64)
-    labels = SEGMENTS.predict(embedding)
-    distances = SEGMENTS.transform(embedding)[np.arange(len(rows)), labels]
-    best = reference_top_items(outputs["scores"], RULES.min_score, RULES.top_k)
-    return [{"segment": int(label), "segment_distance": np.float32(distance),
-             "items": [{"id": item_ids[i], "score": outputs["scores"][r, i]} for i in best[r]]}
-            for r, (label, distance) in enumerate(zip(labels, distances))]
-
-
-class TFServing:
-    """TF Serving as the transformer sees it: scripted states, metadata that fits, predict on a pinned version."""
-
-    model_name = "embedder"
-
-    def __init__(self, *versions):
-        self.states = {v: "AVAILABLE" for v in versions}
-        self.gone: set[int] = set()  # versions whose predict calls answer NOT_FOUND
-        self.calls: list[tuple[int, int]] = []  # (version, rows) of each predict call
-
-    async def predict(self, features, contract):
-        self.calls.append((contract.version, features.shape[0]))
-        assert features.dtype == np.float32
-        if contract.version in self.gone:
-            raise VersionNotServed(contract.version, f"TF Serving does not serve version {contract.version}")
-        return {name: model_outputs(features)[name] for name in contract.outputs}
-
-    async def version_states(self):
-        return dict(self.states)
-
-    async def metadata(self, version=None):
-        def info(width):
-            return {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}, {"size": str(width)}]}}
-
-        return {"metadata": {"signature_def": {"signature_def": {"serving_default": {
-            "inputs": {"features": info(2)}, "outputs": {"embedding": info(3), "scores": info(3)}}}}}}
-
-    async def close(self):
-        pass
-
-
-def transformer(tmp_path, *versions, tf_serving=None, **options):
-    for v in versions:
-        write(new_version(tmp_path, v))
-    model = EmbedderTransformer("embedder", tmp_path / "embedder", predictor_host="unused", **options)
-    model._predictor = tf_serving or TFServing(*versions)
-    model.load()
-    return model
 
 
 def call(model, body, headers=None):

@@ -32,7 +32,7 @@ import uuid
 import orjson
 
 from fastapi import Request
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 from kserve import ModelServer, model_server
 from kserve.errors import ModelNotFound
 
@@ -70,6 +70,12 @@ def decode_v2(body: bytes, request: Request):
     return from_rest(body, int(length) if length is not None else None)
 
 
+def json_response(content, status: int, headers: dict[str, str]) -> Response:
+    """A JSON answer written by orjson: numpy values as they are (a float32 as its shortest text)."""
+    return Response(content=orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
 class Endpoint:
     """A REST inference endpoint: bounded body, the protocol's decoder, the edge, an answer or a status."""
 
@@ -94,12 +100,11 @@ class Endpoint:
             response, response_headers = await handle(model, model_name, request_id,
                                                       request.headers.get(TIMEOUT_HEADER), work)
         except Failure as failure:
-            return ORJSONResponse(status_code=failure.status, content={"error": failure.message},
-                                  headers=failure.headers)
+            return json_response({"error": failure.message}, failure.status, failure.headers)
         headers = {**response_headers, "x-request-id": request_id}
         if isinstance(response, EncodedAnswer):
             return Response(content=response.body, media_type=response.media_type, headers={**headers, **response.headers})
-        return ORJSONResponse(content=response, headers=headers)
+        return json_response(response, 200, headers)
 
 
 class ShedWhenFull:
@@ -131,6 +136,14 @@ class ShedWhenFull:
         await self.app(scope, receive, send)
 
 
+def install(app, dataplane, model, model_name: str, max_body_bytes: int) -> None:
+    """Put the transformer's predict endpoints and its shedding in front of KServe's own (``app``: its FastAPI
+    application). Registered before KServe adds its routes at start, so these are matched first."""
+    for path, decode in (("/v1/models/{model_name}:predict", decode_v1), ("/v2/models/{model_name}/infer", decode_v2)):
+        app.add_api_route(path, Endpoint(dataplane, max_body_bytes, decode), methods=["POST"], response_model=None)
+    app.add_middleware(ShedWhenFull, model=model, model_name=model_name)
+
+
 def serve(model, args: argparse.Namespace) -> None:
     """Run the ModelServer with ``model`` until SIGTERM/SIGINT, then drain in-flight requests."""
     server = ModelServer(
@@ -151,11 +164,7 @@ def serve(model, args: argparse.Namespace) -> None:
         from kserve.logging import trace_logger
 
         trace_logger.setLevel(logging.WARNING)
-    # Registered before KServe adds its routes at start, so these are matched first.
-    for path, decode in (("/v1/models/{model_name}:predict", decode_v1), ("/v2/models/{model_name}/infer", decode_v2)):
-        model_server.app.add_api_route(path, Endpoint(server.dataplane, args.max_body_bytes, decode),
-                                       methods=["POST"], response_model=None)
-    model_server.app.add_middleware(ShedWhenFull, model=model, model_name=args.model_name)
+    install(model_server.app, server.dataplane, model, args.model_name, args.max_body_bytes)
     # gRPC messages are bounded like REST bodies (gRPC refuses larger ones with RESOURCE_EXHAUSTED).
     model_server.args.grpc_max_receive_message_length = args.max_body_bytes
     if not args.access_log:

@@ -1,0 +1,124 @@
+"""The REST endpoints in process: the small model behind KServe's DataPlane, wired into a FastAPI application by
+the same ``server.install`` the transformer runs, called with Starlette's test client. Bounded bodies, the
+protocol's decoder, the request id, the version header and the statuses; answers compared with the offline
+computation. tests/test_reliability.py and tests/test_protocols.py send the same over real sockets."""
+
+import numpy as np
+import orjson
+import pytest
+from fastapi import FastAPI
+from kserve.errors import ModelNotFound, model_not_found_handler
+from kserve.model_repository import ModelRepository
+from kserve.protocol.dataplane import DataPlane
+from small_bundle import ROWS, offline, transformer
+from starlette.testclient import TestClient
+
+from transformer.admission import Admission
+from transformer.codec_v2 import HEADER_LENGTH
+from transformer.server import install
+
+LIMIT = 2000  # bytes of body accepted
+
+
+@pytest.fixture
+def served(tmp_path):
+    model = transformer(tmp_path, 4, admission=Admission(max_requests=2, min_requests=2))
+    repository = ModelRepository()
+    repository.update(model)
+    app = FastAPI()
+    app.add_exception_handler(ModelNotFound, model_not_found_handler)
+    install(app, DataPlane(model_registry=repository), model, "embedder", LIMIT)
+    with TestClient(app) as client:
+        client.portal.call(model.versions.refresh)
+        yield client, model
+
+
+def test_a_v1_request_is_answered_with_its_id_and_version(served):
+    client, _ = served
+    response = client.post("/v1/models/embedder:predict", content=orjson.dumps({"instances": ROWS.tolist()}),
+                           headers={"x-request-id": "r-1"})
+    assert response.status_code == 200
+    assert (response.headers["x-request-id"], response.headers["x-model-version"]) == ("r-1", "4")
+    assert response.headers["content-type"] == "application/json"
+    got, expected = response.json()["predictions"], offline(ROWS)
+    assert [(p["segment"], [i["id"] for i in p["items"]]) for p in got] == \
+        [(p["segment"], [i["id"] for i in p["items"]]) for p in expected]
+    # each score is written as the shortest text that reads back to its float32 (not its float64 value)
+    assert [i["score"] for p in got for i in p["items"]] == [float(str(np.float32(i["score"]))) for p in expected
+                                                             for i in p["items"]]
+    shortest = str(np.float32(expected[0]["items"][0]["score"]))  # e.g. 0.73229724, not 0.7322972416877747
+    assert f'"score":{shortest}}}'.encode() in response.content
+    generated = client.post("/v1/models/embedder:predict", content=orjson.dumps({"instances": ROWS[:1].tolist()}))
+    assert len(generated.headers["x-request-id"]) == 32 and int(generated.headers["x-request-id"], 16) >= 0
+
+
+def test_a_v2_request_can_ask_for_binary_tensors(served):
+    client, _ = served
+    body = orjson.dumps({"inputs": [{"name": "features", "datatype": "FP64", "shape": [5, 2],
+                                     "data": ROWS.ravel().tolist()}],
+                         "parameters": {"binary_data_output": True}})
+    response = client.post("/v2/models/embedder/infer", content=body)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
+    length = int(response.headers[HEADER_LENGTH])
+    header = orjson.loads(response.content[:length])
+    segments = np.frombuffer(response.content[length:length + 5 * 8], "<i8")
+    assert header["outputs"][0]["parameters"] == {"binary_data_size": 40}
+    assert segments.tolist() == [p["segment"] for p in offline(ROWS)]
+    binary_in = orjson.dumps({"inputs": [{"name": "features", "datatype": "FP64", "shape": [5, 2],
+                                          "parameters": {"binary_data_size": 80}}]})
+    response = client.post("/v2/models/embedder/infer", content=binary_in + ROWS.astype("<f8").tobytes(),
+                           headers={HEADER_LENGTH: str(len(binary_in))})
+    assert response.status_code == 200
+    assert [o["data"] for o in response.json()["outputs"] if o["name"] == "segment"] == [segments.tolist()]
+
+
+@pytest.mark.parametrize("path, body, headers, status, message", [
+    ("/v1/models/embedder:predict", b"x" * (LIMIT + 1), {}, 413,
+     f"the body is {LIMIT + 1} bytes, at most {LIMIT} are accepted; send fewer rows per request"),
+    ("/v1/models/embedder:predict", b"x" * LIMIT, {}, 400,
+     'the body is not valid JSON: Expecting value at line 1 column 1; send {"instances": [...]}'),
+    ("/v1/models/embedder:predict", b'{"instances": [[1, 2, 3]]}', {}, 400,
+     "instances[0]: a list row must have 2 values in this order: a, b; got 3"),
+    ("/v2/models/embedder/infer", b"{}", {HEADER_LENGTH: "twelve"}, 400,
+     f"the {HEADER_LENGTH} header must be a number of bytes, got 'twelve'"),
+    ("/v2/models/embedder/infer", b'{"instances": []}', {}, 400,
+     "the body must be an object with a non-empty list 'inputs' (this endpoint takes v2 'inputs', not v1 'instances'); "
+     'send {"inputs": [{"name": "features", "datatype": "FP64", "shape": [n, F], "data": [...]}]}'),
+    ("/v1/models/embedder:predict", b'{"instances": [[1, 2]]}', {"x-request-timeout-ms": "soon"}, 400,
+     "x-request-timeout-ms must be a number of milliseconds between 0 and 3600000, got 'soon'"),
+])
+def test_a_bad_request_is_refused_with_its_status_and_message(served, path, body, headers, status, message):
+    client, model = served
+    response = client.post(path, content=body, headers={"x-request-id": "bad-1", **headers})
+    assert (response.status_code, response.json()) == (status, {"error": message})
+    assert response.headers["x-request-id"] == "bad-1" and "x-model-version" not in response.headers
+    assert model.admission.requests == 0
+
+
+def test_a_streamed_body_past_the_limit_is_refused_as_it_arrives(served):
+    client, _ = served
+
+    def chunks():
+        for _ in range(5):
+            yield b"x" * (LIMIT // 2)
+
+    response = client.post("/v1/models/embedder:predict", content=chunks())
+    assert (response.status_code, response.json()) == (413, {"error": f"the body is more than {LIMIT} bytes; send "
+                                                                      "fewer rows per request"})
+
+
+def test_an_unknown_model_is_kserves_404(served):
+    client, _ = served
+    response = client.post("/v1/models/other:predict", content=b'{"instances": [[1, 2]]}')
+    assert response.status_code == 404 and "other" in response.json()["error"]
+
+
+def test_a_full_transformer_refuses_before_reading(served):
+    client, model = served
+    model.admission.requests = 2  # two requests inside, at the limit
+    response = client.post("/v1/models/embedder:predict", content=b"not even json", headers={"x-request-id": "f-1"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json() == {"error": "the transformer is at capacity (2 requests in progress, at most 2 now); "
+                                        "retry after 1s"}
+    model.admission.requests = 0
+    assert client.post("/v1/models/embedder:predict", content=b'{"instances": [[1, 2]]}').status_code == 200
