@@ -1,0 +1,162 @@
+"""``python -m transformer`` in process: each flag reaches the model it configures, bad flags stop it with a
+message naming them (exit 2), and the start-up check of TF Serving's metadata against each bundle. The
+server itself is not started here (``serve`` is replaced); tests/test_reliability.py starts the real one."""
+
+import asyncio
+
+import pytest
+from small_bundle import TFServing, new_version, write
+
+import transformer.server
+from transformer import __main__ as cli
+from transformer.bundle import bundle_dir, sha256_of
+from transformer.predictor import Contract, PredictorError
+
+DIGEST = "ab" * 32
+
+
+@pytest.fixture(autouse=True)
+def logger_restored():
+    """main() points the transformer's logger at stdout and stops its propagation: undo that for later tests."""
+    import logging
+
+    logger = logging.getLogger("transformer")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture
+def store(tmp_path):
+    write(new_version(tmp_path, 4))
+    return tmp_path / "embedder"
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """What main() would serve: (model, args), instead of starting the server; TF Serving not reachable."""
+    seen = {}
+    monkeypatch.setattr(transformer.server, "serve", lambda model, args: seen.update(model=model, args=args))
+    return seen
+
+
+def base(store, *more):
+    return ["--model_name", "embedder", "--predictor_host", "127.0.0.1:9", "--model_base_path", str(store), *more]
+
+
+def test_defaults_reach_the_model(store, started):
+    assert cli.main(base(store)) == 0
+    model, args = started["model"], started["args"]
+    assert (model.name, model.model_base_path, model._predictor_host) == ("embedder", store, "127.0.0.1:9")
+    assert (model._predictor_api, model._predictor_grpc_port, model._predictor_timeout) == ("grpc", 9000, 5.0)
+    assert model._retry.attempts == 3 and model.max_rows == 1024 and model.kernels == "numpy"
+    assert (model.coalesce_inflight, model.coalesce_rows, model.full_scores, model.offload_rows) == (2, 256, False, 0)
+    assert (model.keep_versions, model.poll_seconds, model.trusted_manifests, model.drift_window) == (
+        2, 1.0, frozenset(), 2000)
+    admission = model.admission
+    assert (admission.max_requests, admission.max_rows, admission.default_timeout, admission.min_requests,
+            admission.latency_budget) == (256, 8192, 10.0, 32, 0.05)
+    assert (args.max_body_bytes, args.graceful_shutdown_seconds, args.access_log, args.log_level) == (
+        8 * 1024 * 1024, 20, False, "INFO")
+    assert sorted(model.versions.loaded) == [4]
+
+
+def test_every_flag_reaches_the_model(store, started):
+    digest = sha256_of(bundle_dir(store / "4") / "manifest.json")
+    code = cli.main(base(store, "--predictor_api", "rest", "--predictor_grpc_port", "9100", "--predictor_timeout", "2.5",
+                         "--predictor_retries", "0", "--max_rows", "64", "--kernels", "sklearn", "--coalesce_inflight",
+                         "0", "--coalesce_rows", "32", "--full_scores", "--offload_rows", "128", "--model_versions", "3",
+                         "--model_poll_seconds", "0.5", "--trusted_manifests", f" {digest.upper()} ,{DIGEST}", "--drift_window",
+                         "500", "--max_inflight", "40", "--max_inflight_rows", "999", "--request_timeout", "3",
+                         "--min_inflight", "8", "--latency_budget_ms", "20", "--max_body_bytes", "4096",
+                         "--graceful_shutdown_seconds", "7"))
+    assert code == 0
+    model, args = started["model"], started["args"]
+    assert (model._predictor_api, model._predictor_grpc_port, model._predictor_timeout) == ("rest", 9100, 2.5)
+    assert model._retry.attempts == 1 and model.max_rows == 64 and model.kernels == "sklearn"
+    assert (model.coalesce_inflight, model.coalesce_rows, model.full_scores, model.offload_rows) == (0, 32, True, 128)
+    assert (model.keep_versions, model.poll_seconds, model.trusted_manifests, model.drift_window) == (
+        3, 0.5, frozenset({digest, DIGEST}), 500)
+    admission = model.admission
+    assert (admission.max_requests, admission.max_rows, admission.default_timeout, admission.min_requests,
+            admission.latency_budget) == (40, 999, 3.0, 8, 0.02)
+    assert (args.max_body_bytes, args.graceful_shutdown_seconds) == (4096, 7)
+
+
+def test_trusted_digests_come_from_the_environment_too(store, started, monkeypatch):
+    monkeypatch.setenv(cli.TRUSTED_ENV, DIGEST)
+    # the manifest's digest is not among them: the one version is refused, so nothing can start
+    assert cli.main(base(store)) == 2
+    assert started == {}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model_name", "embedder"], "--predictor_host HOST[:PORT] is required (TF Serving's REST address; over gRPC, "
+                                   "its host with --predictor_grpc_port)"),
+    (["--workers", "2"], "--workers must be 1: KServe's multi-process mode loses the predictor configuration; "
+                         "scale with replicas instead"),
+    (["--max_rows", "0"], "--max_rows, --max_body_bytes and --predictor_timeout must be positive, "
+                          "--predictor_retries >= 0"),
+    (["--max_body_bytes", "0"], "--max_rows, --max_body_bytes and --predictor_timeout must be positive"),
+    (["--predictor_timeout", "0"], "--max_rows, --max_body_bytes and --predictor_timeout must be positive"),
+    (["--predictor_retries", "-1"], "--predictor_retries >= 0"),
+    *[([flag, "0"], "--model_versions, --drift_window, --max_inflight, --min_inflight and --max_inflight_rows must "
+                    "be at least 1; --model_poll_seconds, --request_timeout and --latency_budget_ms positive")
+      for flag in ("--model_versions", "--drift_window", "--max_inflight", "--min_inflight", "--max_inflight_rows",
+                   "--model_poll_seconds", "--request_timeout", "--latency_budget_ms")],
+    (["--trusted_manifests", f"{DIGEST},abc,{'g' * 64}"], f"--trusted_manifests (or ${cli.TRUSTED_ENV}) takes sha256 "
+                                                          f"digests (64 hex digits), got abc, {'g' * 64}"),
+    (["--predictor_api", "thrift"], "argument --predictor_api: invalid choice: 'thrift'"),
+    (["--kernels", "torch"], "argument --kernels: invalid choice: 'torch'"),
+])
+def test_bad_flags_stop_with_a_message_naming_them(store, started, capsys, flags, message):
+    argv = flags if flags[0] == "--model_name" else base(store, *flags)
+    with pytest.raises(SystemExit) as caught:
+        cli.main(argv)
+    assert caught.value.code == 2 and message in capsys.readouterr().err and started == {}
+
+
+def test_a_model_store_without_a_usable_bundle_exits_2(tmp_path, started, capsys):
+    assert cli.main(base(tmp_path / "nothing")) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot load the artifact bundle: no model version under {tmp_path / 'nothing'} has a usable bundle "
+        "(no numeric version folders there): run `python -m model.train`, and point --model_base_path at the folder "
+        "TF Serving serves (it holds the version folders)\n")
+    assert started == {}
+
+
+CONTRACT = Contract("serving_default", "features", 2, {"embedding": ("DT_FLOAT", 3), "scores": ("DT_FLOAT", 3)})
+
+
+def test_the_start_up_check_names_each_served_version_that_does_not_fit():
+    tf_serving = TFServing(3, 4)
+    closed = []
+
+    async def close():
+        closed.append(True)
+
+    tf_serving.close = close
+    misfit = Contract("serving_default", "features", 5, CONTRACT.outputs)
+    problems = asyncio.run(cli.check_predictor(tf_serving, {3: CONTRACT, 4: misfit, 5: misfit}))
+    assert problems == ["version 4: input 'features' is DT_FLOAT [-1, 2], the bundle expects DT_FLOAT [-1, 5]"]
+    assert closed == [True]  # version 5 is not served: not checked
+
+
+def test_an_unreachable_predictor_is_not_an_error_at_start_up(caplog):
+    class Down(TFServing):
+        async def version_states(self):
+            raise PredictorError(503, "the predictor at 127.0.0.1:9 is unreachable")
+
+    assert asyncio.run(cli.check_predictor(Down(), {4: CONTRACT})) == []
+    assert "predictor not checked at start-up (the predictor at 127.0.0.1:9 is unreachable); readiness stays false " \
+           "until it answers" in caplog.text
+
+
+def test_help_explains_the_transformers_own_flags(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert caught.value.code == 0
+    for flag in ("--predictor_api", "--predictor_grpc_port", "--min_inflight", "--latency_budget_ms",
+                 "--trusted_manifests", "--kernels", "--coalesce_inflight", "--drift_window"):
+        assert flag in out
