@@ -1,20 +1,29 @@
 """Drift per feature from the fitted quantiles alone: low for in-distribution traffic, high for a shifted feature."""
 
 import math
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
-from conftest import MODEL_NAME, version_dir
+from conftest import MODEL_NAME
 
 from model.synthetic import make_synthetic
-from transformer.bundle import load_bundle
 from transformer.drift import SIGNIFICANT, STABLE, DriftMonitor, SlidingCounts, psi
+from transformer.fitted import AffineStep, FittedSteps
 
 
 @pytest.fixture(scope="module")
-def bundle(build_dir):
-    return load_bundle(version_dir(build_dir))
+def bundle():
+    """The fitted steps as training makes them (model/train.py: QuantileTransformer with normal output; the
+    segment mix of KMeans), on the synthetic users of the session's build, fitted here in a second."""
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import QuantileTransformer
+
+    users = make_synthetic(n_users=1500, n_items=60, seed=0)
+    scaler = QuantileTransformer(n_quantiles=1000, output_distribution="normal", random_state=0).fit(users.features)
+    segments = KMeans(n_clusters=6, n_init=2, random_state=0).fit(scaler.transform(users.features))
+    return SimpleNamespace(fitted=FittedSteps.from_estimators(scaler, segments), feature_names=users.feature_names)
 
 
 def feed(monitor: DriftMonitor, X: np.ndarray, batch: int = 7) -> None:
@@ -22,7 +31,6 @@ def feed(monitor: DriftMonitor, X: np.ndarray, batch: int = 7) -> None:
         monitor.observe_rows(X[start:start + batch])
 
 
-@pytest.mark.heavy  # trains a model (the session's build)
 def test_in_distribution_traffic_stays_stable_and_a_scaled_feature_stands_out(bundle):
     users = make_synthetic(n_users=4000, n_items=60, seed=77).features  # same generator, unseen users
     monitor = DriftMonitor(bundle.fitted, bundle.feature_names, window=2000)
@@ -40,14 +48,12 @@ def test_in_distribution_traffic_stays_stable_and_a_scaled_feature_stands_out(bu
     assert max(v for k, v in drifted.items() if k != "spend_90d") < STABLE, drifted
 
 
-@pytest.mark.heavy  # trains a model (the session's build)
 def test_nothing_is_said_before_enough_rows(bundle):
     monitor = DriftMonitor(bundle.fitted, bundle.feature_names, window=500, min_rows=200)
     feed(monitor, make_synthetic(n_users=150, n_items=60, seed=3).features)
     assert all(math.isnan(v) for v in monitor.feature_psi().values()) and math.isnan(monitor.segment_psi())
 
 
-@pytest.mark.heavy  # trains a model (the session's build)
 def test_segment_mix_against_the_training_mix(bundle):
     share = bundle.fitted.segment_share
     assert share is not None and abs(share.sum() - 1) < 1e-12
@@ -87,3 +93,22 @@ def test_the_transformer_exposes_the_drift_gauges(stack, raw_users):
     lines = [line for line in text.splitlines() if line.startswith("embedder_feature_drift_psi{")]
     assert len(lines) == 12 and all(not math.isnan(float(line.rsplit(" ", 1)[1])) for line in lines), lines
     assert any(line.startswith(f'embedder_segment_mix_drift_psi{{model_name="{MODEL_NAME}"}}') for line in text.splitlines())
+
+
+def test_drift_needs_the_training_quantiles():
+    fitted = FittedSteps((AffineStep(subtract=np.zeros(2)),), np.zeros((2, 3)))
+    with pytest.raises(ValueError) as caught:
+        DriftMonitor(fitted, ("a", "b"))
+    assert str(caught.value) == "drift needs the training quantiles: the first scaler step is not a QuantileTransformer"
+
+
+def test_the_index_does_not_depend_on_how_rows_arrive(bundle):
+    """Rows are binned 256 at a time or at a scrape: one row per request, or all at once, read the same."""
+    users = make_synthetic(n_users=700, n_items=60, seed=5).features
+    one_by_one, at_once = (DriftMonitor(bundle.fitted, bundle.feature_names, window=500) for _ in range(2))
+    feed(one_by_one, users, batch=1)
+    at_once.observe_rows(users)
+    assert one_by_one.feature_psi() == at_once.feature_psi()
+    without_mix = DriftMonitor(FittedSteps(bundle.fitted.scaler, bundle.fitted.centers), bundle.feature_names)
+    without_mix.observe_segments(np.zeros(500, dtype=np.int64))  # no training mix recorded: nothing to say
+    assert math.isnan(without_mix.segment_psi())
