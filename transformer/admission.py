@@ -17,11 +17,12 @@ the limit settles near capacity x budget. ``min_requests`` keeps ordinary concur
 
 Refused clients are told when to come back (``Retry-After``), and how long follows the
 overload: every second, the clients being refused are estimated (refusals a second x the
-wait they were told) and the wait set so that their retries stay within a quarter of the
-answers a second (``SHED_SHARE``) or 100 a second, whichever is more, from 1 to 10 seconds, spread over the clients so they
-do not come back together. A refusal is cheap but not free: at 1,024 connections told to
-come back after one second, 926 refusals a second took 29% of the goodput of one process
-(650 of 911 answers a second, benchmarks/overload.md).
+wait they were told) and the mean wait w set so that their retries stay within a quarter of
+the answers a second (``SHED_SHARE``) or 100 a second, whichever is more; w is 1 to 5
+seconds, and the refused clients are told 1 .. 2w - 1 seconds in turn so that they do not
+come back together. A refusal is cheap but not free: at 1,024 connections all told one
+second, 926 refusals a second took 29% of the goodput of one process (650 of 911 answers a
+second); told this way, 285 a second and the goodput of the peak (benchmarks/overload.md).
 
 A request also carries a deadline (``x-request-timeout-ms``, or ``default_timeout``):
 work still waiting past it, in the coalescer or before a stage, is dropped (504) rather
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER_SECONDS = 1  # the shortest wait told, and the one for a predictor that is down
-MAX_RETRY_AFTER_SECONDS = 10
+MAX_RETRY_AFTER_SECONDS = 5  # the mean wait's ceiling: no client is told more than 9 s
 SHED_SHARE = 0.25  # retries of refused clients aimed at, per answer
 # Retries a second that are never worth a longer wait: a refusal takes about 0.3 ms of the event loop
 # (29% of the loop for 926 a second, benchmarks/overload.md), so 100 a second cost 3%.
