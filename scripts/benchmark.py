@@ -274,40 +274,45 @@ def explain(results: dict) -> list[str]:
 
 
 def soak(stack: LocalStack, body: bytes, requests: int, concurrency: int) -> dict:
-    """``requests`` requests at ``concurrency`` through the transformer: every one answered, memory bounded."""
+    """``requests`` requests at ``concurrency`` through the transformer: every one answered, memory bounded.
+
+    Each request's outcome is recorded under its own number (its status, or the name of the client error); a
+    request is *lost* when no outcome was recorded for it, whatever happened to the worker that sent it."""
     import asyncio
 
     transformer = psutil.Process(stack.processes["transformer"].pid)
     rss_before = transformer.memory_info().rss
-    statuses: dict[int, int] = {}
-    errors = 0
+    outcomes: dict[int, int | str] = {}
 
     async def run() -> float:
-        nonlocal errors
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         queue = iter(range(requests))
         async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
             async def worker():
-                nonlocal errors
-                for _ in queue:
+                for number in queue:
                     try:
                         response = await client.post(f"{stack.transformer_url}/v1/models/{MODEL}:predict",
                                                      content=body, headers={"content-type": "application/json"})
-                        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                    except httpx.HTTPError:
-                        errors += 1
+                        outcomes[number] = response.status_code
+                    except httpx.HTTPError as exc:
+                        outcomes[number] = type(exc).__name__
 
             started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            # A worker that fails otherwise stops; its request and those nobody else took stay without an outcome.
+            await asyncio.gather(*(worker() for _ in range(concurrency)), return_exceptions=True)
             return time.perf_counter() - started
 
     seconds = asyncio.run(run())
     rss_after = transformer.memory_info().rss
-    answered = sum(statuses.values())
+    statuses: dict[str, int] = {}
+    for outcome in outcomes.values():
+        statuses[str(outcome)] = statuses.get(str(outcome), 0) + 1
+    errors = sum(1 for outcome in outcomes.values() if isinstance(outcome, str))
     return {
-        "requests": requests, "concurrency": concurrency, "seconds": seconds, "answered": answered,
-        "ok": statuses.get(200, 0), "statuses": {str(k): v for k, v in statuses.items()}, "transport_errors": errors,
-        "lost": requests - answered - errors, "rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20,
+        "requests": requests, "concurrency": concurrency, "seconds": seconds, "answered": len(outcomes) - errors,
+        "ok": statuses.get("200", 0), "statuses": statuses, "transport_errors": errors,
+        "lost": sum(1 for number in range(requests) if number not in outcomes),
+        "rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20,
         "rss_growth_mb": (rss_after - rss_before) / 2**20,
     }
 
@@ -324,6 +329,11 @@ def admission_limit(metrics_url: str) -> int | None:
     return int(float(found.group(1))) if found else None
 
 
+# The first second of a phase: every connection opens at once and sends its first request; the one event loop
+# accepts and reads them all before it answers any (a storm, not the steady state; both are reported).
+STORM_SECONDS = 1.0
+
+
 def overload_phase(url: str, body: bytes, connections: int, seconds: float, honour: bool, transformer) -> dict:
     """One phase of recorded load: goodput, the admitted requests' latency, how fast the shed ones were told."""
     rss_before = transformer.memory_info().rss
@@ -332,6 +342,7 @@ def overload_phase(url: str, body: bytes, connections: int, seconds: float, hono
     limit = admission_limit(metrics_url)
     statuses, latencies = run["statuses"], run["latencies_s"] * 1000.0
     ok, shed = statuses == 200, statuses == 503
+    settled = run["sent_at_s"] >= STORM_SECONDS  # past the storm of connections opened at once
     others = {str(code): int((statuses == code).sum()) for code in np.unique(statuses[~(ok | shed)])}
 
     def pct(values, q):
@@ -345,7 +356,13 @@ def overload_phase(url: str, body: bytes, connections: int, seconds: float, hono
         "admitted_p50_ms": pct(latencies[ok], 50), "admitted_p99_ms": pct(latencies[ok], 99),
         "shed_p99_ms": pct(latencies[shed], 99), "shed_max_ms": float(latencies[shed].max()) if shed.any() else float("nan"),
         "shed_within_10ms": float((latencies[shed] <= 10.0).mean()) if shed.any() else float("nan"),
+        "settled_admitted_p99_ms": pct(latencies[ok & settled], 99),
+        "settled_shed_p99_ms": pct(latencies[shed & settled], 99),
+        "settled_shed_within_10ms": float((latencies[shed & settled] <= 10.0).mean()) if (shed & settled).any()
+        else float("nan"),
         "client_cpu_share": run["client_cpu_seconds"] / run["seconds"],
+        "retry_after_mean_s": float(run["retry_after_s"][shed].mean()) if shed.any() else float("nan"),
+        "retry_after_max_s": float(run["retry_after_s"][shed].max()) if shed.any() else float("nan"),
         "rss_before_mb": rss_before / 2**20, "rss_after_mb": transformer.memory_info().rss / 2**20,
         "admission_limit_after": limit,
     }
@@ -375,10 +392,13 @@ def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[
     goals = [
         ("goodput at 1,024 connections >= 90% of the peak at 16", f"{over['goodput']:.0f} vs {peak['goodput']:.0f} ok/s "
          f"= {100 * over['goodput'] / peak['goodput']:.0f}%", over["goodput"] >= 0.9 * peak["goodput"]),
-        ("p99 of admitted requests <= 250 ms", f"{over['admitted_p99_ms']:.1f} ms", over["admitted_p99_ms"] <= 250),
+        ("p99 of admitted requests <= 250 ms", f"{over['admitted_p99_ms']:.1f} ms over the phase; "
+         f"{over['settled_admitted_p99_ms']:.1f} ms for the requests sent after its first second (the storm of "
+         "1,024 connections opened at once)", over["admitted_p99_ms"] <= 250),
         ("every other request a 503 within 10 ms",
          f"{over['shed']} shed, {100 * over['shed_within_10ms']:.1f}% within 10 ms (p99 {over['shed_p99_ms']:.1f} ms, "
-         f"max {over['shed_max_ms']:.1f} ms); other statuses {over['other_statuses'] or 'none'}, "
+         f"max {over['shed_max_ms']:.1f} ms; after the first second {100 * over['settled_shed_within_10ms']:.1f}% "
+         f"within 10 ms, p99 {over['settled_shed_p99_ms']:.1f} ms); other statuses {over['other_statuses'] or 'none'}, "
          f"{over['transport_errors']} transport errors",
          not over["other_statuses"] and over["transport_errors"] == 0 and over["shed_within_10ms"] >= 0.99),
         ("memory flat", f"transformer RSS {over['rss_before_mb']:.0f} -> {over['rss_after_mb']:.0f} MB",
@@ -395,20 +415,24 @@ def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[
     (out / "overload.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Overload: shedding instead of queueing", "",
              "`python -m scripts.benchmark --overload`: the transformer (default admission: a request limit between 32 "
-             "and 256 that keeps the p90 time of admitted requests inside the process within 50 ms, 8,192 rows) "
+             "and 256 that keeps the p90 time of admitted requests inside the process within 50 ms, 8,192 rows; "
+             "refused clients told to come back after 1 to 9 s, longer the more of them there are) "
              "and the TF Serving stand-in on loopback, 1-row requests from a lean keep-alive client in the "
              "benchmark's process (`scripts/loadgen.py: run_recorded`), every request's status and latency "
              "recorded. The client shares the machine's 2 cores with both servers: its CPU share is in the table.",
              "", "| goal | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {g} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for g, m, ok in goals]
-    lines += ["", "| phase | connections | Retry-After honoured | seconds | requests | 200/s | admitted p50 / p99 ms | "
-              "503 | 503 p99 / max ms | other | client CPU | request limit at the end |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| phase | connections | Retry-After honoured | seconds | requests | 200/s | admitted p50 / p99 ms "
+              "(p99 after the first second) | "
+              "503 | 503 p99 / max ms | Retry-After told, mean / max s | other | client CPU | request limit at the end |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, ph in phases.items():
         lines.append(f"| {name} | {ph['connections']} | {'yes' if ph['honours_retry_after'] else 'no'} | "
                      f"{ph['seconds']:.1f} | {ph['requests']} | {ph['goodput']:.0f} | "
-                     f"{ph['admitted_p50_ms']:.1f} / {ph['admitted_p99_ms']:.1f} | {ph['shed']} | "
+                     f"{ph['admitted_p50_ms']:.1f} / {ph['admitted_p99_ms']:.1f} ({ph['settled_admitted_p99_ms']:.1f}) | "
+                     f"{ph['shed']} | "
                      f"{ph['shed_p99_ms']:.1f} / {ph['shed_max_ms']:.1f} | "
+                     f"{ph['retry_after_mean_s']:.1f} / {ph['retry_after_max_s']:.0f} | "
                      f"{ph['other_statuses'] or '-'} {ph['transport_errors'] or ''} | {100 * ph['client_cpu_share']:.0f}% | "
                      f"{ph.get('admission_limit_after', '-')} |")
     lines += ["", f"Machine: {report['machine']}", ""]
@@ -529,7 +553,7 @@ def machine() -> dict:
         "os": platform.platform(), "python": platform.python_version(), "kserve": version("kserve"),
         "tensorflow": tf.__version__, "scikit-learn": sklearn.__version__,
         "load_generator": "wrk " + (os.popen("wrk -v 2>&1").read().split()[1] if have_wrk() else "absent: python httpx"),
-        "predictor": "python -m model.standin (TF Serving REST stand-in; no container engine here)",
+        "predictor": "python -m model.standin (TF Serving stand-in, REST and gRPC on one port; no container engine here)",
     }
 
 

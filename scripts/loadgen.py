@@ -179,8 +179,9 @@ def run_load(url: str, body: bytes, concurrency: int, seconds: float) -> LoadRes
 
 async def _recorded_load(host: str, port: int, path: str, body: bytes, concurrency: int,
                          seconds: float, honour_retry_after: bool, max_requests: int | None = None,
-                         timeout: float = 30.0) -> tuple[list[int], list[float], int]:
-    """A lean HTTP/1.1 keep-alive client on asyncio streams: (status, latency) of every request.
+                         timeout: float = 30.0) -> tuple[list[int], list[float], list[float], list[float], int]:
+    """A lean HTTP/1.1 keep-alive client on asyncio streams: (status, latency, Retry-After, time sent) of every
+    request.
 
     httpx costs too much client CPU per request for a thousand connections on a small machine.
     With ``honour_retry_after`` a connection told 503 + Retry-After waits that long before its
@@ -192,8 +193,11 @@ async def _recorded_load(host: str, port: int, path: str, body: bytes, concurren
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     statuses: list[int] = []
     latencies: list[float] = []
+    waits: list[float] = []  # the Retry-After of each answer (0: none)
+    sent_at: list[float] = []  # seconds from the start of the load to each request
     errors = 0
-    deadline = time.perf_counter() + seconds
+    begun = time.perf_counter()
+    deadline = begun + seconds
     budget = [max_requests if max_requests is not None else float("inf")]
 
     def more() -> bool:
@@ -233,6 +237,8 @@ async def _recorded_load(host: str, port: int, path: str, body: bytes, concurren
                     status, close, retry_after = await asyncio.wait_for(one(reader, writer), timeout)
                     statuses.append(status)
                     latencies.append(time.perf_counter() - started)
+                    waits.append(retry_after)
+                    sent_at.append(started - begun)
                     if close:
                         break
                     if honour_retry_after and status == 503 and retry_after:
@@ -244,7 +250,7 @@ async def _recorded_load(host: str, port: int, path: str, body: bytes, concurren
                 writer.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return statuses, latencies, errors
+    return statuses, latencies, waits, sent_at, errors
 
 
 def run_recorded(url: str, body: bytes, concurrency: int, seconds: float, honour_retry_after: bool = True,
@@ -260,8 +266,9 @@ def run_recorded(url: str, body: bytes, concurrency: int, seconds: float, honour
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    statuses, latencies, errors = runner(_recorded_load(parts.hostname, parts.port, parts.path, body,
-                                                        concurrency, seconds, honour_retry_after, max_requests))
+    statuses, latencies, waits, sent_at, errors = runner(_recorded_load(
+        parts.hostname, parts.port, parts.path, body, concurrency, seconds, honour_retry_after, max_requests))
     return {"statuses": np.array(statuses, dtype=np.int64), "latencies_s": np.array(latencies),
+            "retry_after_s": np.array(waits), "sent_at_s": np.array(sent_at),
             "seconds": time.perf_counter() - wall_before, "client_cpu_seconds": time.process_time() - cpu_before,
             "transport_errors": errors}
