@@ -35,6 +35,17 @@ def stack(build_dir, tmp_path_factory):
         yield running
 
 
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Wait for ``condition()`` to hold, checking every 5 ms; fail naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.005)
+
+
 def reference_top_items(scores, min_score, k) -> list[list[int]]:
     """The rules in plain Python: sort by (-score, id), keep the first k, drop those below the minimum."""
     out = []

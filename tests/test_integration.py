@@ -134,18 +134,26 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(stack, raw_users, body, s
     assert post(stack, {"instances": raw_users[:1].tolist()}).status_code == 200
 
 
-def test_every_score_path_gives_the_same_answers(stack, offline, raw_users, tmp_path):
-    """--full_scores asks TF Serving for all item scores instead of its best candidates, and
-    --offload_rows runs large batches in a worker thread: same results."""
-    full = stack.another_transformer(log_dir=tmp_path,
-                      transformer_args=["--full_scores", "--offload_rows", "64"])
+@pytest.mark.parametrize("flags", [
+    ["--full_scores", "--offload_rows", "64"],
+    ["--kernels", "sklearn", "--coalesce_inflight", "0"],
+], ids=["full-scores-offloaded", "sklearn-uncoalesced"])
+def test_every_score_path_gives_the_same_answers(stack, offline, raw_users, tmp_path, flags):
+    """--full_scores asks TF Serving for all item scores instead of its best candidates, --offload_rows
+    runs large batches in a worker thread, --kernels sklearn runs the fitted estimators themselves,
+    --coalesce_inflight 0 sends each request's own call: same results."""
+    full = stack.another_transformer(log_dir=tmp_path, transformer_args=flags)
     full.start_transformer()
     try:
         rows = raw_users[:80]
         response = httpx.post(predict_url(full), json={"instances": rows.tolist()}, timeout=30)
         assert response.status_code == 200, response.text
         assert_same_predictions(response.json()["predictions"], offline.predictions(rows))
+        one = httpx.post(predict_url(full), json={"instances": rows[:1].tolist()}, timeout=30)
+        assert_same_predictions(one.json()["predictions"], offline.predictions(rows[:1]))
         metrics = httpx.get(f"{full.transformer_url}/metrics").text
-        assert 'embedder_predictor_call_rows_sum{model_name="embedder"} 80.0' in metrics
+        # two requests, two predictor calls of 80 and 1 rows
+        assert 'embedder_predictor_call_rows_sum{model_name="embedder"} 81.0' in metrics
+        assert 'embedder_predictor_call_rows_count{model_name="embedder"} 2.0' in metrics
     finally:
         full.stop()

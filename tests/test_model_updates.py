@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import MODEL_NAME, Offline, assert_same_predictions, train_version, version_dir
+from conftest import MODEL_NAME, Offline, assert_same_predictions, train_version, version_dir, wait_until
 
 from scripts.localstack import LocalStack
 from transformer.pipeline import Pipeline
@@ -33,14 +33,6 @@ def publish(source: Path, models: Path) -> Path:
     target = models / source.name
     staging.rename(target)
     return target
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- the registry on its own, against a scripted TF Serving ---------------------------------------
