@@ -524,7 +524,7 @@ def chaos(build: Path, out: Path, requests: int = 100_000, connections: int = 64
     (out / "chaos.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Chaos soak", "", f"`python -m scripts.benchmark --chaos`: {requests:,} one-row requests at {connections} "
              f"connections (`scripts/loadgen.py: run_recorded`, 30 s per-request timeout) through the transformer and the "
-             f"TF Serving stand-in on loopback, while the predictor is killed (SIGKILL) and restarted twice and model "
+             f"TF Serving stand-in on loopback (gRPC between them, the default), while the predictor is killed (SIGKILL) and restarted twice and model "
              f"version {new} is published into the store between the two. {seconds:.0f} s in all.", "",
              "| goal | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |" for g in report["goals"]]
