@@ -22,7 +22,7 @@ the answers a second (``SHED_SHARE``) or 100 a second, whichever is more; w is 1
 seconds, and the refused clients are told 1 .. 2w - 1 seconds in turn so that they do not
 come back together. A refusal is cheap but not free: at 1,024 connections all told one
 second, 926 refusals a second took 29% of the goodput of one process (650 of 911 answers a
-second); told this way, 285 a second and the goodput of the peak (benchmarks/overload.md).
+second); told this way, about 300 a second and 99% of the peak (benchmarks/overload.md).
 
 A request also carries a deadline (``x-request-timeout-ms``, or ``default_timeout``):
 work still waiting past it, in the coalescer or before a stage, is dropped (504) rather
