@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from strategies import json_documents
+from strategies import json_documents, valid_rows
 
 from transformer.codec import RequestError, decode_body, encode_predictions, parse_instances
 
@@ -118,6 +118,14 @@ def test_any_json_either_parses_or_is_a_request_error(doc):
     except RequestError:
         return
     assert X.ndim == 2 and X.shape[1] == 3 and np.isfinite(X).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(valid_rows(list(NAMES)))
+def test_any_valid_request_parses_to_exactly_its_numbers(request_and_rows):
+    doc, rows = request_and_rows
+    X = parse(doc)
+    assert X.dtype == np.float64 and X.tolist() == rows
 
 
 def test_response_shape_and_float32_values():

@@ -77,6 +77,10 @@ def test_parity_with_scikit_learn_on_thousands_of_rows(fused, offline, dtype):
     out = fused.signatures[signature](features=tf.constant(raw))
     # scikit-learn sees exactly the values the graph saw.
     assert_same_predictions(fused_as_predictions(out), offline.predictions(raw.astype(np.float64)))
+    # the embedding output too: the SavedModel called on scikit-learn's scaling
+    embedding, _ = offline.model_outputs(raw.astype(np.float64))
+    assert out["embedding"].dtype == tf.float32 and out["embedding"].shape == embedding.shape
+    np.testing.assert_allclose(out["embedding"].numpy(), embedding, rtol=1e-5, atol=1e-6)
 
 
 def test_parity_on_adversarial_rows(fused, offline, raw_users):

@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from conftest import (
     MODEL_NAME, assert_same_predictions, bundle_path, edit_manifest, poison, rewrite_digest, version_dir, wait_until,
@@ -19,8 +20,9 @@ from conftest import (
 from fault_proxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import json_documents
+from strategies import json_documents, valid_rows
 
+from model.synthetic import SYNTHETIC_FEATURES
 from scripts.localstack import ROOT, LocalStack
 
 
@@ -141,6 +143,20 @@ def test_generated_garbage_never_yields_5xx(stack, doc, raw, as_bytes):
     response = httpx.post(predict_url(stack.transformer_url), content=body,
                           headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code < 500, (body[:200], response.text)
+
+
+FEATURE_NAMES = list(SYNTHETIC_FEATURES)  # the session build's features
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request_and_rows=valid_rows(FEATURE_NAMES, max_rows=4))
+def test_generated_valid_requests_are_answered_as_offline(stack, offline, request_and_rows):
+    """Valid rows of any values in float32 range, as lists or objects in any key order: 200 and the offline answer."""
+    assert offline.feature_names == FEATURE_NAMES
+    doc, rows = request_and_rows
+    response = httpx.post(predict_url(stack.transformer_url), json=doc, timeout=30)
+    assert response.status_code == 200, response.text
+    assert_same_predictions(response.json()["predictions"], offline.predictions(np.array(rows)))
 
 
 def test_request_id_is_echoed_and_logged(stack):
