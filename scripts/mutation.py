@@ -1,6 +1,6 @@
 """Mutation testing: how many deliberate small bugs in transformer/ the fast tests catch.
 
-    .venv/bin/python -m scripts.mutation                 # all of transformer/ (about 40 minutes on 2 cores)
+    .venv/bin/python -m scripts.mutation                 # all of transformer/ (over an hour on 2 cores)
     .venv/bin/python -m scripts.mutation --only transformer/admission.py --only transformer/coalesce.py
 
 mutmut (pinned in the dev extra) mutates a copy of the working tree, so this checkout never gets
@@ -35,6 +35,8 @@ EQUIVALENT = ROOT / "tests" / "mutation-equivalent.json"
 # mutmut's statuses: a timeout means the mutant made the tests run far longer than without it, which
 # on a busy machine can also be noise; counted as caught but shown apart.
 CAUGHT = ("killed", "timeout")
+# Not part of the score: reached by no fast test, judged equivalent, or not run (a run stopped early).
+UNJUDGED = ("no tests", "equivalent", "not checked")
 
 
 def copy_tree(into: Path) -> None:
@@ -101,7 +103,7 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
     dirty = subprocess.run(["git", "status", "--porcelain", "--", *COPIED], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
     total = Counter(statuses.values())
-    reached = sum(n for status, n in total.items() if status not in ("no tests", "equivalent"))
+    reached = sum(n for status, n in total.items() if status not in UNJUDGED)
     caught = sum(total[s] for s in CAUGHT)
     lines = [
         "# Mutation testing of the transformer",
@@ -116,18 +118,20 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
         "",
         f"**{caught} of {reached} mutants that fast tests reach were caught ({100 * caught / max(reached, 1):.1f}%)**; "
         f"{total['survived']} survived; {total['equivalent']} survivors are equivalent (listed with the reason, "
-        f"from tests/mutation-equivalent.json) and not counted; {total['no tests']} are reached by no fast test.",
+        f"from tests/mutation-equivalent.json) and not counted; {total['no tests']} are reached by no fast test"
+        + (f"; {total['not checked']} were not run (the run was stopped)." if total["not checked"] else "."),
         "",
-        "| module | mutants | killed | timed out | survived | equivalent | no fast test | caught of reached |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| module | mutants | killed | timed out | survived | equivalent | no fast test | not run | caught of reached |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for module, counts in sorted(per_module.items()):
-        reached_here = sum(n for status, n in counts.items() if status not in ("no tests", "equivalent"))
+        reached_here = sum(n for status, n in counts.items() if status not in UNJUDGED)
         caught_here = sum(counts[s] for s in CAUGHT)
         share = f"{100 * caught_here / reached_here:.1f}%" if reached_here else "-"
         lines.append(f"| `{module}` | {sum(counts.values())} | {counts['killed']} | {counts['timeout']} | "
-                     f"{counts['survived']} | {counts['equivalent']} | {counts['no tests']} | {share} |")
-    other = {s: n for s, n in total.items() if s not in (*CAUGHT, "survived", "no tests", "equivalent")}
+                     f"{counts['survived']} | {counts['equivalent']} | {counts['no tests']} | {counts['not checked']} | "
+                     f"{share} |")
+    other = {s: n for s, n in total.items() if s not in (*CAUGHT, "survived", *UNJUDGED)}
     if other:
         lines += ["", "Other outcomes: " + ", ".join(f"{n} {s}" for s, n in sorted(other.items())) + "."]
     lines += ["", "## Survivors", "",
