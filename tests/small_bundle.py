@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 from sklearn.preprocessing import QuantileTransformer
 
 from transformer.bundle import ModelSpec, Rules, write_bundle
-from transformer.predictor import VersionNotServed
+from transformer.predictor import PredictorError, VersionNotServed
 
 RNG = np.random.default_rng(3)
 X = RNG.normal(size=(120, 2))
@@ -61,14 +61,28 @@ def offline(rows: np.ndarray, item_ids=("x", "y", "z")) -> list[dict]:
             for r, (label, distance) in enumerate(zip(labels, distances))]
 
 
+def signature(input_width: int = 2) -> dict:
+    """TF Serving's metadata of the small model (REST JSON form); another ``input_width`` does not fit it."""
+    def info(width):
+        return {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}, {"size": str(width)}]}}
+
+    return {"metadata": {"signature_def": {"signature_def": {"serving_default": {
+        "inputs": {"features": info(input_width)}, "outputs": {"embedding": info(3), "scores": info(3)}}}}}}
+
+
 class TFServing:
-    """TF Serving as the transformer sees it: scripted states, metadata that fits, predict on a pinned version."""
+    """TF Serving as the transformer sees it, scripted: the state of each version (AVAILABLE for those
+    given), the metadata of each (the small model's, or what ``metadata_by_version`` says: a document or
+    an exception to raise), unreachable on demand, and predict on a pinned version."""
 
     model_name = "embedder"
 
     def __init__(self, *versions):
         self.states = {v: "AVAILABLE" for v in versions}
+        self.metadata_by_version: dict = {}
+        self.unreachable = False
         self.gone: set[int] = set()  # versions whose predict calls answer NOT_FOUND
+        self.asked: list = []  # "states" and ("metadata", version), in order
         self.calls: list[tuple[int, int]] = []  # (version, rows) of each predict call
 
     async def predict(self, features, contract):
@@ -79,14 +93,17 @@ class TFServing:
         return {name: model_outputs(features)[name] for name in contract.outputs}
 
     async def version_states(self):
+        self.asked.append("states")
+        if self.unreachable:
+            raise PredictorError(503, "connection refused", "predictor_unreachable")
         return dict(self.states)
 
     async def metadata(self, version=None):
-        def info(width):
-            return {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}, {"size": str(width)}]}}
-
-        return {"metadata": {"signature_def": {"signature_def": {"serving_default": {
-            "inputs": {"features": info(2)}, "outputs": {"embedding": info(3), "scores": info(3)}}}}}}
+        self.asked.append(("metadata", version))
+        answer = self.metadata_by_version.get(version, signature())
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     async def close(self):
         pass

@@ -9,41 +9,19 @@ from types import SimpleNamespace
 
 import pytest
 
+from small_bundle import TFServing, signature
+
 from transformer.bundle import BundleError
 from transformer.predictor import Contract, PredictorError
 from transformer.versions import ModelVersions, NoServableVersion, ServedVersion
 
-CONTRACT = Contract("serving_default", "features", 3, {})
+CONTRACT = Contract("serving_default", "features", 2, {"embedding": ("DT_FLOAT", 3), "scores": ("DT_FLOAT", 3)})
 
 
-def signature(width=3):
-    return {"metadata": {"signature_def": {"signature_def": {"serving_default": {"inputs": {"features": {
-        "dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}, {"size": str(width)}]}}}, "outputs": {}}}}}}
-
-
-class TFServing:
-    """What the transformer asks TF Serving, scripted: states per version, metadata per version."""
-
-    model_name = "embedder"
-
-    def __init__(self, states=None, metadata=None):
-        self.states = states or {}
-        self.metadata_by_version = metadata or {}
-        self.unreachable = False
-        self.asked = []
-
-    async def version_states(self):
-        self.asked.append("states")
-        if self.unreachable:
-            raise PredictorError(503, "connection refused", "predictor_unreachable")
-        return dict(self.states)
-
-    async def metadata(self, version=None):
-        self.asked.append(("metadata", version))
-        answer = self.metadata_by_version.get(version, signature())
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+def tf_serving(states=None, metadata=None) -> TFServing:
+    client = TFServing()
+    client.states, client.metadata_by_version = dict(states or {}), dict(metadata or {})
+    return client
 
 
 class Store:
@@ -86,7 +64,7 @@ def refresh(watcher):
 
 
 def test_the_newest_version_loaded_here_and_available_there_answers(tmp_path):
-    client = TFServing({1: "AVAILABLE", 2: "AVAILABLE", 3: "LOADING"})
+    client = tf_serving({1: "AVAILABLE", 2: "AVAILABLE", 3: "LOADING"})
     watcher, store, switches, _ = versions(tmp_path, client, keep=3)
     for v in (1, 2, 3):
         store.add(v)
@@ -104,7 +82,7 @@ def test_the_newest_version_loaded_here_and_available_there_answers(tmp_path):
 
 
 def test_only_the_newest_keep_versions_are_loaded(tmp_path):
-    watcher, store, _, _ = versions(tmp_path, TFServing({v: "AVAILABLE" for v in range(1, 6)}), keep=2)
+    watcher, store, _, _ = versions(tmp_path, tf_serving({v: "AVAILABLE" for v in range(1, 6)}), keep=2)
     for v in (1, 5, 3):
         store.add(v)
     (tmp_path / "4-incoming").mkdir()
@@ -116,11 +94,11 @@ def test_only_the_newest_keep_versions_are_loaded(tmp_path):
     watcher.scan()
     assert sorted(watcher.loaded) == [5, 6] and store.loads == [3, 5, 6]
     with pytest.raises(ValueError, match="^keep must be at least 1$"):
-        versions(tmp_path, TFServing(), keep=0)
+        versions(tmp_path, tf_serving(), keep=0)
 
 
 def test_a_rejected_bundle_is_logged_counted_and_tried_again_only_when_its_files_change(tmp_path, caplog):
-    client = TFServing({1: "AVAILABLE", 2: "AVAILABLE"})
+    client = tf_serving({1: "AVAILABLE", 2: "AVAILABLE"})
     watcher, store, switches, rejections = versions(tmp_path, client)
     store.add(1)
     folder = store.add(2, broken="scaler.joblib has sha256 00, the manifest says 11")
@@ -140,21 +118,21 @@ def test_a_rejected_bundle_is_logged_counted_and_tried_again_only_when_its_files
 
 
 def test_a_version_that_does_not_fit_its_bundle_is_passed_over(tmp_path, caplog):
-    client = TFServing({1: "AVAILABLE", 2: "AVAILABLE"}, metadata={2: signature(width=4)})
+    client = tf_serving({1: "AVAILABLE", 2: "AVAILABLE"}, metadata={2: signature(input_width=4)})
     watcher, store, _, _ = versions(tmp_path, client)
     store.add(1)
     store.add(2)
     with caplog.at_level(logging.ERROR, logger="transformer"):
         refresh(watcher)
     assert watcher.current().version == 1
-    assert watcher.fits == {2: ["input 'features' is DT_FLOAT [-1, 4], the bundle expects DT_FLOAT [-1, 3]"], 1: []}
+    assert watcher.fits == {2: ["input 'features' is DT_FLOAT [-1, 4], the bundle expects DT_FLOAT [-1, 2]"], 1: []}
     (record,) = caplog.records
     assert json.loads(record.getMessage()) == {"event": "model_does_not_fit", "model_version": 2, "problems": [
-        "input 'features' is DT_FLOAT [-1, 4], the bundle expects DT_FLOAT [-1, 3]"]}
+        "input 'features' is DT_FLOAT [-1, 4], the bundle expects DT_FLOAT [-1, 2]"]}
 
 
 def test_metadata_that_cannot_be_read_is_asked_again_at_the_next_check(tmp_path):
-    client = TFServing({1: "AVAILABLE"}, metadata={1: PredictorError(502, "model metadata answered INTERNAL")})
+    client = tf_serving({1: "AVAILABLE"}, metadata={1: PredictorError(502, "model metadata answered INTERNAL")})
     watcher, store, switches, _ = versions(tmp_path, client)
     store.add(1)
     refresh(watcher)
@@ -165,7 +143,7 @@ def test_metadata_that_cannot_be_read_is_asked_again_at_the_next_check(tmp_path)
 
 
 def test_when_no_version_can_answer_the_message_names_both_sides(tmp_path):
-    client = TFServing({2: "AVAILABLE", 3: "AVAILABLE"}, metadata={3: signature(width=5)})
+    client = tf_serving({2: "AVAILABLE", 3: "AVAILABLE"}, metadata={3: signature(input_width=5)})
     watcher, store, switches, _ = versions(tmp_path, client, keep=3)
     store.add(1)
     store.add(3)
@@ -174,7 +152,7 @@ def test_when_no_version_can_answer_the_message_names_both_sides(tmp_path):
     assert switches == [] and watcher.predictor_reachable and not watcher.ready_now()
     expected = (f"TF Serving serves version(s) 2, 3 of model 'embedder'; the transformer has verified bundles for "
                 f"version(s) 1, 3 (from {tmp_path}); version 3 does not fit its bundle: input 'features' is "
-                "DT_FLOAT [-1, 5], the bundle expects DT_FLOAT [-1, 3]; version 4: no manifest.json; no version is "
+                "DT_FLOAT [-1, 5], the bundle expects DT_FLOAT [-1, 2]; version 4: no manifest.json; no version is "
                 "in both: deploy the model store's version folders to TF Serving and the transformer alike (same "
                 "storage URI), or wait until TF Serving has loaded the new version")
     assert watcher.reason == expected
@@ -188,7 +166,7 @@ def test_when_no_version_can_answer_the_message_names_both_sides(tmp_path):
 
 
 def test_an_unreachable_tf_serving_keeps_the_version_but_not_readiness(tmp_path, caplog):
-    client = TFServing({1: "AVAILABLE"})
+    client = tf_serving({1: "AVAILABLE"})
     watcher, store, switches, _ = versions(tmp_path, client)
     store.add(1)
     refresh(watcher)
@@ -211,7 +189,7 @@ def test_an_unreachable_tf_serving_keeps_the_version_but_not_readiness(tmp_path,
 
 
 def test_a_request_whose_version_went_away_is_given_another_that_is_ready(tmp_path):
-    client = TFServing({1: "AVAILABLE", 2: "LOADING"})
+    client = tf_serving({1: "AVAILABLE", 2: "LOADING"})
     watcher, store, _, _ = versions(tmp_path, client)
     store.add(1)
     store.add(2)
@@ -232,7 +210,7 @@ def test_a_request_whose_version_went_away_is_given_another_that_is_ready(tmp_pa
 
 
 def test_a_missing_version_is_looked_up_once_for_every_request_that_failed_since(tmp_path):
-    client = TFServing({1: "AVAILABLE"})
+    client = tf_serving({1: "AVAILABLE"})
     watcher, store, _, _ = versions(tmp_path, client)
     store.add(1)
 
@@ -249,7 +227,7 @@ def test_a_missing_version_is_looked_up_once_for_every_request_that_failed_since
 
 
 def test_readiness_checks_once_before_answering_and_polls_after(tmp_path):
-    client = TFServing({1: "AVAILABLE"})
+    client = tf_serving({1: "AVAILABLE"})
     watcher, store, _, _ = versions(tmp_path, client, poll_seconds=0.01)
     store.add(1)
 
@@ -262,6 +240,6 @@ def test_readiness_checks_once_before_answering_and_polls_after(tmp_path):
 
     ready, polled = asyncio.run(scenario())
     assert ready and polled >= 3
-    watcher, _, _, _ = versions(tmp_path, TFServing())
+    watcher, _, _, _ = versions(tmp_path, tf_serving())
     watcher.start()  # no event loop yet (start-up): nothing started, nothing raised
     assert watcher._task is None
