@@ -217,9 +217,9 @@ def test_a_missing_version_is_looked_up_once_for_every_request_that_failed_since
     async def scenario():
         await watcher.refresh()
         checked = watcher.checked_at
-        await watcher.version_missing(1, since=checked - 1)  # checked after the failure: nothing to do
+        await watcher.version_missing(since=checked - 1)  # checked after the failure: nothing to do
         asked = len(client.asked)
-        await watcher.version_missing(1, since=checked + 1)
+        await watcher.version_missing(since=checked + 1)
         return asked, len(client.asked), watcher.checked_at > checked
 
     asked_before, asked_after, checked_again = asyncio.run(scenario())

@@ -219,7 +219,7 @@ class EmbedderTransformer(kserve.Model):
         try:
             return await super().__call__(body, headers, verb)
         except VersionNotServed as exc:
-            await self.versions.version_missing(exc.version, started)
+            await self.versions.version_missing(started)
             try:
                 self.versions.current(exclude=exc.version)
             except NoServableVersion:

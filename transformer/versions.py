@@ -250,8 +250,8 @@ class ModelVersions:
         raise NoServableVersion(f"version {exclude} is no longer served and no other version is ready: "
                                 + self._why_none())
 
-    async def version_missing(self, version: int, since: float) -> None:
-        """A call pinned to ``version`` found TF Serving without it: look again, once for all
+    async def version_missing(self, since: float) -> None:
+        """A call pinned to a version found TF Serving without it: look again, once for all
         requests that failed since ``since``."""
         if self.checked_at < since:
             await self.refresh()
