@@ -27,7 +27,7 @@ from pathlib import Path
 
 from scripts.localstack import ROOT
 
-COPIED = ("transformer", "model", "scripts", "tests", "pyproject.toml")
+COPIED = ("transformer", "model", "scripts", "tests", "pyproject.toml", "README.md")
 REPORT = ROOT / "tests" / "mutation-report.md"
 # Survivors judged equivalent (no test can tell them apart), each with its reason: {"module", "contains"
 # (a line of the mutant's diff), "reason"}.

@@ -3,9 +3,11 @@ message naming them (exit 2), and the start-up check of TF Serving's metadata ag
 server itself is not started here (``serve`` is replaced); tests/test_reliability.py starts the real one."""
 
 import asyncio
+import logging
+import re
 
 import pytest
-from small_bundle import TFServing, new_version, write
+from small_bundle import TFServing, new_version, signature, write
 
 import transformer.server
 from transformer import __main__ as cli
@@ -18,8 +20,6 @@ DIGEST = "ab" * 32
 @pytest.fixture(autouse=True)
 def logger_restored():
     """main() points the transformer's logger at stdout and stops its propagation: undo that for later tests."""
-    import logging
-
     logger = logging.getLogger("transformer")
     saved = logger.handlers[:], logger.propagate, logger.level
     yield
@@ -46,6 +46,7 @@ def base(store, *more):
 
 def test_defaults_reach_the_model(store, started):
     assert cli.main(base(store)) == 0
+    assert not asyncio.get_event_loop_policy().get_event_loop().is_closed()  # the start-up check's is; KServe needs one
     model, args = started["model"], started["args"]
     assert (model.name, model.model_base_path, model._predictor_host) == ("embedder", store, "127.0.0.1:9")
     assert (model._predictor_api, model._predictor_grpc_port, model._predictor_timeout) == ("grpc", 9000, 5.0)
@@ -108,6 +109,7 @@ def test_trusted_digests_come_from_the_environment_too(store, started, monkeypat
                                                           f"digests (64 hex digits), got abc, {'g' * 64}"),
     (["--predictor_api", "thrift"], "argument --predictor_api: invalid choice: 'thrift'"),
     (["--kernels", "torch"], "argument --kernels: invalid choice: 'torch'"),
+    (["--log_level", "VERBOSE"], "argument --log_level: invalid choice: 'VERBOSE'"),
 ])
 def test_bad_flags_stop_with_a_message_naming_them(store, started, capsys, flags, message):
     argv = flags if flags[0] == "--model_name" else base(store, *flags)
@@ -136,25 +138,108 @@ def test_the_start_up_check_names_each_served_version_that_does_not_fit():
         closed.append(True)
 
     tf_serving.close = close
-    misfit = Contract("serving_default", "features", 5, CONTRACT.outputs)
-    problems = asyncio.run(cli.check_predictor(tf_serving, {3: CONTRACT, 4: misfit, 5: misfit}))
-    assert problems == ["version 4: input 'features' is DT_FLOAT [-1, 2], the bundle expects DT_FLOAT [-1, 5]"]
-    assert closed == [True]  # version 5 is not served: not checked
+    tf_serving.metadata_by_version[4] = signature(5)
+    five = Contract("serving_default", "features", 5, CONTRACT.outputs)
+    problems = asyncio.run(cli.check_predictor(tf_serving, {3: five, 4: five, 5: CONTRACT}))
+    assert problems == ["version 3: input 'features' is DT_FLOAT [-1, 2], the bundle expects DT_FLOAT [-1, 5]"]
+    assert closed == [True]  # version 4 fits its own metadata; version 5 is not served: not checked
 
 
 def test_an_unreachable_predictor_is_not_an_error_at_start_up(caplog):
     down = TFServing(4)
     down.unreachable = True
     assert asyncio.run(cli.check_predictor(down, {4: CONTRACT})) == []
-    assert "predictor not checked at start-up (connection refused); readiness stays false until it answers" \
-        in caplog.text
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("transformer", "WARNING", "predictor not checked at start-up (connection refused); readiness stays false "
+                                   "until it answers")]
 
 
-def test_help_explains_the_transformers_own_flags(capsys):
+def test_the_smallest_values_are_accepted(store, started):
+    assert cli.main(base(store, "--max_rows", "1", "--max_body_bytes", "1", "--predictor_timeout", "0.5",
+                         "--predictor_retries", "0", "--model_versions", "1", "--drift_window", "1",
+                         "--max_inflight", "1", "--min_inflight", "1", "--max_inflight_rows", "1",
+                         "--model_poll_seconds", "0.5", "--request_timeout", "0.5", "--latency_budget_ms", "0.5")) == 0
+    assert started["model"].max_rows == 1
+
+
+def our_flags() -> list:
+    """The parser's actions of the transformer's own flags (KServe's come first, in their own groups)."""
+    [group] = [g for g in cli.build_parser()._action_groups if g.title == "transformer"]
+    return group._group_actions
+
+
+def test_help_explains_the_transformers_own_flags(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit) as caught:
         cli.main(["--help"])
     out = capsys.readouterr().out
-    assert caught.value.code == 0
-    for flag in ("--predictor_api", "--predictor_grpc_port", "--min_inflight", "--latency_budget_ms",
-                 "--trusted_manifests", "--kernels", "--coalesce_inflight", "--drift_window"):
-        assert flag in out
+    assert caught.value.code == 0 and out.startswith("usage: python -m transformer ")
+    words = " ".join(out.split())
+    assert ("KServe transformer: quantile-scales raw user features, calls the TF Serving embedding model, assigns a "
+            "segment and returns the best items.") in words
+    section = words[words.index(" transformer: --model_base_path "):]
+    for action in our_flags():
+        assert f"{' '.join(action.help.split())} (default: " in section, action.dest
+    assert "--max_rows MAX_ROWS rows accepted in one request (413 past it) (default: 1024)" in section
+
+
+def test_the_readme_lists_every_flag_with_its_default_and_help(monkeypatch):
+    """README's table of flags is the parser's: flag, default and the --help text, in order."""
+    from scripts.localstack import ROOT
+
+    monkeypatch.delenv(cli.TRUSTED_ENV, raising=False)
+    lines = (ROOT / "README.md").read_text().splitlines()
+    table = lines[lines.index("| flag | default | |") + 2:]
+    rows = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table[:table.index("")]]
+
+    def shown(action):
+        if action.dest == "trusted_manifests":
+            return f"`${cli.TRUSTED_ENV}`"
+        if action.default is False:
+            return "off"
+        return f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+
+    assert rows == [[f"`{a.option_strings[0]}`", shown(a), a.help] for a in our_flags()]
+
+
+@pytest.mark.parametrize("flag, value, reached", [
+    ("--kernels", "numpy", lambda model: model.kernels == "numpy"),
+    ("--predictor_api", "grpc", lambda model: model._predictor_api == "grpc"),
+    *[("--log_level", level, lambda model, level=level: logging.getLogger("transformer").level == logging.getLevelName(level))
+      for level in ("DEBUG", "INFO", "WARNING", "ERROR")],
+])
+def test_each_documented_choice_is_accepted(store, started, flag, value, reached):
+    assert cli.main(base(store, flag, value)) == 0
+    assert reached(started["model"])
+
+
+def test_the_transformers_log_lines_go_to_stdout_timed_and_named(capsys):
+    cli.configure_logging("INFO")
+    logger = logging.getLogger("transformer")
+    logger.info("started")
+    logger.debug("not shown at INFO")
+    out = capsys.readouterr()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO transformer started\n", out.out), out.out
+    assert out.err == "" and logger.propagate is False and len(logger.handlers) == 1
+
+
+def test_the_start_up_check_asks_tf_serving_once_quickly_and_stops_a_misfit(store, started, monkeypatch, capsys):
+    write(new_version(store.parent, 5))
+    tf_serving = TFServing(4, 5)
+    tf_serving.metadata_by_version.update({4: signature(5), 5: signature(5)})  # TF Serving's take 5 features
+    made = []
+
+    def connect(*args, **options):
+        made.append((args, options))
+        return tf_serving
+
+    monkeypatch.setattr(cli, "connect", connect)
+    assert cli.main(base(store, "--predictor_api", "rest", "--predictor_grpc_port", "9100")) == 2
+    [(args, options)] = made
+    assert args == ("rest", "127.0.0.1:9", "embedder")
+    assert (options["grpc_port"], options["timeout"], options["retry"].attempts) == (9100, 3.0, 1)
+    assert capsys.readouterr().err == (
+        "error: the predictor's model does not fit the bundle: version 4: input 'features' is DT_FLOAT [-1, 5], the "
+        "bundle expects DT_FLOAT [-1, 2]; version 5: input 'features' is DT_FLOAT [-1, 5], the bundle expects "
+        "DT_FLOAT [-1, 2]. TF Serving and the transformer must read the same model base path (same storage URI).\n")
+    assert started == {}

@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TF Serving's gRPC port (tensorflow_model_server --port; KServe's TF Serving runtime "
                            "uses 9000) on the host of --predictor_host")
     ours.add_argument("--predictor_timeout", type=float, default=5.0,
-                      help="seconds to wait for TF Serving before answering 504")
+                      help="seconds to wait for TF Serving before answering 504 (KServe's own client would wait 600)")
     ours.add_argument("--predictor_retries", type=int, default=2,
-                      help="extra tries when TF Serving cannot be reached or answers 503")
+                      help="extra tries when TF Serving cannot be reached or answers 503 (backoff waits of at most "
+                           "2 s in all)")
     ours.add_argument("--max_rows", type=int, default=1024, help="rows accepted in one request (413 past it)")
     ours.add_argument("--max_body_bytes", type=int, default=8 * 1024 * 1024,
                       help="request body size accepted (413 past it, without reading the rest)")
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "candidates (a larger answer; the same results)")
     ours.add_argument("--kernels", choices=["numpy", "sklearn"], default="numpy",
                       help="numpy: the fitted steps as numpy kernels; sklearn: call scikit-learn per request "
-                           "(the naive baseline, for benchmarks)")
+                           "(the naive baseline, for benchmarks; it unpickles the estimators' joblib files)")
     ours.add_argument("--access_log", action="store_true",
                       help="log a line per request (off by default: failed requests are always logged, "
                            "with their request id)")
