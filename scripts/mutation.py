@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts.localstack import ROOT
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         statuses = results(workdir)
         survivors = [name for name, status in statuses.items() if status == "survived"]
         print(f"== {len(statuses)} mutants, {len(survivors)} survived; collecting their diffs", flush=True)
-        diffs = {name: diff(workdir, name) for name in survivors}
+        with ThreadPoolExecutor(args.jobs) as pool:  # one `mutmut show` process each: about a second
+            diffs = dict(zip(survivors, pool.map(lambda name: diff(workdir, name), survivors)))
         write_report(statuses, diffs, time.monotonic() - started, args.only)
         print(f"wrote {REPORT.relative_to(ROOT)}")
         return 0

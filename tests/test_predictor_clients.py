@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 
 from transformer.predictor import (
-    Contract, PredictorError, RestPredictorClient, RetryPolicy, VersionNotServed, connect, metadata_problems,
+    Contract, PredictorError, RestPredictorClient, RetryPolicy, VersionNotServed, connect, grpc_address,
+    metadata_problems,
 )
 from transformer.predictor_grpc import (
     GET_MODEL_METADATA, GET_MODEL_STATUS, PREDICT, SIGNATURE_DEF_MAP_URL, GrpcPredictorClient, tensor_array,
@@ -47,6 +48,7 @@ class Script:
     def __init__(self, *answers):
         self.answers = list(answers)
         self.seen = []
+        self.headers = []  # the headers of each request, as sent
 
     def next(self):
         return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
@@ -60,7 +62,11 @@ async def rest(script: Script, work, *, timeout=2.0, retry=FAST, retries=None):
 
     async def handler(request):
         script.seen.append((request.method, request.path, await request.read()))
+        script.headers.append(dict(request.headers))
         status, body, *pause = script.next()
+        if status == "drop":  # the connection closes before any answer
+            request.transport.close()
+            return web.Response()
         if pause:
             await asyncio.sleep(pause[0])
         return web.Response(status=status, body=body if isinstance(body, bytes) else json.dumps(body).encode())
@@ -177,18 +183,108 @@ def test_rest_timeout_is_504_and_never_retried():
     assert len(script.seen) == 1 and retries == []
 
 
+def test_rest_sends_float32_json_with_its_content_type_and_no_user_agent():
+    script = Script(GOOD, (200, {"metadata": {}}))
+    third = np.full((2, 3), 1 / 3)  # float64 in: float32 on the wire, its shortest text
+    run(rest(script, lambda client: client.predict(third, CONTRACT)))
+    run(rest(script, lambda client: client.metadata(3)))
+    assert json.loads(script.seen[0][2])["inputs"] == [[0.33333334] * 3] * 2
+    sent = [{k.lower(): v for k, v in headers.items()} for headers in script.headers]
+    assert sent[0]["content-type"] == "application/json" and "content-type" not in sent[1]
+    assert not any("user-agent" in headers for headers in sent)
+
+
+def test_a_connection_dropped_before_the_answer_is_tried_again_then_502():
+    script, retries = Script(("drop", b""), GOOD), []
+    assert run(rest(script, predict(), retries=retries))["ids"].tolist() == [[1, 2], [3, 4]]
+    assert len(script.seen) == 2 and retries == ["predictor_connection_lost"]
+    script, retries = Script(("drop", b"")), []
+    error = rest_outcome(script, predict(), retries=retries)
+    assert (type(error), error.status, error.cause, str(error)) == (
+        PredictorError, 502, "predictor_connection_lost", "the connection to the predictor failed: ServerDisconnectedError")
+    assert len(script.seen) == 3 and retries == ["predictor_connection_lost"] * 2
+
+
+def test_an_answer_that_is_not_http_is_a_502_not_retried():
+    async def garbage(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def go():
+        server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        retries = []
+        client = RestPredictorClient(f"127.0.0.1:{port}", "embedder", retry=FAST, on_retry=retries.append)
+        try:
+            with pytest.raises(PredictorError) as caught:
+                await client.metadata()
+            return caught.value, retries
+        finally:
+            await client.close()
+            server.close()
+
+    error, retries = run(go())
+    assert (error.status, error.cause, retries) == (502, "predictor_failed", [])
+    assert str(error).startswith("the call to the predictor failed: 400, message=") and "Bad status line" in str(error)
+
+
+@pytest.mark.parametrize("host, address", [
+    ("tf", "tf:9000"), ("tf:8501", "tf:9000"), ("[::1]:8501", "[::1]:9000"), ("[::1]", "[::1]:9000"),
+    ("::1", "[::1]:9000"), ("fe80::1:2", "[fe80::1:2]:9000"),
+])
+def test_the_grpc_address_is_the_predictor_hosts_name_on_the_grpc_port(host, address):
+    assert grpc_address(host, 9000) == address
+
+
+def test_error_bodies_are_shown_cut_and_readable():
+    script = Script((500, b"x" * 600))
+    assert str(rest_outcome(script, predict())) == "the predictor answered 500: " + "x" * 500
+    script = Script((500, b"bad \xff byte"))
+    assert str(rest_outcome(script, predict())) == "the predictor answered 500: bad \ufffd byte"
+
+
+def test_rest_client_connection_settings():
+    plain = RestPredictorClient("tf:8501", "embedder")
+    assert (plain.base_url, plain.address, plain.timeout, plain.retry.attempts) == ("http://tf:8501", "tf:8501", 5.0, 3)
+    assert RestPredictorClient("tf:8443", "embedder", use_ssl=True).base_url == "https://tf:8443"
+
+    async def session():
+        client = RestPredictorClient("tf:8501", "embedder", timeout=1.5, max_connections=8)
+        await client.close()  # nothing opened yet: nothing to close
+        made = client._client()
+        settings = (made.connector.limit, made.connector._keepalive_timeout, made.timeout.total,
+                    made.timeout.sock_connect)
+        await client.close()
+        return settings, made.closed
+
+    assert run(session()) == ((8, 30, 1.5, 1.5), True)
+    assert RestPredictorClient("tf:8501", "embedder").max_connections == 64
+
+    async def connect_limit():
+        client = RestPredictorClient("tf:8501", "embedder")
+        limit = client._client().timeout.sock_connect
+        await client.close()
+        return limit
+
+    assert run(connect_limit()) == 2.0  # connect within 2 s, answer within 5
+
+
 def test_rest_model_status_and_metadata():
     status = Script((200, {"model_version_status": [{"version": "2", "state": "AVAILABLE"}, {"version": "1"}]}))
     assert run(rest(status, lambda c: c.version_states())) == {2: "AVAILABLE", 1: "UNKNOWN"}
     assert status.seen == [("GET", "/v1/models/embedder", b"")]
     assert run(rest(Script((404, {"error": "not found"})), lambda c: c.version_states())) == {}
-    for answer, message in [((500, {"error": "boom"}), "model status answered 500: boom"),
-                            ((200, {"model_version_status": [{"state": "AVAILABLE"}]}),
-                             "model status is not TF Serving's format ('version')"),
-                            ((503, {"error": "busy"}), "the predictor is unavailable: busy")]:
-        script = Script(answer)
-        error = rest_outcome(script, lambda c: c.version_states())
-        assert str(error) == message and len(script.seen) == 1  # readiness is never retried
+    for answer, status, cause, message in [
+            ((500, {"error": "boom"}), 502, "predictor_failed", "model status answered 500: boom"),
+            ((200, {"model_version_status": [{"state": "AVAILABLE"}]}), 502, "predictor_failed",
+             "model status is not TF Serving's format ('version')"),
+            ((503, {"error": "busy"}), 503, "predictor_unavailable", "the predictor is unavailable: busy")]:
+        script, retries = Script(answer), []
+        error = rest_outcome(script, lambda c: c.version_states(), retries=retries)
+        assert (error.status, error.cause, str(error)) == (status, cause, message)
+        assert len(script.seen) == 1 and retries == []  # readiness is never retried
     meta = Script((200, {"model_spec": {"name": "embedder"}, "metadata": {}}))
     assert run(rest(meta, lambda c: c.metadata(2))) == {"model_spec": {"name": "embedder"}, "metadata": {}}
     run(rest(meta, lambda c: c.metadata()))
@@ -359,6 +455,8 @@ def test_an_unreachable_predictor_is_503_after_every_try(client_type, scheme):
     assert (caught.value.status, caught.value.cause) == (503, "predictor_unreachable")
     assert str(caught.value).startswith(f"the predictor at {scheme}127.0.0.1:{port} is unreachable (")
     assert retries == ["predictor_unreachable"] * 2
+    if client_type is RestPredictorClient:  # the operating system's words, not aiohttp's longer wrapping
+        assert str(caught.value).endswith(f"unreachable ([Errno 111] Connect call failed ('127.0.0.1', {port}))")
 
 
 def status_reply(*pairs):
@@ -462,6 +560,9 @@ def test_connect_picks_the_transport_and_refuses_others():
     assert (rest_client.base_url, rest_client.timeout) == ("http://embedder-predictor.default", 3.0)
     grpc_client = connect("grpc", "embedder-predictor.default:80", "embedder", grpc_port=9001)
     assert isinstance(grpc_client, GrpcPredictorClient) and grpc_client.address == "embedder-predictor.default:9001"
+    assert (rest_client.model_name, grpc_client.model_name, grpc_client.timeout) == ("embedder", "embedder", 5.0)
+    assert connect("grpc", "tf", "embedder", timeout=2.0).timeout == 2.0
+    assert connect("grpc", "tf", "embedder").address == "tf:9000"  # TF Serving's gRPC port in KServe's runtime
     with pytest.raises(ValueError) as caught:
         connect("thrift", "host", "embedder")
     assert str(caught.value) == "predictor api must be one of grpc, rest, got 'thrift'"
@@ -512,9 +613,17 @@ def test_metadata_that_fits_the_contract_has_no_problems_and_each_misfit_is_name
     other = Contract("serving_default", "features", 3, CONTRACT.outputs)
     assert metadata_problems(SIGNATURE_METADATA, other) == [
         "the predictor's model has no signature 'serving_default' (it has: candidates)"]
+    two = {"metadata": {"signature_def": {"signature_def": {"b": {}, "a": {}}}}}
+    assert metadata_problems(two, other) == ["the predictor's model has no signature 'serving_default' (it has: a, b)"]
     wide = Contract("candidates", "features", 4, {"ids": ("DT_FLOAT", 2), "scores": ("DT_FLOAT", 2),
                                                   "extra": ("DT_FLOAT", 1)})
     assert metadata_problems(SIGNATURE_METADATA, wide) == [
         "input 'features' is DT_FLOAT [-1, 3], the bundle expects DT_FLOAT [-1, 4]",
         "output 'ids' is DT_INT64 [-1, 2], the bundle expects DT_FLOAT [-1, 2]",
         "signature 'candidates' has no output 'extra' (it has: ids, scores)"]
+    # TF Serving leaves out a dimension's size when it is unknown (-1), and the dimensions of a scalar
+    sizes = {"metadata": {"signature_def": {"signature_def": {"candidates": {
+        "inputs": {"features": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{}, {"size": "3"}]}}},
+        "outputs": {"ids": {"dtype": "DT_INT64", "tensor_shape": {}}, "scores": {"dtype": "DT_FLOAT"}}}}}}}
+    assert metadata_problems(sizes, CONTRACT) == ["output 'ids' is DT_INT64 [], the bundle expects DT_INT64 [-1, 2]",
+                                                  "output 'scores' is DT_FLOAT [], the bundle expects DT_FLOAT [-1, 2]"]

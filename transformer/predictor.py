@@ -218,7 +218,7 @@ class RestPredictorClient(PredictorClient):
         self._session: aiohttp.ClientSession | None = None
         self._status_url = f"{self.base_url}/v1/models/{model_name}"
 
-    def _url(self, version: int | None, suffix: str = "") -> str:
+    def _url(self, version: int | None, suffix: str) -> str:
         return self._status_url + (f"/versions/{version}" if version is not None else "") + suffix
 
     def _client(self) -> aiohttp.ClientSession:
