@@ -95,6 +95,19 @@ def test_only_the_newest_keep_versions_are_loaded(tmp_path):
     assert sorted(watcher.loaded) == [5, 6] and store.loads == [3, 5, 6]
     with pytest.raises(ValueError, match="^keep must be at least 1$"):
         versions(tmp_path, tf_serving(), keep=0)
+    one, _, _, _ = versions(tmp_path, tf_serving(), keep=1)
+    one.scan()
+    assert sorted(one.loaded) == [6]
+
+
+def test_before_the_first_check_nothing_is_ready_and_the_reason_says_so(tmp_path):
+    watcher, store, _, _ = versions(tmp_path, tf_serving({1: "AVAILABLE"}))
+    store.add(1)
+    watcher.scan()
+    assert (watcher.active, watcher.predictor_reachable, watcher.states, watcher.ready_now()) == (None, False, {}, False)
+    with pytest.raises(NoServableVersion) as caught:
+        watcher.current()
+    assert str(caught.value) == "TF Serving not checked yet"
 
 
 def test_a_rejected_bundle_is_logged_counted_and_tried_again_only_when_its_files_change(tmp_path, caplog):
@@ -243,3 +256,52 @@ def test_readiness_checks_once_before_answering_and_polls_after(tmp_path):
     watcher, _, _, _ = versions(tmp_path, tf_serving())
     watcher.start()  # no event loop yet (start-up): nothing started, nothing raised
     assert watcher._task is None
+
+
+def test_the_log_tells_each_load_rejection_misfit_switch_and_readiness_change_once(tmp_path, caplog):
+    """What an operator reads: one JSON line per event, at its level, in the order it happened."""
+    client = tf_serving({1: "AVAILABLE", 3: "AVAILABLE"}, {3: signature(5)})
+    watcher, store, _, _ = versions(tmp_path, client, keep=3)
+    store.add(1), store.add(2, broken="the manifest is cut short"), store.add(3)
+
+    def told(action):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="transformer"):
+            action()
+        return [(r.levelname, json.loads(r.getMessage())) for r in caplog.records]
+
+    misfit = ["input 'features' is DT_FLOAT [-1, 5], the bundle expects DT_FLOAT [-1, 2]"]
+    assert told(lambda: refresh(watcher)) == [
+        ("INFO", {"event": "bundle_loaded", "model_version": 1, "path": str(tmp_path / "1")}),
+        ("ERROR", {"event": "bundle_rejected", "model_version": 2, "error": "the manifest is cut short"}),
+        ("INFO", {"event": "bundle_loaded", "model_version": 3, "path": str(tmp_path / "3")}),
+        ("ERROR", {"event": "model_does_not_fit", "model_version": 3, "problems": misfit}),
+        ("INFO", {"event": "model_version_switch", "from": None, "to": 1}),
+        ("INFO", {"event": "readiness", "ready": True, "model_version": 1, "reason": ""}),
+    ]
+    client.unreachable = True
+    assert told(lambda: refresh(watcher)) == [  # nothing changed in the store: nothing loaded or rejected again
+        ("WARNING", {"event": "readiness", "ready": False, "model_version": 1,
+                     "reason": "TF Serving is unreachable: connection refused"}),
+    ]
+    assert sorted(watcher.loaded) == [1, 3] and watcher.current().version == 1
+    client.unreachable, client.states[1] = False, "UNLOADING"
+    [(level, switch)] = told(lambda: refresh(watcher))  # still not ready: no readiness line
+    assert (level, switch["event"], switch["from"], switch["to"]) == ("INFO", "model_version_switch", 1, None)
+    assert switch["reason"] == watcher.reason and f"version 3 does not fit its bundle: {misfit[0]}; " in watcher.reason
+    client.metadata_by_version[3] = signature(2)  # the same version folder, so its verdict is kept
+    refresh(watcher)
+    assert watcher.active is None
+
+
+def test_a_version_whose_metadata_cannot_be_read_is_passed_over_until_the_next_check(tmp_path, caplog):
+    client = tf_serving({1: "AVAILABLE", 2: "AVAILABLE"}, {2: PredictorError(504, "too slow")})
+    watcher, store, _, _ = versions(tmp_path, client)
+    store.add(1), store.add(2)
+    with caplog.at_level(logging.INFO, logger="transformer"):
+        refresh(watcher)
+    assert watcher.current().version == 1
+    assert "metadata of version 2 not read (too slow); trying again at the next check" in caplog.messages
+    client.metadata_by_version[2] = signature()
+    refresh(watcher)
+    assert watcher.current().version == 2
