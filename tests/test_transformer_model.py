@@ -192,6 +192,17 @@ def test_the_answering_version_is_published_with_its_drift_monitor(tmp_path):
     assert sample("embedder_model_version") == 4
     assert sample("embedder_model_version_switches_total") == switches + 1
     assert DRIFT.monitors["embedder"] is active.metrics.drift and active.metrics.drift.features.window == 7
+    features, segments = DRIFT.collect()
+    assert (features.documentation, segments.documentation) == (
+        "Population stability index of each raw feature over the recent rows against the training quantiles (> 0.25: "
+        "significant drift)", "Population stability index of the segment mix over the recent rows against the "
+        "training mix")
+    drift = active.metrics.drift  # its values are NaN until min_rows rows came: compared as text
+    assert [(s.labels, str(s.value)) for s in features.samples if s.labels["model_name"] == "embedder"] == [
+        ({"model_name": "embedder", "feature": name}, str(value)) for name, value in drift.feature_psi().items()]
+    assert [(s.labels, str(s.value)) for s in segments.samples if s.labels["model_name"] == "embedder"] == [
+        ({"model_name": "embedder"}, str(drift.segment_psi()))]
+    assert [s.labels["feature"] for s in features.samples if s.labels["model_name"] == "embedder"] == ["a", "b"]
     model._predictor.states[4] = "UNLOADING"  # none left to answer
     asyncio.run(model.versions.refresh())
     assert (sample("embedder_model_version"), DRIFT.monitors["embedder"]) == (0, None)
