@@ -401,3 +401,32 @@ def test_metadata_names_the_matrix_input_and_the_outputs():
                        {"name": "item_ids", "datatype": "INT64", "shape": [-1, 5]},
                        {"name": "item_scores", "datatype": "FP32", "shape": [-1, 5]}]
     assert tensor_metadata(FEATURE_NAMES, 5, text_ids=True)[1][2]["datatype"] == "BYTES"
+
+
+def test_shape_limits_are_exact():
+    assert read(v2_body(matrix(shape=(100, 3))), max_rows=100).shape == (100, 3)  # dimensions past 2 * 31 too
+    eight = refused(read, v2_body({**matrix(), "shape": [1] * 7 + [3]}))  # eight dimensions are a shape
+    assert str(eight) == ("inputs[0] 'features': shape [1, 1, 1, 1, 1, 1, 1, 3], expected [n, 3] (features in this "
+                          "order: f0, f1, f2)")
+    nine = refused(read, v2_body({**matrix(), "shape": [2**31] * 9}))  # the shown shape is cut at 60 characters
+    assert str(nine) == ("inputs[0] 'features': 'shape' must be a list of non-negative integers, got [2147483648, "
+                         "2147483648, 2147483648, 2147483648, 2147483648,")
+    largest = refused(read, v2_body({**matrix(), "shape": [2**31 - 1, 3]}), )
+    assert "'shape' must be" not in str(largest)  # 2**31 - 1 is a dimension; the data does not match it
+
+
+def test_an_integer_at_the_float32_limit_is_accepted():
+    edge = int(np.finfo(np.float32).max)
+    assert read(v2_body(matrix(data=[edge, -edge, 0]))).tolist() == [[float(edge), -float(edge), 0.0]]
+
+
+def test_answers_name_the_model_and_keep_the_grpc_id_and_binary_choice():
+    as_json = V2Codec(from_rest(v2_body(matrix()))).answer(ranked(), "embedder", 4)
+    assert orjson.loads(as_json.body)["model_name"] == "embedder"
+    plain = V2Codec(grpc_request(("features", "FP64", [1, 3], [1, 2, 3]))).answer(ranked(), "embedder", 4)
+    assert plain.id == "" and len(plain.to_grpc().raw_output_contents) == 0
+    # KServe's rule: a gRPC request sent as raw_input_contents is answered in raw_output_contents
+    sent_raw = grpc_request(("features", "FP64", [1, 3], None), raw=[np.array([1.0, 2.0, 3.0]).tobytes()])
+    raw = V2Codec(sent_raw).answer(ranked(), "embedder", 4).to_grpc()
+    assert len(raw.raw_output_contents) == 4 and not raw.outputs[0].contents.int64_contents
+    assert np.frombuffer(raw.raw_output_contents[0], np.int64).tolist() == ranked().labels.tolist()
