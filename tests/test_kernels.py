@@ -248,3 +248,27 @@ def test_candidate_ids_outside_the_catalogue_are_the_predictors_fault(build_dir,
     with pytest.raises(PredictorError, match=r"item indices outside \[0, 60\)") as error:
         pipeline.rank(outputs)
     assert (error.value.status, error.value.cause) == (502, "predictor_bad_answer")
+
+
+def test_kernels_compute_in_their_documented_precision_whatever_they_are_given():
+    """float64 for scaling and distances, float32 scores and int64 ids for the rules, from any input type."""
+    rng = np.random.default_rng(4)
+    ints = rng.integers(-50, 50, size=(40, 3))
+    for scaler in (StandardScaler().fit(ints.astype(float)), MinMaxScaler().fit(ints.astype(float)),
+                   QuantileTransformer(n_quantiles=20).fit(ints.astype(float))):
+        got = scaler_kernel(scaler).transform(ints)  # integer rows in, as a JSON body of whole numbers gives
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, scaler.transform(ints.astype(float)))
+    fine = rng.normal(size=(40, 3)).astype(np.float32)  # float32 rows, scaled in float64 as scikit-learn does
+    quantiles = QuantileTransformer(n_quantiles=20).fit(fine.astype(float))
+    np.testing.assert_array_equal(scaler_kernel(quantiles).transform(fine), quantiles.transform(fine.astype(float)))
+    centers = np.array([[0, 0], [10, 10]], dtype=np.float32)
+    labels, distances = NearestCentroid(centers).assign(np.array([[0.1, 0.2], [9, 9]], dtype=np.float32))
+    assert labels.tolist() == [0, 1] and distances.dtype == np.float64
+    assert distances.tolist() == [np.hypot(float(np.float32(0.1)), float(np.float32(0.2))), np.sqrt(2.0)]
+    scores = np.array([[0.1, 0.7, 0.7000000000001]])  # float64: equal in float32, so the tie goes to the lower id
+    ids, best, keep = top_items(scores, 0.5, 2)
+    assert (ids.tolist(), best.dtype, keep.tolist()) == ([[1, 2]], np.float32, [[True, True]])
+    ids, best, keep = rules_on_candidates(np.array([[7, 3]], dtype=np.int32), np.array([[0.9, 0.2]]), 0.5, 2)
+    assert (ids.dtype, best.dtype, best.tolist(), keep.tolist()) == (np.int64, np.float32, [[np.float32(0.9), np.float32(0.2)]],
+                                                                     [[True, False]])
