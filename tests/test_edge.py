@@ -254,3 +254,46 @@ def test_drift_is_reported_for_each_model_by_the_version_answering_it():
     first.switched(None)  # no version answers: its drift goes too, the version reads 0
     assert psi("embedder_segment_mix_drift_psi", first) is None
     assert REGISTRY.get_sample_value("embedder_model_version", {"model_name": first.model_name}) == 0
+
+
+class Timed(Admission):
+    """An admission that keeps the time each request was inside, as the edge reports it."""
+
+    def leave(self, seconds):
+        self.told = getattr(self, "told", []) + [seconds]
+        super().leave(seconds)
+
+
+def test_the_time_inside_is_what_the_admission_learns_and_the_log_shows(caplog):
+    import time
+
+    model = Model(admission=Timed(max_requests=2))
+
+    async def slow():
+        await asyncio.sleep(0.02)  # the work's own duration, measured below
+        raise RequestError("rows[0]: bad", cause="invalid_rows")
+
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="transformer"), pytest.raises(Failure) as caught:
+        run(model, slow)
+    elapsed = time.perf_counter() - started
+    assert str(caught.value) == "rows[0]: bad"
+    [told] = model.admission.told
+    assert 0.02 <= told <= elapsed
+    [line] = [orjson.loads(r.getMessage()) for r in caplog.records]
+    assert 20 <= line["ms"] <= elapsed * 1000 and line["ms"] == round(line["ms"], 3) and isinstance(line["ms"], float)
+
+
+def test_a_model_without_metrics_or_admission_is_still_answered():
+    from types import SimpleNamespace
+
+    assert run(SimpleNamespace(name="bare"), answering({"ok": 1})) == {"ok": 1}
+
+
+def test_log_lines_write_any_value_as_text(caplog):
+    from pathlib import Path
+
+    with caplog.at_level(logging.INFO, logger="transformer"):
+        edge.log_event(logging.INFO, "loaded", path=Path("/models/embedder/3"), version=3)
+    assert [orjson.loads(r.getMessage()) for r in caplog.records] == [
+        {"event": "loaded", "path": "/models/embedder/3", "version": 3}]

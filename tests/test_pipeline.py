@@ -120,6 +120,18 @@ def test_a_pipeline_that_cannot_be_built_says_why():
         Pipeline(bundle(estimators=False), kernels="sklearn")
     assert str(caught.value) == "kernels='sklearn' needs the estimators: load the bundle with estimators=True"
     assert Pipeline(bundle(estimators=False)).version == 7  # the numpy kernels need only the numbers
+    from dataclasses import replace
+
+    for half in (replace(bundle(), segments=None), replace(bundle(), scaler=None)):  # either estimator missing
+        with pytest.raises(ValueError):
+            Pipeline(half, kernels="sklearn")
+
+
+def test_too_few_candidates_for_the_rules_is_said_once_when_the_version_is_built(caplog):
+    with caplog.at_level("INFO", logger="transformer"):
+        pipeline = Pipeline(bundle(spec(n_candidates=2)))
+    assert pipeline.use_candidates is False and pipeline.bundle.version == 7
+    assert caplog.messages == ["version 7 ranks 2 candidates, the rules want 3: asking for every score"]
 
 
 @pytest.mark.parametrize("min_score, top_k, message", [
