@@ -122,3 +122,48 @@ def test_a_full_transformer_refuses_before_reading(served):
                                         "retry after 1s"}
     model.admission.requests = 0
     assert client.post("/v1/models/embedder:predict", content=b'{"instances": [[1, 2]]}').status_code == 200
+
+
+def requests_counted(outcome, cause):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("embedder_requests_total", {"model_name": "embedder", "model_version": "",
+                                                                 "outcome": outcome, "cause": cause}) or 0.0
+
+
+def test_refusals_are_counted_and_logged_under_the_model_with_the_request_id(served, caplog):
+    client, model = served
+    too_large, shed = requests_counted("client_error", "body_too_large"), requests_counted("shed", "overloaded_requests")
+    with caplog.at_level("DEBUG", logger="transformer"):
+        assert client.post("/v1/models/embedder:predict", content=b"x" * (LIMIT + 1),
+                           headers={"x-request-id": "big-1"}).status_code == 413
+        model.admission.requests = 2
+        assert client.post("/v1/models/embedder:predict", content=b"{}", headers={"x-request-id": "full-1"}
+                           ).status_code == 503
+        model.admission.requests = 0
+    assert requests_counted("client_error", "body_too_large") == too_large + 1
+    assert requests_counted("shed", "overloaded_requests") == shed + 1
+    logged = [orjson.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
+    assert [(line["request_id"], line["model"], line["status"], line["cause"]) for line in logged] == [
+        ("big-1", "embedder", 413, "body_too_large"), ("full-1", "embedder", 503, "overloaded_requests")]
+
+
+def test_the_request_id_reaches_kserves_own_latency_log(served, caplog):
+    client, model = served
+    model.enable_latency_logging = True
+    with caplog.at_level("INFO"):
+        assert client.post("/v1/models/embedder:predict", content=b'{"instances": [[1, 2]]}',
+                           headers={"x-request-id": "lat-1"}).status_code == 200
+        body = b'{"inputs": [{"name": "features", "datatype": "FP64", "shape": [1, 2], "data": [1, 2]}]}'
+        assert client.post("/v2/models/embedder/infer", content=body, headers={"x-request-id": "lat-2"}
+                           ).status_code == 200
+        made = client.post("/v1/models/embedder:predict", content=b'{"instances": [[1, 2]]}').headers["x-request-id"]
+    assert [r.getMessage().split(",")[0] for r in caplog.records if r.getMessage().startswith("requestId")] == [
+        "requestId: lat-1", "requestId: lat-2", f"requestId: {made}"]  # a made id is KServe's too
+
+
+def test_a_binary_header_length_that_is_not_a_number_is_named(served):
+    client, _ = served
+    response = client.post("/v2/models/embedder/infer", content=b"{}", headers={HEADER_LENGTH: "twelve-bytes-or-so-maybe"})
+    assert (response.status_code, response.json()) == (400, {"error": f"the {HEADER_LENGTH} header must be a number of "
+                                                                       "bytes, got 'twelve-bytes-or-so-m'"})
