@@ -112,3 +112,29 @@ def test_the_index_does_not_depend_on_how_rows_arrive(bundle):
     without_mix = DriftMonitor(FittedSteps(bundle.fitted.scaler, bundle.fitted.centers), bundle.feature_names)
     without_mix.observe_segments(np.zeros(500, dtype=np.int64))  # no training mix recorded: nothing to say
     assert math.isnan(without_mix.segment_psi())
+
+
+def test_the_index_speaks_from_exactly_min_rows_rows(bundle):
+    users = make_synthetic(n_users=200, n_items=60, seed=6).features
+    monitor = DriftMonitor(bundle.fitted, bundle.feature_names)  # the defaults: 2000 rows, said from 200
+    assert (monitor.features.window, monitor.min_rows) == (2000, 200)
+    labels = np.arange(200) % bundle.fitted.centers.shape[0]
+    monitor.observe_rows(users[:100])  # two requests' rows, binned together at the scrape
+    monitor.observe_rows(users[100:199])
+    monitor.observe_segments(labels[:199])
+    assert all(math.isnan(v) for v in monitor.feature_psi().values()) and math.isnan(monitor.segment_psi())
+    monitor.observe_rows(users[199:])
+    monitor.observe_segments(labels[199:])
+    assert not any(math.isnan(v) for v in monitor.feature_psi().values()) and not math.isnan(monitor.segment_psi())
+
+
+def test_at_most_batch_rows_rows_wait_to_be_binned(bundle):
+    from transformer.drift import BATCH_ROWS
+
+    users = make_synthetic(n_users=BATCH_ROWS, n_items=60, seed=7).features
+    monitor = DriftMonitor(bundle.fitted, bundle.feature_names)
+    for row in users[:-1]:
+        monitor.observe_rows(row[None, :])
+    assert (monitor.features.rows, monitor._pending) == (0, BATCH_ROWS - 1)  # waiting for a scrape or more rows
+    monitor.observe_rows(users[-1:])
+    assert (monitor.features.rows, monitor._pending, monitor._rows) == (BATCH_ROWS, 0, [])

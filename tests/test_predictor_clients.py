@@ -506,6 +506,15 @@ def test_grpc_metadata_in_the_rest_apis_json_form():
     assert signature["outputs"] == {} and signature["method_name"] == "tensorflow/serving/predict"
     (request,) = script.seen
     assert list(request.metadata_field) == ["signature_def"] and request.model_spec.version.value == 3
+    assert request.model_spec.signature_name == ""  # metadata is asked of the model, not of one signature
+
+    async def closed_and_opened_again(client):
+        first = await client.metadata(3)
+        await client.close()
+        closed = client._channel
+        return first == await client.metadata(3), closed  # a closed client opens a new channel when used again
+
+    assert run(served_grpc(Script(metadata_reply()), closed_and_opened_again)) == (True, None)
     for reply, message in [(metadata_reply(type_url="type.googleapis.com/other"),
                             f"model metadata has no {SIGNATURE_DEF_MAP_URL} under 'signature_def'"),
                            (metadata_reply(key="other"),
