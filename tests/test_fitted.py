@@ -265,3 +265,27 @@ def test_a_file_that_is_not_plain_arrays_is_refused(written):
     assert refused(directory, description).startswith("fitted.npz is not a readable array file of numbers (")
     (directory / FITTED_FILE).unlink()
     assert refused(directory, description).startswith("fitted.npz is not a readable array file of numbers ([Errno 2]")
+
+
+def test_the_smallest_valid_arrays_are_accepted(tmp_path):
+    """One segment, two quantiles, a segment no training row fell in, item id 0, int32 ids read as int64."""
+    one = FittedSteps.from_estimators(QuantileTransformer(n_quantiles=2).fit(X), KMeans(n_clusters=1, n_init=1).fit(
+        EMBEDDINGS), item_ids=[0, 1, 2, 3])
+    description = one.write(tmp_path)
+    back = read(tmp_path, description)
+    assert back.centers.shape == (1, 4) and back.scaler[0].quantiles.shape == (2, 3) and back.item_ids.tolist() == [
+        0, 1, 2, 3]
+    (tmp_path / "three").mkdir()
+    three = FittedSteps.from_estimators(scaler(), segments(), item_ids=[0, 1, 2, 3]).write(tmp_path / "three")
+    rewrite(tmp_path / "three", **{"segments.training_share": np.array([0.75, 0.25, 0.0]),
+                                   "items.ids": np.array([3, 0, 1, 2], dtype=np.int32)})
+    back = read(tmp_path / "three", three)
+    assert back.segment_share.tolist() == [0.75, 0.25, 0.0]
+    assert back.item_ids.dtype == np.int64 and back.item_ids.tolist() == [3, 0, 1, 2]
+
+
+def test_a_segment_no_training_row_fell_in_has_a_share_of_zero():
+    kmeans = KMeans(n_clusters=3, n_init=1, random_state=0).fit(np.array([[0.0, 0.0], [1.0, 1.0], [9.0, 9.0]]))
+    kmeans.labels_ = np.array([0, 0, 1, 0])  # as if nobody in training had been nearest the third
+    steps = FittedSteps.from_estimators(StandardScaler().fit(X), kmeans)
+    assert steps.segment_share.tolist() == [0.75, 0.25, 0.0] and steps.segment_share.dtype == np.float64
