@@ -428,9 +428,13 @@ def test_a_request_whose_deadline_passes_while_it_waits_for_the_predictor_is_not
         first = asyncio.create_task(model({"instances": ROWS[:1].tolist()}, {}))
         while not tf_serving.waiting:
             await asyncio.sleep(0)
-        late = asyncio.create_task(model(grpc_infer([2, 2], ROWS[:2].ravel().tolist()), {"x-request-timeout-ms": "50"}))
-        passed = time.monotonic() + 0.05
-        while time.monotonic() <= passed:  # the late request waits behind the first, past its deadline
+        late = asyncio.create_task(model(grpc_infer([2, 2], ROWS[:2].ravel().tolist()),
+                                         {"x-request-timeout-ms": "1000"}))
+        coalescer = model.versions.active.forward
+        while not coalescer.pending and not late.done():  # the late request waits behind the first...
+            await asyncio.sleep(0.001)
+        [(_, _, its_deadline)] = coalescer.pending
+        while time.monotonic() <= its_deadline:  # ...until past its deadline
             await asyncio.sleep(0.01)
         tf_serving.gate.set()
         await first
