@@ -51,6 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A port found free is bound by the server a moment later, and another process can take it in between
+# (TF Serving and KServe's server take a port number, not a bound socket). Their words when that happens:
+# uvicorn's "[Errno 98] ... address already in use", gRPC's "Failed to bind", docker's "port is already allocated".
+PORT_TAKEN = ("address already in use", "failed to bind", "port is already allocated")
+PORT_TRIES = 3  # a port picked here that was taken meanwhile: pick again, this many times in all
+
+
+def port_taken(log: str) -> bool:
+    return any(words in log.lower() for words in PORT_TAKEN)
+
+
 def container_engine() -> str | None:
     """docker or podman, if one is installed and its engine answers."""
     for engine in ("docker", "podman"):
@@ -90,6 +101,9 @@ class LocalStack:
         self.predictor_grpc_port = predictor_grpc_port or free_port()  # TF Serving's gRPC API
         self.transformer_port = transformer_port or free_port()
         self.grpc_port = grpc_port or free_port()  # the transformer's gRPC (v2) port
+        # Whose ports were picked here (and may be picked again if taken): never a port the caller chose.
+        self._picked = {"predictor": predictor_port is None and predictor_grpc_port is None,
+                        "transformer": transformer_port is None and grpc_port is None}
         self.transformer_args = transformer_args or []
         self.log_dir = Path(log_dir) if log_dir else self.build / "logs"
         self.processes: dict[str, subprocess.Popen] = {}
@@ -135,6 +149,23 @@ class LocalStack:
         path = self.log_dir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
+    def _start(self, name: str, spawn, url, ready, timeout: float) -> None:
+        """Spawn ``name`` and wait until it is ready; if a port picked here was taken meanwhile, pick new
+        ones and try again."""
+        for attempt in range(1, PORT_TRIES + 1):
+            spawn()
+            try:
+                self._wait(name, url(), ready, timeout)
+                return
+            except StackError:
+                self.stop_process(name)  # not left running when it never became ready
+                if not (self._picked[name] and attempt < PORT_TRIES and port_taken(self.log_tail(name))):
+                    raise
+            if name == "predictor":
+                self.predictor_port, self.predictor_grpc_port = free_port(), free_port()
+            else:
+                self.transformer_port, self.grpc_port = free_port(), free_port()
+
     def start_predictor(self, timeout: float = 120.0) -> None:
         if not (self.model_dir.is_dir() and any(p.name.isdigit() for p in self.model_dir.iterdir())):
             raise StackError(f"no model versions under {self.model_dir}: run `python -m model.train` first")
@@ -143,26 +174,28 @@ class LocalStack:
             raise StackError("--predictor container: no docker or podman engine answers on this machine")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         config = self.log_dir / "models.config"
-        if engine:
-            image = f"{pinned('TF_SERVING_IMAGE')}:{pinned('TF_SERVING_VERSION')}"
-            name = f"embedder-predictor-{self.predictor_port}"
-            self._container = (engine, name)
-            self.predictor_kind = f"{image} on {engine}"
-            config.write_text(model_config(self.model_name, f"/models/{self.model_name}"))
-            self._spawn("predictor", [
-                engine, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{self.predictor_port}:8501",
-                "-p", f"127.0.0.1:{self.predictor_grpc_port}:8500",
-                "-v", f"{self.model_dir.resolve()}:/models/{self.model_name}:ro",
-                "-v", f"{config.resolve()}:/config/models.config:ro", image,
-                "--model_config_file=/config/models.config",
-            ])
-        else:
-            self.predictor_kind = "python -m model.standin"
-            config.write_text(model_config(self.model_name, str(self.model_dir.resolve())))
-            self._spawn("predictor", [
-                sys.executable, "-m", "model.standin", "--model_config_file", str(config),
-                "--rest_api_port", str(self.predictor_port), "--port", str(self.predictor_grpc_port),
-            ])
+
+        def spawn() -> None:
+            if engine:
+                image = f"{pinned('TF_SERVING_IMAGE')}:{pinned('TF_SERVING_VERSION')}"
+                name = f"embedder-predictor-{self.predictor_port}"
+                self._container = (engine, name)
+                self.predictor_kind = f"{image} on {engine}"
+                config.write_text(model_config(self.model_name, f"/models/{self.model_name}"))
+                self._spawn("predictor", [
+                    engine, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{self.predictor_port}:8501",
+                    "-p", f"127.0.0.1:{self.predictor_grpc_port}:8500",
+                    "-v", f"{self.model_dir.resolve()}:/models/{self.model_name}:ro",
+                    "-v", f"{config.resolve()}:/config/models.config:ro", image,
+                    "--model_config_file=/config/models.config",
+                ])
+            else:
+                self.predictor_kind = "python -m model.standin"
+                config.write_text(model_config(self.model_name, str(self.model_dir.resolve())))
+                self._spawn("predictor", [
+                    sys.executable, "-m", "model.standin", "--model_config_file", str(config),
+                    "--rest_api_port", str(self.predictor_port), "--port", str(self.predictor_grpc_port),
+                ])
 
         def available(response: httpx.Response) -> bool:
             if response.status_code != 200:
@@ -170,7 +203,8 @@ class LocalStack:
             states = [s.get("state") for s in response.json().get("model_version_status", [])]
             return "AVAILABLE" in states
 
-        self._wait("predictor", f"{self.predictor_url}/v1/models/{self.model_name}", available, timeout)
+        self._start("predictor", spawn, lambda: f"{self.predictor_url}/v1/models/{self.model_name}", available,
+                    timeout)
 
     @property
     def grpc_target(self) -> str:
@@ -187,13 +221,9 @@ class LocalStack:
         ]
 
     def start_transformer(self, timeout: float = 60.0) -> None:
-        self._spawn("transformer", self.transformer_command())
-        try:
-            self._wait("transformer", f"{self.transformer_url}/v1/models/{self.model_name}",
-                       lambda r: r.status_code == 200, timeout)
-        except StackError:
-            self.stop_process("transformer")  # not left running when it never became ready
-            raise
+        self._start("transformer", lambda: self._spawn("transformer", self.transformer_command()),
+                    lambda: f"{self.transformer_url}/v1/models/{self.model_name}", lambda r: r.status_code == 200,
+                    timeout)
 
     def start(self) -> "LocalStack":
         try:

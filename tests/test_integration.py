@@ -157,3 +157,35 @@ def test_every_score_path_gives_the_same_answers(stack, offline, raw_users, tmp_
         assert 'embedder_predictor_call_rows_count{model_name="embedder"} 2.0' in metrics
     finally:
         full.stop()
+
+
+def test_a_port_taken_between_picking_and_binding_is_picked_again(stack, tmp_path, monkeypatch, raw_users, offline):
+    """LocalStack picks free ports, and the transformer binds them a moment later: if another process took one
+    meanwhile, the transformer cannot start, and the stack starts it again on new ports."""
+    import socket
+
+    import scripts.localstack as localstack
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = iter([busy])
+        real = localstack.free_port
+        monkeypatch.setattr(localstack, "free_port", lambda: next(ports, None) or real())
+        moved = stack.another_transformer(log_dir=tmp_path)
+        assert moved.transformer_port == busy
+        moved.start_transformer()
+    try:
+        assert moved.transformer_port != busy
+        response = httpx.post(predict_url(moved), json={"instances": raw_users[:2].tolist()}, timeout=30)
+        assert_same_predictions(response.json()["predictions"], offline.predictions(raw_users[:2]))
+    finally:
+        moved.stop()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        chosen = stack.another_transformer(log_dir=tmp_path, transformer_port=taken.getsockname()[1])
+        with pytest.raises(localstack.StackError) as caught:  # a port the caller chose is never changed
+            chosen.start_transformer(timeout=30)
+        assert localstack.port_taken(str(caught.value)) and chosen.transformer_port == taken.getsockname()[1]
