@@ -1,6 +1,6 @@
 """Mutation testing: how many deliberate small bugs in transformer/ the fast tests catch.
 
-    .venv/bin/python -m scripts.mutation                 # all of transformer/ (over an hour on 2 cores)
+    .venv/bin/python -m scripts.mutation                 # all of transformer/ (40 to 50 min on 2 cores)
     .venv/bin/python -m scripts.mutation --only transformer/admission.py --only transformer/coalesce.py
 
 mutmut (pinned in the dev extra) mutates a copy of the working tree, so this checkout never gets
