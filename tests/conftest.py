@@ -35,6 +35,19 @@ def stack(build_dir, tmp_path_factory):
         yield running
 
 
+def metric_value(metric: str, model_name: str = "embedder", **labels) -> float:
+    """A sample of the process's Prometheus registry (0 while the series does not exist yet)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(metric, {"model_name": model_name, **labels}) or 0.0
+
+
+def latency_logged(caplog) -> list[str]:
+    """The request ids of KServe's latency log lines (``--enable_latency_logging``)."""
+    return [r.getMessage().split(",")[0].removeprefix("requestId: ") for r in caplog.records
+            if r.getMessage().startswith("requestId: ")]
+
+
 def wait_until(condition, timeout: float, what: str) -> None:
     """Wait for ``condition()`` to hold, checking every 5 ms; fail naming ``what`` after ``timeout`` seconds."""
     import time

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from kserve.errors import ModelNotFound, model_not_found_handler
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
+from conftest import latency_logged, metric_value
 from small_bundle import ROWS, offline, transformer
 from starlette.testclient import TestClient
 
@@ -125,10 +126,7 @@ def test_a_full_transformer_refuses_before_reading(served):
 
 
 def requests_counted(outcome, cause):
-    from prometheus_client import REGISTRY
-
-    return REGISTRY.get_sample_value("embedder_requests_total", {"model_name": "embedder", "model_version": "",
-                                                                 "outcome": outcome, "cause": cause}) or 0.0
+    return metric_value("embedder_requests_total", model_version="", outcome=outcome, cause=cause)
 
 
 def test_refusals_are_counted_and_logged_under_the_model_with_the_request_id(served, caplog):
@@ -158,8 +156,7 @@ def test_the_request_id_reaches_kserves_own_latency_log(served, caplog):
         assert client.post("/v2/models/embedder/infer", content=body, headers={"x-request-id": "lat-2"}
                            ).status_code == 200
         made = client.post("/v1/models/embedder:predict", content=b'{"instances": [[1, 2]]}').headers["x-request-id"]
-    assert [r.getMessage().split(",")[0] for r in caplog.records if r.getMessage().startswith("requestId")] == [
-        "requestId: lat-1", "requestId: lat-2", f"requestId: {made}"]  # a made id is KServe's too
+    assert latency_logged(caplog) == ["lat-1", "lat-2", made]  # a made id is KServe's too
 
 
 def test_a_binary_header_length_that_is_not_a_number_is_named(served):

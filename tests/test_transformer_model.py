@@ -12,6 +12,7 @@ import grpc
 import orjson
 import pytest
 from grpc_interceptor.exceptions import GrpcException
+from conftest import latency_logged, metric_value
 from small_bundle import ROWS, TFServing, new_version, offline, transformer, write
 
 from transformer.admission import Admission
@@ -144,12 +145,6 @@ def test_no_predictor_host_is_a_503_naming_the_flag(tmp_path):
 # -- what each request leaves behind: counts, gauges, logs --------------------------------------------------
 
 
-def sample(metric: str, **labels) -> float:
-    from prometheus_client import REGISTRY
-
-    return REGISTRY.get_sample_value(metric, {"model_name": "embedder", **labels}) or 0.0
-
-
 def deltas(read, action):
     """``read()`` (a dict of numbers) after ``action()`` minus before."""
     before = read()
@@ -164,15 +159,15 @@ def test_a_request_counts_its_rows_segments_out_of_range_features_and_predictor_
 
     def read():
         v4 = {"model_version": "4"}
-        return {"request rows": sample("embedder_request_rows_sum"),
-                "requests": sample("embedder_request_rows_count"),
-                "predictor rows": sample("embedder_predictor_call_rows_sum"),
-                "predictor calls": sample("embedder_predictor_call_rows_count"),
-                "a below": sample("embedder_feature_out_of_range_total", **v4, feature="a", side="below"),
-                "a above": sample("embedder_feature_out_of_range_total", **v4, feature="a", side="above"),
-                "b below": sample("embedder_feature_out_of_range_total", **v4, feature="b", side="below"),
-                "b above": sample("embedder_feature_out_of_range_total", **v4, feature="b", side="above"),
-                **{f"segment {s}": sample("embedder_segment_assignments_total", **v4, segment=str(s)) for s in (0, 1)}}
+        return {"request rows": metric_value("embedder_request_rows_sum"),
+                "requests": metric_value("embedder_request_rows_count"),
+                "predictor rows": metric_value("embedder_predictor_call_rows_sum"),
+                "predictor calls": metric_value("embedder_predictor_call_rows_count"),
+                "a below": metric_value("embedder_feature_out_of_range_total", **v4, feature="a", side="below"),
+                "a above": metric_value("embedder_feature_out_of_range_total", **v4, feature="a", side="above"),
+                "b below": metric_value("embedder_feature_out_of_range_total", **v4, feature="b", side="below"),
+                "b above": metric_value("embedder_feature_out_of_range_total", **v4, feature="b", side="above"),
+                **{f"segment {s}": metric_value("embedder_segment_assignments_total", **v4, segment=str(s)) for s in (0, 1)}}
 
     counted, (answer, _) = deltas(read, lambda: call(model, {"instances": ROWS.tolist()}))
     same(answer["predictions"], offline(ROWS))
@@ -186,11 +181,11 @@ def test_the_answering_version_is_published_with_its_drift_monitor(tmp_path):
     from transformer.metrics import DRIFT
 
     model = transformer(tmp_path, 4, drift_window=7)
-    switches = sample("embedder_model_version_switches_total")
+    switches = metric_value("embedder_model_version_switches_total")
     asyncio.run(model.versions.refresh())
     active = model.versions.active
-    assert sample("embedder_model_version") == 4
-    assert sample("embedder_model_version_switches_total") == switches + 1
+    assert metric_value("embedder_model_version") == 4
+    assert metric_value("embedder_model_version_switches_total") == switches + 1
     assert DRIFT.monitors["embedder"] is active.metrics.drift and active.metrics.drift.features.window == 7
     features, segments = DRIFT.collect()
     assert (features.documentation, segments.documentation) == (
@@ -205,8 +200,8 @@ def test_the_answering_version_is_published_with_its_drift_monitor(tmp_path):
     assert [s.labels["feature"] for s in features.samples if s.labels["model_name"] == "embedder"] == ["a", "b"]
     model._predictor.states[4] = "UNLOADING"  # none left to answer
     asyncio.run(model.versions.refresh())
-    assert (sample("embedder_model_version"), DRIFT.monitors["embedder"]) == (0, None)
-    assert sample("embedder_model_version_switches_total") == switches + 2
+    assert (metric_value("embedder_model_version"), DRIFT.monitors["embedder"]) == (0, None)
+    assert metric_value("embedder_model_version_switches_total") == switches + 2
 
 
 def test_a_version_without_training_quantiles_answers_without_drift_gauges(tmp_path, caplog):
@@ -229,11 +224,11 @@ def test_a_version_without_training_quantiles_answers_without_drift_gauges(tmp_p
 def test_a_request_is_counted_under_the_version_that_answered_it(tmp_path):
     model = transformer(tmp_path, 4)
     ok = dict(model_version="4", outcome="ok", cause="ok")
-    before = sample("embedder_requests_total", **ok)
+    before = metric_value("embedder_requests_total", **ok)
     asyncio.run(model.versions.refresh())
     response, _ = asyncio.run(model(grpc_infer([5, 2], ROWS.ravel().tolist()), {}))
     assert response.model_version == "4"
-    assert sample("embedder_requests_total", **ok) == before + 1
+    assert metric_value("embedder_requests_total", **ok) == before + 1
 
 
 def test_rejected_bundles_are_counted_and_each_reason_is_named(tmp_path):
@@ -242,22 +237,22 @@ def test_rejected_bundles_are_counted_and_each_reason_is_named(tmp_path):
     write(folder)
     (bundle_dir(folder) / "manifest.json").write_text("{")  # cut short
     model = EmbedderTransformer("embedder", tmp_path / "embedder", predictor_host="unused")
-    rejected = sample("embedder_bundle_rejections_total")
+    rejected = metric_value("embedder_bundle_rejections_total")
     with pytest.raises(BundleError) as caught:
         model.load()
     problems = model.versions.problems()
     assert [problem.split(":")[0] for problem in problems] == ["version 2", "version 3"]
     assert str(caught.value) == (f"no model version under {tmp_path / 'embedder'} has a usable bundle: "
                                  f"{problems[0]}; {problems[1]}")
-    assert sample("embedder_bundle_rejections_total") == rejected + 2
+    assert metric_value("embedder_bundle_rejections_total") == rejected + 2
 
 
 def test_in_flight_gauges_read_the_models_admission(tmp_path):
     admission = Admission(max_requests=64, min_requests=8)
     model = transformer(tmp_path, 4, admission=admission)
     admission.requests, admission.rows = 3, 17
-    assert (sample("embedder_inflight_requests"), sample("embedder_inflight_rows"),
-            sample("embedder_admission_limit")) == (3, 17, admission.limit)
+    assert (metric_value("embedder_inflight_requests"), metric_value("embedder_inflight_rows"),
+            metric_value("embedder_admission_limit")) == (3, 17, admission.limit)
     assert model.metrics.model_name == "embedder"
 
 
@@ -276,12 +271,6 @@ def grpc_infer(shape, values, request_id="g-1"):
 class Broken(TFServing):
     async def predict(self, features, contract):
         raise RuntimeError("a bug")
-
-
-def latency_logged(caplog) -> list[str]:
-    """The request ids of KServe's latency log lines (``--enable_latency_logging``)."""
-    return [r.getMessage().split(",")[0].removeprefix("requestId: ") for r in caplog.records
-            if r.getMessage().startswith("requestId: ")]
 
 
 def test_a_grpc_requests_id_names_its_failure_in_the_answer_the_log_and_kserves_latency_log(tmp_path, caplog):
