@@ -405,3 +405,118 @@ def test_queued_work_past_its_deadline_is_dropped_not_computed(slow, raw_users):
     assert proxy.requests - before == 1  # only the first request's rows reached the predictor
     bad = httpx.post(url, json={"instances": raw_users[:1].tolist()}, headers={"x-request-timeout-ms": "soon"})
     assert bad.status_code == 400 and "x-request-timeout-ms" in bad.json()["error"]
+
+
+def _admit(admission: Admission, header=None):
+    """admit() in a context of its own, as each request has (deadline and rows are per request)."""
+    return asyncio.get_running_loop().create_task(admission.admit(header), context=contextvars.copy_context())
+
+
+def test_a_request_that_finds_the_process_full_waits_for_the_next_free_slot_first_come_first_served():
+    async def scenario():
+        admission = Admission(max_requests=1, min_requests=1, queue_wait=5.0)
+        await admission.admit(None)
+        first, second = _admit(admission), _admit(admission)
+        await asyncio.sleep(0)
+        assert (admission.requests, admission.waiting) == (1, 2) and not first.done()
+        admission.leave(0.01)  # the slot goes to the oldest waiter, counted once
+        await asyncio.sleep(0)
+        assert first.done() and first.exception() is None and not second.done()
+        assert (admission.requests, admission.waiting) == (1, 1)
+        admission.leave(0.01)
+        await second
+        admission.leave(0.01)
+        assert (admission.requests, admission.waiting) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_request_is_refused_when_no_slot_came_within_the_wait_or_its_deadline():
+    async def scenario():
+        admission = Admission(max_requests=1, min_requests=1, queue_wait=0.05)
+        await admission.admit(None)
+        started = time.monotonic()
+        with pytest.raises(Refused, match=r"1 requests in progress, at most 1 now") as caught:
+            await _admit(admission)
+        assert caught.value.status == 503 and time.monotonic() - started >= 0.05
+        admission.queue_wait = 60.0
+        started = time.monotonic()
+        with pytest.raises(Refused):  # its own deadline (20 ms) is sooner than the wait: refused then
+            await _admit(admission, "20")
+        assert time.monotonic() - started < 30
+        assert (admission.requests, admission.waiting) == (1, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_past_the_waiting_bound_is_refused_at_once():
+    async def scenario():
+        admission = Admission(max_requests=1, min_requests=1, queue_wait=60.0, max_waiting=1)
+        await admission.admit(None)
+        waiting = _admit(admission)
+        await asyncio.sleep(0)
+        assert not admission.can_wait()
+        with pytest.raises(Refused, match="at capacity"):
+            await asyncio.wait_for(_admit(admission), 5)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert (admission.requests, admission.waiting, admission.can_wait()) == (1, 0, True)
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_cancelled_after_its_slot_was_handed_over_gives_the_slot_back():
+    """The slot goes to the waiter when an answer leaves; if its task is cancelled before it runs (the client
+    went away), the slot must pass on, or the process would count a request that is not there for good."""
+    async def scenario():
+        admission = Admission(max_requests=1, min_requests=1, queue_wait=60.0)
+        await admission.admit(None)
+        gone, next_one = _admit(admission), _admit(admission)
+        await asyncio.sleep(0)
+        admission.leave(0.01)  # hands the slot to `gone`...
+        gone.cancel()  # ...which is cancelled before it could run
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await asyncio.wait_for(next_one, 5)  # the slot passed on to the next waiter
+        assert (admission.requests, admission.waiting) == (1, 0)
+        admission.leave(0.01)
+        assert admission.requests == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_cancelled_while_waiting_holds_nothing():
+    async def scenario():
+        admission = Admission(max_requests=1, min_requests=1, queue_wait=60.0)
+        await admission.admit(None)
+        gone = _admit(admission)
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        admission.leave(0.01)
+        assert (admission.requests, admission.waiting, len(admission._waiters)) == (0, 0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_with_a_bad_timeout_header_is_a_client_error_and_frees_its_slot():
+    async def scenario():
+        admission = Admission(max_requests=1, min_requests=1, queue_wait=60.0)
+        await admission.admit(None)
+        bad = _admit(admission, "soon")
+        await asyncio.sleep(0)
+        admission.leave(0.01)
+        with pytest.raises(Refused, match="x-request-timeout-ms must be a number") as caught:
+            await bad
+        assert caught.value.status == 400 and admission.requests == 0
+
+    asyncio.run(scenario())
+
+
+def test_waiting_bounds_below_zero_are_refused():
+    for field in ("queue_wait", "max_waiting"):
+        with pytest.raises(ValueError, match=r"^queue_wait and max_waiting must not be negative \(0: refuse at once\)$"):
+            Admission(**{field: -1})
+    assert not Admission(queue_wait=0).can_wait()

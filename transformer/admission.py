@@ -24,6 +24,18 @@ come back together. A refusal is cheap but not free: at 1,024 connections all to
 second, 926 refusals a second took 29% of the goodput of one process (650 of 911 answers a
 second); told this way, about 300 a second and 99% of the peak (benchmarks/overload.md).
 
+A request that finds the limit reached waits for a slot before it is refused: in one queue,
+first come first served, for ``queue_wait`` seconds at most (or its deadline, if sooner),
+with nothing read or computed for it meanwhile. A slot freed by an answer goes straight to
+the oldest waiter. This is what keeps a retry storm from taking the process down: a client
+that ignores ``Retry-After`` and re-sends at once (wrk, many load balancers' retries) can
+send at most one request per ``queue_wait`` on each connection, so refusals a second are
+bounded by connections / ``queue_wait`` instead of by how fast the process can refuse. With
+refusals at once, 1,024 such connections made the process spend its time refusing: 3% of the
+peak goodput (benchmarks/overload.md, before); waiting, they get the peak's answers in turn.
+Waiting requests cost a future and a timer each; past ``max_waiting`` of them a request is
+refused at once.
+
 A request also carries a deadline (``x-request-timeout-ms``, or ``default_timeout``):
 work still waiting past it, in the coalescer or before a stage, is dropped (504) rather
 than computed for a client that has given up.
@@ -31,9 +43,11 @@ than computed for a client that has given up.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -71,6 +85,23 @@ def check_deadline(stage: str) -> None:
 WINDOW = 32  # answered requests per adjustment of the limit
 
 
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+def _timeout_seconds(header: str | None, default: float | None = None) -> float | None:
+    """The client's timeout from ``x-request-timeout-ms`` in seconds; None when the header is not a number of
+    milliseconds in (0, 1 hour)."""
+    if header is None:
+        return default
+    try:
+        timeout = float(header) / 1000.0
+    except ValueError:
+        return None
+    return timeout if 0 < timeout < 3600 else None
+
+
 @dataclass
 class Admission:
     max_requests: int = 256  # the request limit's ceiling
@@ -78,6 +109,8 @@ class Admission:
     default_timeout: float = 10.0  # seconds, for requests without x-request-timeout-ms
     min_requests: int = 32  # the request limit's floor (capped at max_requests)
     latency_budget: float = 0.05  # seconds: the p90 time inside the process the limit aims to keep
+    queue_wait: float = 0.25  # seconds a request may wait for a slot before it is refused (0: refused at once)
+    max_waiting: int = 4096  # requests waiting for a slot, at most; more are refused at once
     requests: int = 0
     rows: int = 0
 
@@ -86,6 +119,8 @@ class Admission:
                 or self.latency_budget <= 0:
             raise ValueError("max_requests, max_rows and min_requests must be at least 1; default_timeout and "
                              "latency_budget positive")
+        if self.queue_wait < 0 or self.max_waiting < 0:
+            raise ValueError("queue_wait and max_waiting must not be negative (0: refuse at once)")
         self.min_requests = min(self.min_requests, self.max_requests)
         self.limit = self.max_requests
         self._latencies: list[float] = []
@@ -93,6 +128,8 @@ class Admission:
         self._period_start = time.monotonic()
         self._refused = self._answered = 0  # in the current period
         self._spread = 0  # turns through the waits told, so that refused clients come back spread out
+        self._waiters: deque[asyncio.Future] = deque()  # oldest first; done ones are skipped when met
+        self.waiting = 0  # requests waiting for a slot now
 
     def full(self) -> bool:
         """No room for another request: cheap enough to ask before anything else is done for it."""
@@ -123,20 +160,67 @@ class Admission:
         self._period_start = now
         self._refused = self._answered = 0
 
-    def enter(self, timeout_header: str | None) -> None:
-        """Admit a request (before its body is read) and set its deadline, or refuse it with 503."""
-        if self.full():
+    def can_wait(self) -> bool:
+        """Whether a request that finds the process full may wait for a slot (else it is refused at once)."""
+        return self.queue_wait > 0 and self.waiting < self.max_waiting
+
+    async def admit(self, timeout_header: str | None) -> None:
+        """Admit a request, waiting up to ``queue_wait`` (or its deadline) for a slot when the process is full;
+        refuse it with 503 when none came (the same refusal :meth:`enter` makes)."""
+        if self.full() and self.can_wait():
+            timeout = _timeout_seconds(timeout_header, self.default_timeout) or self.queue_wait
+            if await self._wait_for_slot(min(self.queue_wait, timeout)):
+                self.enter(timeout_header, reserved=True)
+                return
+        self.enter(timeout_header)
+
+    async def _wait_for_slot(self, seconds: float) -> bool:
+        """True when an answered request handed its slot to this one (counted in ``requests`` already)."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        self.waiting += 1
+        timer = loop.call_later(seconds, _expire, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # Its task was cancelled (the client went away, the server stops). A slot handed over in the
+            # same turn of the loop is this request's to give back, or it would be held for good.
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._release_slot()
+            raise
+        finally:
+            self.waiting -= 1
+            timer.cancel()
+            while self._waiters and self._waiters[0].done():  # the expired ones are the oldest
+                self._waiters.popleft()
+
+    def _release_slot(self) -> None:
+        """One admitted request fewer: its slot goes to the oldest waiter, if any is still waiting."""
+        self.requests -= 1
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self.requests < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.requests += 1  # the slot is the waiter's from here on
+                waiter.set_result(True)
+
+    def enter(self, timeout_header: str | None, reserved: bool = False) -> None:
+        """Admit a request (before its body is read) and set its deadline, or refuse it with 503.
+
+        ``reserved``: a slot was handed to it while it waited (:meth:`admit`); it is counted already."""
+        if not reserved and self.full():
             raise self.refusal()
-        timeout = self.default_timeout
-        if timeout_header is not None:
-            try:
-                timeout = float(timeout_header) / 1000.0
-            except ValueError:
-                timeout = -1.0
-            if not 0 < timeout < 3600:
-                raise Refused(400, f"{TIMEOUT_HEADER} must be a number of milliseconds between 0 and 3600000, "
-                              f"got {timeout_header[:40]!r}", "invalid_timeout")
-        self.requests += 1
+        timeout = _timeout_seconds(timeout_header, self.default_timeout)
+        if timeout is None:
+            if reserved:
+                self._release_slot()
+            raise Refused(400, f"{TIMEOUT_HEADER} must be a number of milliseconds between 0 and 3600000, "
+                          f"got {timeout_header[:40]!r}", "invalid_timeout")
+        if not reserved:
+            self.requests += 1
         deadline.set(time.monotonic() + timeout)
         rows_held.set(0)
 
@@ -155,7 +239,7 @@ class Admission:
 
     def leave(self, seconds: float) -> None:
         """The request is answered (whatever the outcome), ``seconds`` after it was admitted: release what
-        it held, and adjust the limit once a window of answers is in."""
+        it held (its slot to the oldest waiter), and adjust the limit once a window of answers is in."""
         self.requests -= 1
         self.rows -= rows_held.get()
         rows_held.set(0)
@@ -169,3 +253,4 @@ class Admission:
                 self.limit = max(self.min_requests, int(self.limit * 0.8))
             elif p90 < self.latency_budget / 2:
                 self.limit = min(self.max_requests, self.limit + max(1, self.limit // 8))
+        self._hand_over()

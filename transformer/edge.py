@@ -1,7 +1,7 @@
 """What every request goes through at the edge, whatever its protocol: admission, accounting, failures.
 
-:func:`handle` admits a request (``admission.py``: refused at once with 503 when the process
-holds as much work as it should), runs it, counts its outcome in ``embedder_requests_total``
+:func:`handle` admits a request (``admission.py``: when the process holds as much work as it
+should, it waits a moment for a slot, then is refused with 503), runs it, counts its outcome in ``embedder_requests_total``
 by model version, logs failures with the request id, and turns every failure into a
 :class:`Failure` with the status v1 REST answers (400, 413, 502, 503, 504, 500). Each
 transport then speaks its own language: REST answers the status (``server.py``), gRPC the
@@ -80,8 +80,8 @@ async def handle(model: Any, model_name: str, request_id: str, timeout_header: s
     request_version.set(None)
     admitted = False
     try:
-        if admission is not None:  # before the body is read: refusing costs next to nothing
-            admission.enter(timeout_header)
+        if admission is not None:  # before the body is read: waiting or refusing costs next to nothing
+            await admission.admit(timeout_header)
             admitted = True
         result = await work()
     except (RequestError, PredictorError, Refused) as exc:
