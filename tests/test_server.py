@@ -6,7 +6,7 @@ computation. tests/test_reliability.py and tests/test_protocols.py send the same
 import numpy as np
 import orjson
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from kserve.errors import ModelNotFound, model_not_found_handler
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
@@ -21,17 +21,26 @@ from transformer.server import install
 LIMIT = 2000  # bytes of body accepted
 
 
-@pytest.fixture
-def served(tmp_path):
+def serving(tmp_path, predict_path):
+    """The small model behind an application wired as the transformer wires KServe's, and a client of it."""
     model = transformer(tmp_path, 4, admission=Admission(max_requests=2, min_requests=2))
     repository = ModelRepository()
     repository.update(model)
     app = FastAPI()
     app.add_exception_handler(ModelNotFound, model_not_found_handler)
-    install(app, DataPlane(model_registry=repository), model, "embedder", LIMIT)
-    with TestClient(app) as client:
-        client.portal.call(model.versions.refresh)
-        yield client, model
+    install(app, DataPlane(model_registry=repository), model, "embedder", LIMIT, predict_path)
+    client = TestClient(app)
+    client.__enter__()
+    client.portal.call(model.versions.refresh)
+    return client, model
+
+
+@pytest.fixture(params=["fast", "kserve"])
+def served(tmp_path, request):
+    """Each test runs on both predict paths: the fast ASGI layer and FastAPI's routes."""
+    client, model = serving(tmp_path, request.param)
+    yield client, model
+    client.__exit__(None, None, None)
 
 
 def test_a_v1_request_is_answered_with_its_id_and_version(served):
@@ -164,3 +173,74 @@ def test_a_binary_header_length_that_is_not_a_number_is_named(served):
     response = client.post("/v2/models/embedder/infer", content=b"{}", headers={HEADER_LENGTH: "twelve-bytes-or-so-maybe"})
     assert (response.status_code, response.json()) == (400, {"error": f"the {HEADER_LENGTH} header must be a number of "
                                                                        "bytes, got 'twelve-bytes-or-so-m'"})
+
+
+def _battery():
+    """Every malformed request of the codecs' batteries, valid ones, and the edge cases of the transport."""
+    import json
+
+    from test_codec import BAD_REQUESTS as V1_BAD
+    from test_codec_v2 import BAD_REQUESTS as V2_BAD
+
+    v1, v2 = "/v1/models/embedder:predict", "/v2/models/embedder/infer"
+    v2_row = b'{"inputs": [{"name": "features", "datatype": "FP64", "shape": [5, 2], "data": %s}]}' % (
+        orjson.dumps(ROWS.ravel().tolist()))
+    cases = [("POST", v1, json.dumps(doc).encode(), {}) for doc, *_ in V1_BAD]
+    cases += [("POST", v2, body, {HEADER_LENGTH: str(length)} if length is not None else {})
+              for body, length, *_ in V2_BAD]
+    cases += [
+        ("POST", v1, orjson.dumps({"instances": ROWS.tolist()}), {}),
+        ("POST", v1, orjson.dumps({"instances": [{"b": 2, "a": 1}]}), {"content-type": "application/json"}),
+        ("POST", v1, orjson.dumps({"instances": [[1, 2]]}), {"content-type": "text/plain"}),
+        ("POST", v2, v2_row, {}),
+        ("POST", v2, orjson.dumps({"inputs": [{"name": "features", "datatype": "FP64", "shape": [5, 2],
+                                              "data": ROWS.ravel().tolist()}],
+                                   "parameters": {"binary_data_output": True}}), {}),
+        ("POST", v1, b"x" * (LIMIT + 1), {}),
+        ("POST", v1, b"", {}),
+        ("POST", v1, b'{"instances": [[1, 2]]}', {"x-request-timeout-ms": "soon"}),
+        ("POST", v1, b'{"instances": [[1, 2]]}', {"x-request-timeout-ms": "30000"}),
+        ("POST", v2, b"{}", {HEADER_LENGTH: "twelve"}),
+        ("POST", "/v1/models/other:predict", b'{"instances": [[1, 2]]}', {}),
+        ("POST", "/v2/models/other/infer", b"{}", {}),
+        ("POST", "/v1/models/embedder/extra:predict", b"{}", {}),
+        ("GET", v1, b"", {}),
+        ("GET", "/v1/models/embedder", b"", {}),
+        ("GET", "/v2/models/embedder/ready", b"", {}),
+        ("GET", "/", b"", {}),
+    ]
+    return cases
+
+
+def test_the_fast_path_answers_exactly_as_fastapis_routes(tmp_path, monkeypatch):
+    """Status, body and headers of every request of the battery, on both paths (only the date differs)."""
+    from transformer import server
+
+    routed_calls = []
+    endpoint = server.Endpoint.__call__
+
+    async def counted(self, model_name: str, request: Request):
+        routed_calls.append(request.url.path)
+        return await endpoint(self, model_name, request)
+
+    monkeypatch.setattr(server.Endpoint, "__call__", counted)
+    fast, _ = serving(tmp_path / "fast", "fast")
+    routed, _ = serving(tmp_path / "kserve", "kserve")
+    try:
+        for number, (method, path, body, headers) in enumerate(_battery()):
+            answers = []
+            for client in (fast, routed):
+                routed_calls.clear()
+                response = client.request(method, path, content=body, headers={"x-request-id": f"b-{number}",
+                                                                                 **headers})
+                answers.append((response.status_code, response.content,
+                                sorted((k, v) for k, v in response.headers.items() if k != "date")))
+                # a predict request for the served model never reaches FastAPI's route on the fast path
+                predict = method == "POST" and "extra" not in path
+                expected = [] if client is fast and "embedder" in path or not predict else [path]
+                assert routed_calls == expected, (path, routed_calls)
+            assert answers[0] == answers[1], (method, path, body[:80], headers)
+            assert answers[0][0] < 500, (path, body[:80], answers[0][:2])
+    finally:
+        for client in (fast, routed):
+            client.__exit__(None, None, None)

@@ -18,6 +18,7 @@ from transformer.admission import Admission
 from transformer.bundle import BundleError
 from transformer.kernels import UnsupportedEstimator
 from transformer.predictor import APIS, PredictorError, RetryPolicy, connect, metadata_problems
+from transformer.server import PREDICT_PATHS
 
 DEFAULT_MODEL_BASE_PATH = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 TRUSTED_ENV = "EMBEDDER_TRUSTED_MANIFESTS"  # set on the container, outside the model store
@@ -41,9 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--model_poll_seconds", type=float, default=1.0,
                       help="how often to look for new version folders and at what TF Serving serves")
     ours.add_argument("--max_inflight", type=int, default=256,
-                      help="requests admitted at once, at most; more get 503 with Retry-After at once. The limit "
+                      help="requests admitted at once, at most; more wait --queue_wait_ms, then get 503 with "
+                           "Retry-After. The limit "
                            "in force moves between --min_inflight and this, keeping the p90 time of admitted "
                            "requests inside the process within --latency_budget_ms (admission.py)")
+    ours.add_argument("--queue_wait_ms", type=float, default=250.0,
+                      help="how long a request that finds the request limit reached waits for a slot before it gets "
+                           "503 (0: at once). Bounds the refusals a second to connections / this wait, whatever "
+                           "clients do with Retry-After")
+    ours.add_argument("--max_waiting", type=int, default=4096,
+                      help="requests waiting for a slot at once, at most; more get 503 at once")
     ours.add_argument("--min_inflight", type=int, default=32,
                       help="the floor of the request limit: this many concurrent requests are never shed")
     ours.add_argument("--latency_budget_ms", type=float, default=50.0,
@@ -74,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--max_rows", type=int, default=1024, help="rows accepted in one request (413 past it)")
     ours.add_argument("--max_body_bytes", type=int, default=8 * 1024 * 1024,
                       help="request body size accepted (413 past it, without reading the rest)")
+    ours.add_argument("--predict_path", choices=PREDICT_PATHS, default="fast",
+                      help="fast: predict requests answered by the transformer's own ASGI layer in front of KServe's "
+                           "application; kserve: through FastAPI's routing and KServe's middleware (the same "
+                           "answers, more CPU a request); everything else is KServe's either way")
     ours.add_argument("--graceful_shutdown_seconds", type=int, default=20,
                       help="on SIGTERM, how long in-flight requests may take to finish")
     ours.add_argument("--coalesce_inflight", type=int, default=2,
@@ -109,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.max_rows, args.max_body_bytes) < 1 or args.predictor_timeout <= 0 or args.predictor_retries < 0:
         parser.error("--max_rows, --max_body_bytes and --predictor_timeout must be positive, --predictor_retries >= 0")
     if min(args.model_versions, args.drift_window, args.max_inflight, args.min_inflight, args.max_inflight_rows) < 1 \
-            or min(args.model_poll_seconds, args.request_timeout, args.latency_budget_ms) <= 0:
+            or min(args.model_poll_seconds, args.request_timeout, args.latency_budget_ms) <= 0 \
+            or min(args.queue_wait_ms, args.max_waiting) < 0:
         parser.error("--model_versions, --drift_window, --max_inflight, --min_inflight and --max_inflight_rows must "
-                     "be at least 1; --model_poll_seconds, --request_timeout and --latency_budget_ms positive")
+                     "be at least 1; --model_poll_seconds, --request_timeout and --latency_budget_ms positive; "
+                     "--queue_wait_ms and --max_waiting not negative")
     trusted = frozenset(d.strip().lower() for d in args.trusted_manifests.split(",") if d.strip())
     malformed = sorted(d for d in trusted if len(d) != 64 or any(c not in "0123456789abcdef" for c in d))
     if malformed:
@@ -141,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         trusted_manifests=trusted,
         drift_window=args.drift_window,
         admission=Admission(args.max_inflight, args.max_inflight_rows, args.request_timeout,
-                            min_requests=args.min_inflight, latency_budget=args.latency_budget_ms / 1000.0),
+                            min_requests=args.min_inflight, latency_budget=args.latency_budget_ms / 1000.0,
+                            queue_wait=args.queue_wait_ms / 1000.0, max_waiting=args.max_waiting),
     )
     try:
         model.load()

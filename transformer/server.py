@@ -28,11 +28,14 @@ import gc
 import logging
 import time
 import uuid
+from typing import Any, AsyncIterator
 
 import orjson
 
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from kserve import ModelServer, model_server
 from kserve.errors import ModelNotFound
 
@@ -44,27 +47,28 @@ from transformer.edge import Failure, failure, handle
 log = logging.getLogger("transformer")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_body(declared: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The request body from its chunks, refused with 413 past ``limit`` bytes (from the declared
+    Content-Length before reading any, or while streaming)."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the body is {declared} bytes, at most {limit} are accepted; send fewer rows per request",
                            status=413, cause="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    parts, size = [], 0
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise RequestError(f"the body is more than {limit} bytes; send fewer rows per request",
                                status=413, cause="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
-def decode_v1(body: bytes, request: Request):
+def decode_v1(body: bytes, headers: Headers):
     return decode_json(body)
 
 
-def decode_v2(body: bytes, request: Request):
-    length = request.headers.get(HEADER_LENGTH)
+def decode_v2(body: bytes, headers: Headers):
+    length = headers.get(HEADER_LENGTH)
     if length is not None and not length.isdigit():
         raise RequestError(f"the {HEADER_LENGTH} header must be a number of bytes, got {length[:20]!r}")
     return from_rest(body, int(length) if length is not None else None)
@@ -76,8 +80,32 @@ def json_response(content, status: int, headers: dict[str, str]) -> Response:
                     media_type="application/json", headers=headers)
 
 
+async def respond(dataplane, model: Any, model_name: str, headers: Headers, chunks: AsyncIterator[bytes],
+                  max_body_bytes: int, decode) -> Response:
+    """One predict request, whichever way it came in (the fast path's raw ASGI or FastAPI's route): bounded
+    body, the protocol's decoder, the edge, KServe's DataPlane and the model; an answer or a status."""
+    request_id = headers.get("x-request-id") or uuid.uuid4().hex
+
+    async def work():
+        payload = decode(await read_body(headers.get("content-length"), chunks, max_body_bytes), headers)
+        forwarded = dict(headers.items())
+        forwarded["x-request-id"] = request_id
+        return await dataplane.infer(model_name, payload, forwarded)
+
+    try:
+        response, response_headers = await handle(model, model_name, request_id, headers.get(TIMEOUT_HEADER), work)
+    except Failure as failure:
+        return json_response({"error": failure.message}, failure.status, failure.headers)
+    answer_headers = {**response_headers, "x-request-id": request_id}
+    if isinstance(response, EncodedAnswer):
+        return Response(content=response.body, media_type=response.media_type,
+                        headers={**answer_headers, **response.headers})
+    return json_response(response, 200, answer_headers)
+
+
 class Endpoint:
-    """A REST inference endpoint: bounded body, the protocol's decoder, the edge, an answer or a status."""
+    """A predict route as FastAPI serves it (``--predict_path kserve``, and for any request the fast path
+    passes on): the same :func:`respond` as the fast path."""
 
     def __init__(self, dataplane, max_body_bytes: int, decode):
         self.dataplane = dataplane
@@ -85,31 +113,70 @@ class Endpoint:
         self.decode = decode
 
     async def __call__(self, model_name: str, request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         model = self.dataplane.model_registry.get_model(model_name)
         if model is None:
             raise ModelNotFound(model_name)  # KServe's handler: 404
+        return await respond(self.dataplane, model, model_name, request.headers, request.stream(),
+                             self.max_body_bytes, self.decode)
 
-        async def work():
-            payload = self.decode(await read_body(request, self.max_body_bytes), request)
-            headers = dict(request.headers.items())
-            headers["x-request-id"] = request_id
-            return await self.dataplane.infer(model_name, payload, headers)
 
-        try:
-            response, response_headers = await handle(model, model_name, request_id,
-                                                      request.headers.get(TIMEOUT_HEADER), work)
-        except Failure as failure:
-            return json_response({"error": failure.message}, failure.status, failure.headers)
-        headers = {**response_headers, "x-request-id": request_id}
-        if isinstance(response, EncodedAnswer):
-            return Response(content=response.body, media_type=response.media_type, headers={**headers, **response.headers})
-        return json_response(response, 200, headers)
+class FastPath:
+    """ASGI, in front of KServe's whole application: ``POST /v1/models/{name}:predict`` and
+    ``POST /v2/models/{name}/infer`` for a registered model are answered here by :func:`respond`, the
+    same code FastAPI's route runs, without the layers in between; every other request (liveness,
+    readiness, metadata, ``/metrics``, docs, an unknown model) goes to KServe's application as it is.
+
+    What it skips, per request, is what the profile showed to cost more than our own work at one row
+    (benchmarks/profile-hop.md): uvicorn -> Starlette's error middleware -> KServe's TimingMiddleware
+    (which reads the process's CPU time twice and formats a trace line) -> FastAPI's exit stack and
+    body-limit middlewares -> routing by regular expression -> FastAPI's dependency solving -> the
+    endpoint. The model's own pre/predict/post, KServe's DataPlane, its histograms and latency log are
+    still on the path. A path is matched as Starlette's router matches ``{model_name}`` (no slash in it).
+    """
+
+    ROUTES = (("/v1/models/", ":predict", decode_v1), ("/v2/models/", "/infer", decode_v2))
+
+    def __init__(self, app, dataplane, max_body_bytes: int):
+        self.app = app
+        self.dataplane = dataplane
+        self.max_body_bytes = max_body_bytes
+
+    def route(self, path: str):
+        """(model name, decoder) of a predict path, or None."""
+        for prefix, suffix, decode in self.ROUTES:
+            if path.startswith(prefix) and path.endswith(suffix):
+                name = path[len(prefix):len(path) - len(suffix)]
+                if name and "/" not in name:
+                    return name, decode
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = self.route(scope["path"])
+            if route is not None:
+                model = self.dataplane.model_registry.get_model(route[0])
+                if model is not None:
+                    response = await respond(self.dataplane, model, route[0], Headers(scope=scope),
+                                             _chunks(receive), self.max_body_bytes, route[1])
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _chunks(receive) -> AsyncIterator[bytes]:
+    """The body's chunks as ASGI delivers them (Starlette's ``Request.stream`` without the request)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 class ShedWhenFull:
-    """ASGI middleware: a predict request that finds the transformer full is refused here, before
-    KServe's routing, FastAPI's request handling and our endpoint run for it. Under overload most
+    """ASGI middleware: a predict request that finds the transformer full, with no room left to wait for a
+    slot (``admission.py``), is refused here, before KServe's routing, FastAPI's request handling and our endpoint run for it. Under overload most
     requests are refused, and they share one event loop with the admitted ones: what a refusal costs
     there, every answer waits for. Counted, logged and worded as the edge does it (``edge.failure``)."""
 
@@ -120,7 +187,8 @@ class ShedWhenFull:
 
     async def __call__(self, scope, receive, send):
         admission = getattr(self.model, "admission", None)
-        if scope["type"] == "http" and admission is not None and admission.full() and scope["method"] == "POST" \
+        if scope["type"] == "http" and admission is not None and admission.full() and not admission.can_wait() \
+                and scope["method"] == "POST" \
                 and scope["path"].endswith((":predict", "/infer")):
             started = time.perf_counter()
             request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None) \
@@ -136,12 +204,22 @@ class ShedWhenFull:
         await self.app(scope, receive, send)
 
 
-def install(app, dataplane, model, model_name: str, max_body_bytes: int) -> None:
+PREDICT_PATHS = ("fast", "kserve")
+
+
+def install(app, dataplane, model, model_name: str, max_body_bytes: int, predict_path: str = "fast") -> None:
     """Put the transformer's predict endpoints and its shedding in front of KServe's own (``app``: its FastAPI
-    application). Registered before KServe adds its routes at start, so these are matched first."""
+    application). Registered before KServe adds its routes at start, so these are matched first. With
+    ``predict_path="fast"`` the :class:`FastPath` sits outside all of the application's layers: Starlette
+    builds them on the first request, so it wraps what ``build_middleware_stack`` returns."""
+    if predict_path not in PREDICT_PATHS:
+        raise ValueError(f"predict_path must be one of {', '.join(PREDICT_PATHS)}, got {predict_path!r}")
     for path, decode in (("/v1/models/{model_name}:predict", decode_v1), ("/v2/models/{model_name}/infer", decode_v2)):
         app.add_api_route(path, Endpoint(dataplane, max_body_bytes, decode), methods=["POST"], response_model=None)
     app.add_middleware(ShedWhenFull, model=model, model_name=model_name)
+    if predict_path == "fast":
+        build = app.build_middleware_stack
+        app.build_middleware_stack = lambda: FastPath(build(), dataplane, max_body_bytes)
 
 
 def serve(model, args: argparse.Namespace) -> None:
@@ -164,7 +242,7 @@ def serve(model, args: argparse.Namespace) -> None:
         from kserve.logging import trace_logger
 
         trace_logger.setLevel(logging.WARNING)
-    install(model_server.app, server.dataplane, model, args.model_name, args.max_body_bytes)
+    install(model_server.app, server.dataplane, model, args.model_name, args.max_body_bytes, args.predict_path)
     # gRPC messages are bounded like REST bodies (gRPC refuses larger ones with RESOURCE_EXHAUSTED).
     model_server.args.grpc_max_receive_message_length = args.max_body_bytes
     if not args.access_log:
