@@ -407,116 +407,85 @@ def test_queued_work_past_its_deadline_is_dropped_not_computed(slow, raw_users):
     assert bad.status_code == 400 and "x-request-timeout-ms" in bad.json()["error"]
 
 
-def _admit(admission: Admission, header=None):
-    """admit() in a context of its own, as each request has (deadline and rows are per request)."""
-    return asyncio.get_running_loop().create_task(admission.admit(header), context=contextvars.copy_context())
-
-
-def test_a_request_that_finds_the_process_full_waits_for_the_next_free_slot_first_come_first_served():
+def test_a_client_that_comes_back_before_its_retry_after_waits_before_it_is_answered():
+    """Refused once and told to wait, a connection that re-sends at once is paced: its next request waits
+    ``early_retry_wait`` (nothing computed for it), then is admitted if there is room or refused again."""
     async def scenario():
-        admission = Admission(max_requests=1, min_requests=1, queue_wait=5.0)
-        await admission.admit(None)
-        first, second = _admit(admission), _admit(admission)
-        await asyncio.sleep(0)
-        assert (admission.requests, admission.waiting) == (1, 2) and not first.done()
-        admission.leave(0.01)  # the slot goes to the oldest waiter, counted once
-        await asyncio.sleep(0)
-        assert first.done() and first.exception() is None and not second.done()
-        assert (admission.requests, admission.waiting) == (1, 1)
-        admission.leave(0.01)
-        await second
-        admission.leave(0.01)
-        assert (admission.requests, admission.waiting) == (0, 0)
-
-    asyncio.run(scenario())
-
-
-def test_a_waiting_request_is_refused_when_no_slot_came_within_the_wait_or_its_deadline():
-    async def scenario():
-        admission = Admission(max_requests=1, min_requests=1, queue_wait=0.05)
-        await admission.admit(None)
+        admission = Admission(max_requests=1, min_requests=1, early_retry_wait=0.05)
+        admission.enter(None, client=("10.0.0.1", 1))  # the one slot taken
         started = time.monotonic()
-        with pytest.raises(Refused, match=r"1 requests in progress, at most 1 now") as caught:
-            await _admit(admission)
-        assert caught.value.status == 503 and time.monotonic() - started >= 0.05
-        admission.queue_wait = 60.0
+        with pytest.raises(Refused, match="at capacity"):
+            await admission.admit(None, ("10.0.0.2", 2))  # first refusal: at once
+        assert time.monotonic() - started < 0.04 and admission.came_back_early(("10.0.0.2", 2))
+        assert not admission.came_back_early(("10.0.0.2", 3))  # another connection of the same host: not paced
         started = time.monotonic()
-        with pytest.raises(Refused):  # its own deadline (20 ms) is sooner than the wait: refused then
-            await _admit(admission, "20")
-        assert time.monotonic() - started < 30
+        with pytest.raises(Refused, match="at capacity"):
+            await admission.admit(None, ("10.0.0.2", 2))  # back at once: waited, then refused again
+        assert time.monotonic() - started >= 0.05 and admission.waiting == 0
+
+        async def free_the_slot():
+            await asyncio.sleep(0.01)
+            admission.leave(0.01)
+
+        freeing = asyncio.get_running_loop().create_task(free_the_slot())
+        await admission.admit(None, ("10.0.0.2", 2))  # back at once again: room came during its wait, admitted
+        await freeing
         assert (admission.requests, admission.waiting) == (1, 0)
 
-    asyncio.run(scenario())
+    contextvars.copy_context().run(asyncio.run, scenario())
 
 
-def test_a_request_past_the_waiting_bound_is_refused_at_once():
+def test_pacing_waits_no_longer_than_the_deadline_and_no_more_than_max_waiting_wait():
     async def scenario():
-        admission = Admission(max_requests=1, min_requests=1, queue_wait=60.0, max_waiting=1)
-        await admission.admit(None)
-        waiting = _admit(admission)
-        await asyncio.sleep(0)
-        assert not admission.can_wait()
-        with pytest.raises(Refused, match="at capacity"):
-            await asyncio.wait_for(_admit(admission), 5)
-        waiting.cancel()
+        admission = Admission(max_requests=1, min_requests=1, early_retry_wait=60.0, max_waiting=1)
+        admission.enter(None)
+        with pytest.raises(Refused):
+            admission.enter(None, client="a")
+        with pytest.raises(Refused):
+            admission.enter(None, client="b")
+        started = time.monotonic()
+        with pytest.raises(Refused):
+            await admission.admit("30", "a")  # its own deadline, 30 ms, is sooner than the wait
+        assert time.monotonic() - started < 5
+        waiting = asyncio.get_running_loop().create_task(admission.admit(None, "a"))
+        await asyncio.sleep(0.01)
+        assert admission.waiting == 1 and not admission.paces("b")  # one waits: as many as may
+        started = time.monotonic()
+        with pytest.raises(Refused):
+            await admission.admit(None, "b")  # refused at once
+        assert time.monotonic() - started < 5
+        waiting.cancel()  # the client went away while it waited: nothing held
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert (admission.requests, admission.waiting, admission.can_wait()) == (1, 0, True)
-
-    asyncio.run(scenario())
-
-
-def test_a_waiter_cancelled_after_its_slot_was_handed_over_gives_the_slot_back():
-    """The slot goes to the waiter when an answer leaves; if its task is cancelled before it runs (the client
-    went away), the slot must pass on, or the process would count a request that is not there for good."""
-    async def scenario():
-        admission = Admission(max_requests=1, min_requests=1, queue_wait=60.0)
-        await admission.admit(None)
-        gone, next_one = _admit(admission), _admit(admission)
-        await asyncio.sleep(0)
-        admission.leave(0.01)  # hands the slot to `gone`...
-        gone.cancel()  # ...which is cancelled before it could run
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-        await asyncio.wait_for(next_one, 5)  # the slot passed on to the next waiter
         assert (admission.requests, admission.waiting) == (1, 0)
-        admission.leave(0.01)
-        assert admission.requests == 0
 
-    asyncio.run(scenario())
+    contextvars.copy_context().run(asyncio.run, scenario())
 
 
-def test_a_waiter_cancelled_while_waiting_holds_nothing():
-    async def scenario():
-        admission = Admission(max_requests=1, min_requests=1, queue_wait=60.0)
-        await admission.admit(None)
-        gone = _admit(admission)
-        await asyncio.sleep(0)
-        gone.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-        admission.leave(0.01)
-        assert (admission.requests, admission.waiting, len(admission._waiters)) == (0, 0, 0)
+def test_clients_are_forgotten_once_their_wait_is_over(monkeypatch):
+    import transformer.admission as module
 
-    asyncio.run(scenario())
-
-
-def test_a_waiter_with_a_bad_timeout_header_is_a_client_error_and_frees_its_slot():
-    async def scenario():
-        admission = Admission(max_requests=1, min_requests=1, queue_wait=60.0)
-        await admission.admit(None)
-        bad = _admit(admission, "soon")
-        await asyncio.sleep(0)
-        admission.leave(0.01)
-        with pytest.raises(Refused, match="x-request-timeout-ms must be a number") as caught:
-            await bad
-        assert caught.value.status == 400 and admission.requests == 0
-
-    asyncio.run(scenario())
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    admission = Admission(max_requests=1, min_requests=1)
+    admission.enter(None)
+    with pytest.raises(Refused) as caught:
+        admission.enter(None, client="a")
+    assert caught.value.retry_after == 1 and admission.came_back_early("a")  # told 1 s
+    now[0] += 0.5
+    assert admission.came_back_early("a")
+    now[0] += 0.6
+    assert not admission.came_back_early("a")  # its wait is over: it honoured it, a fast 503 again
+    assert "a" in admission._told
+    with pytest.raises(Refused):
+        admission.enter(None, client="b")  # the once-a-second bookkeeping forgets the expired ones
+    assert "a" not in admission._told and "b" in admission._told
+    assert not admission.came_back_early(None)  # no address (gRPC, a test client): never paced
 
 
 def test_waiting_bounds_below_zero_are_refused():
-    for field in ("queue_wait", "max_waiting"):
-        with pytest.raises(ValueError, match=r"^queue_wait and max_waiting must not be negative \(0: refuse at once\)$"):
+    for field in ("early_retry_wait", "max_waiting"):
+        with pytest.raises(ValueError, match=r"^early_retry_wait and max_waiting must not be negative \(0: refuse "
+                                             r"at once\)$"):
             Admission(**{field: -1})
-    assert not Admission(queue_wait=0).can_wait()
+    assert not Admission(early_retry_wait=0).paces(None)

@@ -210,7 +210,7 @@ def asgi(middleware, method="POST", path="/v1/models/m:predict", headers=()):
 def test_a_full_transformer_refuses_predict_requests_before_routing():
     from transformer.server import ShedWhenFull
 
-    model = Model(Admission(max_requests=1, min_requests=1, queue_wait=0))  # no waiting: refused at once
+    model = Model(Admission(max_requests=1, min_requests=1))
     reached = []
 
     async def app(scope, receive, send):
@@ -233,23 +233,6 @@ def test_a_full_transformer_refuses_predict_requests_before_routing():
     start, _ = asgi(shed)  # without an id: one is made
     request_id = dict(start["headers"])[b"x-request-id"]
     assert len(request_id) == 32 and int(request_id, 16) >= 0
-
-
-def test_a_full_transformer_passes_requests_that_may_wait_for_a_slot_and_sheds_past_the_waiting_bound():
-    from transformer.server import ShedWhenFull
-
-    model = Model(Admission(max_requests=1, min_requests=1, queue_wait=0.5, max_waiting=2))
-    reached = []
-
-    async def app(scope, receive, send):
-        reached.append(scope["path"])
-
-    shed = ShedWhenFull(app, model=model, model_name=model.name)
-    model.admission.requests = 1
-    assert asgi(shed) == [] and reached == ["/v1/models/m:predict"]  # full, but it may wait: the edge waits
-    model.admission.waiting = 2
-    start, _ = asgi(shed)  # as many waiting as may wait: refused here
-    assert start["status"] == 503 and reached == ["/v1/models/m:predict"]
 
 
 def test_drift_is_reported_for_each_model_by_the_version_answering_it():

@@ -105,7 +105,7 @@ def test_trusted_digests_come_from_the_environment_too(store, started, monkeypat
                     "be at least 1; --model_poll_seconds, --request_timeout and --latency_budget_ms positive")
       for flag in ("--model_versions", "--drift_window", "--max_inflight", "--min_inflight", "--max_inflight_rows",
                    "--model_poll_seconds", "--request_timeout", "--latency_budget_ms")],
-    *[([flag, "-1"], "--queue_wait_ms and --max_waiting not negative") for flag in ("--queue_wait_ms", "--max_waiting")],
+    *[([flag, "-1"], "--early_retry_wait_ms and --max_waiting not negative") for flag in ("--early_retry_wait_ms", "--max_waiting")],
     (["--predict_path", "starlette"], "argument --predict_path: invalid choice: 'starlette'"),
     (["--trusted_manifests", f"{DIGEST},abc,{'g' * 64}"], f"--trusted_manifests (or ${cli.TRUSTED_ENV}) takes sha256 "
                                                           f"digests (64 hex digits), got abc, {'g' * 64}"),

@@ -42,16 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--model_poll_seconds", type=float, default=1.0,
                       help="how often to look for new version folders and at what TF Serving serves")
     ours.add_argument("--max_inflight", type=int, default=256,
-                      help="requests admitted at once, at most; more wait --queue_wait_ms, then get 503 with "
-                           "Retry-After. The limit "
+                      help="requests admitted at once, at most; more get 503 with Retry-After at once. The limit "
                            "in force moves between --min_inflight and this, keeping the p90 time of admitted "
                            "requests inside the process within --latency_budget_ms (admission.py)")
-    ours.add_argument("--queue_wait_ms", type=float, default=250.0,
-                      help="how long a request that finds the request limit reached waits for a slot before it gets "
-                           "503 (0: at once). Bounds the refusals a second to connections / this wait, whatever "
-                           "clients do with Retry-After")
+    ours.add_argument("--early_retry_wait_ms", type=float, default=500.0,
+                      help="how long a request waits before it is admitted or refused when the transformer is full "
+                           "and its connection was refused before and told a Retry-After that is not over (0: "
+                           "refused at once). Bounds the refusals to one per connection per wait, however fast "
+                           "clients re-send")
     ours.add_argument("--max_waiting", type=int, default=4096,
-                      help="requests waiting for a slot at once, at most; more get 503 at once")
+                      help="requests waiting so at once, at most; more get 503 at once")
     ours.add_argument("--min_inflight", type=int, default=32,
                       help="the floor of the request limit: this many concurrent requests are never shed")
     ours.add_argument("--latency_budget_ms", type=float, default=50.0,
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max_rows, --max_body_bytes and --predictor_timeout must be positive, --predictor_retries >= 0")
     if min(args.model_versions, args.drift_window, args.max_inflight, args.min_inflight, args.max_inflight_rows) < 1 \
             or min(args.model_poll_seconds, args.request_timeout, args.latency_budget_ms) <= 0 \
-            or min(args.queue_wait_ms, args.max_waiting) < 0:
+            or min(args.early_retry_wait_ms, args.max_waiting) < 0:
         parser.error("--model_versions, --drift_window, --max_inflight, --min_inflight and --max_inflight_rows must "
                      "be at least 1; --model_poll_seconds, --request_timeout and --latency_budget_ms positive; "
-                     "--queue_wait_ms and --max_waiting not negative")
+                     "--early_retry_wait_ms and --max_waiting not negative")
     trusted = frozenset(d.strip().lower() for d in args.trusted_manifests.split(",") if d.strip())
     malformed = sorted(d for d in trusted if len(d) != 64 or any(c not in "0123456789abcdef" for c in d))
     if malformed:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         drift_window=args.drift_window,
         admission=Admission(args.max_inflight, args.max_inflight_rows, args.request_timeout,
                             min_requests=args.min_inflight, latency_budget=args.latency_budget_ms / 1000.0,
-                            queue_wait=args.queue_wait_ms / 1000.0, max_waiting=args.max_waiting),
+                            early_retry_wait=args.early_retry_wait_ms / 1000.0, max_waiting=args.max_waiting),
     )
     try:
         model.load()

@@ -24,17 +24,16 @@ come back together. A refusal is cheap but not free: at 1,024 connections all to
 second, 926 refusals a second took 29% of the goodput of one process (650 of 911 answers a
 second); told this way, about 300 a second and 99% of the peak (benchmarks/overload.md).
 
-A request that finds the limit reached waits for a slot before it is refused: in one queue,
-first come first served, for ``queue_wait`` seconds at most (or its deadline, if sooner),
-with nothing read or computed for it meanwhile. A slot freed by an answer goes straight to
-the oldest waiter. This is what keeps a retry storm from taking the process down: a client
-that ignores ``Retry-After`` and re-sends at once (wrk, many load balancers' retries) can
-send at most one request per ``queue_wait`` on each connection, so refusals a second are
-bounded by connections / ``queue_wait`` instead of by how fast the process can refuse. With
-refusals at once, 1,024 such connections made the process spend its time refusing: 3% of the
-peak goodput (benchmarks/overload.md, before); waiting, they get the peak's answers in turn.
-Waiting requests cost a future and a timer each; past ``max_waiting`` of them a request is
-refused at once.
+A client that ignores ``Retry-After`` and sends again on the same connection before the time
+it was told (wrk, many load balancers' retries) is not refused at once again: its request waits
+``early_retry_wait`` seconds (or until its deadline, if sooner), with nothing read or computed
+for it, and is then admitted if there is room or refused. Refused at once, 1,024 such
+connections made the process spend its time refusing: 3% of the peak goodput
+(benchmarks/overload.md, before this pacing). Paced, each such connection costs at most one
+refusal per ``early_retry_wait``, however fast it re-sends, and clients that honour
+``Retry-After`` still get their 503 at once. A connection is known by the client's address and
+port; at most ``max_waiting`` requests wait at once, and the addresses told to wait are kept
+only until their wait is over.
 
 A request also carries a deadline (``x-request-timeout-ms``, or ``default_timeout``):
 work still waiting past it, in the coalescer or before a stage, is dropped (504) rather
@@ -47,8 +46,8 @@ import asyncio
 import contextvars
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
+from typing import Hashable
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER_SECONDS = 1  # the shortest wait told, and the one for a predictor that is down
@@ -83,16 +82,12 @@ def check_deadline(stage: str) -> None:
 
 
 WINDOW = 32  # answered requests per adjustment of the limit
+MAX_TOLD = 65536  # refused clients remembered at once (seconds of refusals at the highest rates measured)
 
 
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
-
-
-def _timeout_seconds(header: str | None, default: float | None = None) -> float | None:
-    """The client's timeout from ``x-request-timeout-ms`` in seconds; None when the header is not a number of
-    milliseconds in (0, 1 hour)."""
+def _timeout_seconds(header: str | None, default: float) -> float | None:
+    """The client's timeout from ``x-request-timeout-ms`` in seconds (``default`` without the header); None when
+    it is not a number of milliseconds in (0, 1 hour)."""
     if header is None:
         return default
     try:
@@ -109,8 +104,8 @@ class Admission:
     default_timeout: float = 10.0  # seconds, for requests without x-request-timeout-ms
     min_requests: int = 32  # the request limit's floor (capped at max_requests)
     latency_budget: float = 0.05  # seconds: the p90 time inside the process the limit aims to keep
-    queue_wait: float = 0.25  # seconds a request may wait for a slot before it is refused (0: refused at once)
-    max_waiting: int = 4096  # requests waiting for a slot, at most; more are refused at once
+    early_retry_wait: float = 0.5  # seconds a client re-sending before its Retry-After waits (0: refused at once)
+    max_waiting: int = 4096  # requests waiting so at once, at most; more are refused at once
     requests: int = 0
     rows: int = 0
 
@@ -119,8 +114,8 @@ class Admission:
                 or self.latency_budget <= 0:
             raise ValueError("max_requests, max_rows and min_requests must be at least 1; default_timeout and "
                              "latency_budget positive")
-        if self.queue_wait < 0 or self.max_waiting < 0:
-            raise ValueError("queue_wait and max_waiting must not be negative (0: refuse at once)")
+        if self.early_retry_wait < 0 or self.max_waiting < 0:
+            raise ValueError("early_retry_wait and max_waiting must not be negative (0: refuse at once)")
         self.min_requests = min(self.min_requests, self.max_requests)
         self.limit = self.max_requests
         self._latencies: list[float] = []
@@ -128,15 +123,37 @@ class Admission:
         self._period_start = time.monotonic()
         self._refused = self._answered = 0  # in the current period
         self._spread = 0  # turns through the waits told, so that refused clients come back spread out
-        self._waiters: deque[asyncio.Future] = deque()  # oldest first; done ones are skipped when met
-        self.waiting = 0  # requests waiting for a slot now
+        self._told: dict[Hashable, float] = {}  # client -> until when it was told to stay away (monotonic)
+        self.waiting = 0  # requests of clients that came back too early, waiting now
 
     def full(self) -> bool:
         """No room for another request: cheap enough to ask before anything else is done for it."""
         return self.requests >= self.limit
 
-    def refusal(self) -> Refused:
+    def came_back_early(self, client: Hashable | None) -> bool:
+        """Whether ``client`` (an address and port: one connection) was refused and told a wait that is not over."""
+        return client is not None and self._told.get(client, 0.0) > time.monotonic()
+
+    def paces(self, client: Hashable | None) -> bool:
+        """Whether a request of ``client`` that finds the process full waits before it is answered."""
+        return self.early_retry_wait > 0 and self.waiting < self.max_waiting and self.came_back_early(client)
+
+    async def admit(self, timeout_header: str | None, client: Hashable | None = None) -> None:
+        """:meth:`enter`, after a wait of ``early_retry_wait`` (or until the request's deadline) when the process is full
+        and ``client`` came back before the Retry-After it was told."""
+        if self.full() and self.paces(client):
+            timeout = _timeout_seconds(timeout_header, self.default_timeout) or self.early_retry_wait
+            self.waiting += 1
+            try:
+                await asyncio.sleep(min(self.early_retry_wait, timeout))
+            finally:
+                self.waiting -= 1
+        self.enter(timeout_header, client)
+
+    def refusal(self, client: Hashable | None = None) -> Refused:
         wait = self._next_wait()
+        if client is not None and len(self._told) < MAX_TOLD:
+            self._told[client] = time.monotonic() + wait
         return Refused(503, f"the transformer is at capacity ({self.requests} requests in progress, at most "
                        f"{self.limit} now); retry after {wait}s", "overloaded_requests", wait)
 
@@ -159,68 +176,19 @@ class Admission:
         self.retry_after = min(MAX_RETRY_AFTER_SECONDS, max(RETRY_AFTER_SECONDS, math.ceil(waiting / retries)))
         self._period_start = now
         self._refused = self._answered = 0
+        if self._told:  # forget the clients whose wait is over
+            self._told = {client: until for client, until in self._told.items() if until > now}
 
-    def can_wait(self) -> bool:
-        """Whether a request that finds the process full may wait for a slot (else it is refused at once)."""
-        return self.queue_wait > 0 and self.waiting < self.max_waiting
-
-    async def admit(self, timeout_header: str | None) -> None:
-        """Admit a request, waiting up to ``queue_wait`` (or its deadline) for a slot when the process is full;
-        refuse it with 503 when none came (the same refusal :meth:`enter` makes)."""
-        if self.full() and self.can_wait():
-            timeout = _timeout_seconds(timeout_header, self.default_timeout) or self.queue_wait
-            if await self._wait_for_slot(min(self.queue_wait, timeout)):
-                self.enter(timeout_header, reserved=True)
-                return
-        self.enter(timeout_header)
-
-    async def _wait_for_slot(self, seconds: float) -> bool:
-        """True when an answered request handed its slot to this one (counted in ``requests`` already)."""
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self._waiters.append(waiter)
-        self.waiting += 1
-        timer = loop.call_later(seconds, _expire, waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            # Its task was cancelled (the client went away, the server stops). A slot handed over in the
-            # same turn of the loop is this request's to give back, or it would be held for good.
-            if waiter.done() and not waiter.cancelled() and waiter.result():
-                self._release_slot()
-            raise
-        finally:
-            self.waiting -= 1
-            timer.cancel()
-            while self._waiters and self._waiters[0].done():  # the expired ones are the oldest
-                self._waiters.popleft()
-
-    def _release_slot(self) -> None:
-        """One admitted request fewer: its slot goes to the oldest waiter, if any is still waiting."""
-        self.requests -= 1
-        self._hand_over()
-
-    def _hand_over(self) -> None:
-        while self._waiters and self.requests < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.requests += 1  # the slot is the waiter's from here on
-                waiter.set_result(True)
-
-    def enter(self, timeout_header: str | None, reserved: bool = False) -> None:
-        """Admit a request (before its body is read) and set its deadline, or refuse it with 503.
-
-        ``reserved``: a slot was handed to it while it waited (:meth:`admit`); it is counted already."""
-        if not reserved and self.full():
-            raise self.refusal()
+    def enter(self, timeout_header: str | None, client: Hashable | None = None) -> None:
+        """Admit a request (before its body is read) and set its deadline, or refuse it with 503 (``client``, the
+        connection's address, is remembered with the wait it was told)."""
+        if self.full():
+            raise self.refusal(client)
         timeout = _timeout_seconds(timeout_header, self.default_timeout)
         if timeout is None:
-            if reserved:
-                self._release_slot()
             raise Refused(400, f"{TIMEOUT_HEADER} must be a number of milliseconds between 0 and 3600000, "
                           f"got {timeout_header[:40]!r}", "invalid_timeout")
-        if not reserved:
-            self.requests += 1
+        self.requests += 1
         deadline.set(time.monotonic() + timeout)
         rows_held.set(0)
 
@@ -239,7 +207,7 @@ class Admission:
 
     def leave(self, seconds: float) -> None:
         """The request is answered (whatever the outcome), ``seconds`` after it was admitted: release what
-        it held (its slot to the oldest waiter), and adjust the limit once a window of answers is in."""
+        it held, and adjust the limit once a window of answers is in."""
         self.requests -= 1
         self.rows -= rows_held.get()
         rows_held.set(0)
@@ -253,4 +221,3 @@ class Admission:
                 self.limit = max(self.min_requests, int(self.limit * 0.8))
             elif p90 < self.latency_budget / 2:
                 self.limit = min(self.max_requests, self.limit + max(1, self.limit // 8))
-        self._hand_over()

@@ -1,8 +1,8 @@
 """What every request goes through at the edge, whatever its protocol: admission, accounting, failures.
 
-:func:`handle` admits a request (``admission.py``: when the process holds as much work as it
-should, it waits a moment for a slot, then is refused with 503), runs it, counts its outcome in ``embedder_requests_total``
-by model version, logs failures with the request id, and turns every failure into a
+:func:`handle` admits a request (``admission.py``: refused with 503 when the process holds as
+much work as it should; at once, or after a wait for a client that came back too early), runs
+it, counts its outcome in ``embedder_requests_total`` by model version, logs failures with the request id, and turns every failure into a
 :class:`Failure` with the status v1 REST answers (400, 413, 502, 503, 504, 500). Each
 transport then speaks its own language: REST answers the status (``server.py``), gRPC the
 matching code (:data:`GRPC_CODES`, raised from ``model.py``).
@@ -14,7 +14,7 @@ import contextvars
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Hashable
 
 from transformer.admission import RETRY_AFTER_SECONDS, Refused
 from transformer.codec import RequestError
@@ -72,16 +72,17 @@ def failure(exc: RequestError | PredictorError | Refused, metrics: Any, model_na
 
 
 async def handle(model: Any, model_name: str, request_id: str, timeout_header: str | None,
-                 work: Callable[[], Awaitable[Any]]) -> Any:
-    """Admit, run and account for one request; returns ``work()``'s result or raises :class:`Failure`."""
+                 work: Callable[[], Awaitable[Any]], client: Hashable | None = None) -> Any:
+    """Admit, run and account for one request; returns ``work()``'s result or raises :class:`Failure`.
+    ``client``: the connection's address, by which admission knows a client that re-sends too early."""
     started = time.perf_counter()
     metrics = getattr(model, "metrics", None)
     admission = getattr(model, "admission", None)
     request_version.set(None)
     admitted = False
     try:
-        if admission is not None:  # before the body is read: waiting or refusing costs next to nothing
-            await admission.admit(timeout_header)
+        if admission is not None:  # before the body is read: refusing costs next to nothing
+            await admission.admit(timeout_header, client)
             admitted = True
         result = await work()
     except (RequestError, PredictorError, Refused) as exc:

@@ -81,9 +81,10 @@ def json_response(content, status: int, headers: dict[str, str]) -> Response:
 
 
 async def respond(dataplane, model: Any, model_name: str, headers: Headers, chunks: AsyncIterator[bytes],
-                  max_body_bytes: int, decode) -> Response:
+                  max_body_bytes: int, decode, client: Any = None) -> Response:
     """One predict request, whichever way it came in (the fast path's raw ASGI or FastAPI's route): bounded
-    body, the protocol's decoder, the edge, KServe's DataPlane and the model; an answer or a status."""
+    body, the protocol's decoder, the edge, KServe's DataPlane and the model; an answer or a status.
+    ``client``: the connection's (address, port), for admission's pacing of clients that re-send too early."""
     request_id = headers.get("x-request-id") or uuid.uuid4().hex
 
     async def work():
@@ -93,7 +94,8 @@ async def respond(dataplane, model: Any, model_name: str, headers: Headers, chun
         return await dataplane.infer(model_name, payload, forwarded)
 
     try:
-        response, response_headers = await handle(model, model_name, request_id, headers.get(TIMEOUT_HEADER), work)
+        response, response_headers = await handle(model, model_name, request_id, headers.get(TIMEOUT_HEADER), work,
+                                                  client)
     except Failure as failure:
         return json_response({"error": failure.message}, failure.status, failure.headers)
     answer_headers = {**response_headers, "x-request-id": request_id}
@@ -117,7 +119,7 @@ class Endpoint:
         if model is None:
             raise ModelNotFound(model_name)  # KServe's handler: 404
         return await respond(self.dataplane, model, model_name, request.headers, request.stream(),
-                             self.max_body_bytes, self.decode)
+                             self.max_body_bytes, self.decode, request.scope.get("client"))
 
 
 class FastPath:
@@ -157,7 +159,7 @@ class FastPath:
                 model = self.dataplane.model_registry.get_model(route[0])
                 if model is not None:
                     response = await respond(self.dataplane, model, route[0], Headers(scope=scope),
-                                             _chunks(receive), self.max_body_bytes, route[1])
+                                             _chunks(receive), self.max_body_bytes, route[1], scope.get("client"))
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
@@ -175,8 +177,9 @@ async def _chunks(receive) -> AsyncIterator[bytes]:
 
 
 class ShedWhenFull:
-    """ASGI middleware: a predict request that finds the transformer full, with no room left to wait for a
-    slot (``admission.py``), is refused here, before KServe's routing, FastAPI's request handling and our endpoint run for it. Under overload most
+    """ASGI middleware: a predict request that finds the transformer full is refused here (unless its client
+    came back too early: admission paces it, in the edge), before KServe's routing, FastAPI's request
+    handling and our endpoint run for it. Under overload most
     requests are refused, and they share one event loop with the admitted ones: what a refusal costs
     there, every answer waits for. Counted, logged and worded as the edge does it (``edge.failure``)."""
 
@@ -187,14 +190,13 @@ class ShedWhenFull:
 
     async def __call__(self, scope, receive, send):
         admission = getattr(self.model, "admission", None)
-        if scope["type"] == "http" and admission is not None and admission.full() and not admission.can_wait() \
-                and scope["method"] == "POST" \
-                and scope["path"].endswith((":predict", "/infer")):
+        if scope["type"] == "http" and admission is not None and admission.full() and scope["method"] == "POST" \
+                and scope["path"].endswith((":predict", "/infer")) and not admission.paces(scope.get("client")):
             started = time.perf_counter()
             request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None) \
                 or uuid.uuid4().hex
-            refused = failure(admission.refusal(), getattr(self.model, "metrics", None), self.model_name,
-                              request_id, started)
+            refused = failure(admission.refusal(scope.get("client")), getattr(self.model, "metrics", None),
+                              self.model_name, request_id, started)
             body = orjson.dumps({"error": refused.message})
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             headers += [(k.encode(), v.encode()) for k, v in refused.headers.items()]
