@@ -16,8 +16,9 @@ def test_benchmark_smoke(build_dir, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
-    # e, f: v2 REST and gRPC at the transformer; g: its REST hop to the predictor; h: the predictor's gRPC API
-    assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f", "g", "h"}
+    # e, f: v2 REST and gRPC at the transformer; g: its REST hop to the predictor; h: the predictor's gRPC API;
+    # i: the Python HTTP floor; j: the plain KServe transformer
+    assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j"}
     for run in report["runs"]:
         assert run["requests"] > 0 and run["non_2xx"] == 0 and run["socket_errors"] == 0, run
     assert report["soak"]["lost"] == 0 and report["soak"]["ok"] == report["soak"]["requests"]
@@ -26,6 +27,8 @@ def test_benchmark_smoke(build_dir, tmp_path):
     assert "## Goals" in text and "## Soak" in text and "(d) fused alone" in text
     assert "(f) transformer v2 gRPC -> predictor" in text and "(h) predictor alone, gRPC" in text
     assert "REST / gRPC toward the predictor" in text
+    assert "(i) Python HTTP floor (fixed answer)" in text and "(j) plain KServe transformer -> predictor" in text
+    assert "ahead of the plain KServe transformer in every cell" in text and "5x the floor's" in text
 
 
 def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path):
