@@ -489,3 +489,43 @@ def test_waiting_bounds_below_zero_are_refused():
                                              r"at once\)$"):
             Admission(**{field: -1})
     assert not Admission(early_retry_wait=0).paces(None)
+
+
+@pytest.mark.heavy
+def test_a_storm_of_clients_that_ignore_retry_after_is_answered_and_paced(slow, raw_users, offline):
+    """64 connections that re-send the moment they are answered, 503s included, against a bound of 4 and a
+    predictor slowed to 0.2 s: every request gets 200, 503 or 504 and none is lost; each connection is refused
+    once at once and afterwards at most once per --early_retry_wait_ms (500 ms), so the refusals stay a bounded
+    count instead of as many as the process can write; the transformer serves normally afterwards."""
+    from scripts.loadgen import run_recorded
+
+    proxy, base = slow
+    url = f"{base}/v1/models/{MODEL_NAME}:predict"
+    body = json_bytes({"instances": raw_users[:1].tolist()})
+    shed_before = metric(base, 'embedder_requests_total{cause="overloaded_requests"')
+    proxy.mode = ("delay", 0.2)
+    try:
+        run = run_recorded(url, body, 64, 3.0, honour_retry_after=False, max_requests=5000)
+    finally:
+        proxy.mode = ("forward",)
+    statuses = run["statuses"]
+    counts = {int(code): int((statuses == code).sum()) for code in np.unique(statuses)}
+    assert set(counts) <= {200, 503, 504} and run["transport_errors"] == 0, counts
+    assert counts.get(200, 0) > 0 and counts.get(503, 0) > 0, counts
+    # one refusal at once per connection, then one per paced wait at most (3 s / 0.5 s), and the last in flight
+    assert counts[503] <= 64 * (1 + 3.0 / 0.5 + 1), counts
+    assert metric(base, 'embedder_requests_total{cause="overloaded_requests"') - shed_before == counts[503]
+    deadline = time.monotonic() + 10
+    while metric(base, "embedder_inflight_requests{") != 0:  # the last answers are on their way
+        assert time.monotonic() < deadline, "requests were left counted inside the transformer"
+        time.sleep(0.05)
+    assert metric(base, "embedder_inflight_rows{") == 0
+    again = httpx.post(url, json={"instances": raw_users[:3].tolist()}, timeout=30)  # full service at once
+    assert again.status_code == 200
+    assert [p["segment"] for p in again.json()["predictions"]] == [p["segment"] for p in offline.predictions(raw_users[:3])]
+
+
+def json_bytes(doc) -> bytes:
+    import json
+
+    return json.dumps(doc).encode()
