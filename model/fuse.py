@@ -41,9 +41,9 @@ import tensorflow as tf
 
 import model  # noqa: F401  (TensorFlow environment defaults)
 from model.export import VersionExists, save_versioned
-from transformer.bundle import PAD_ID, PAD_SCORE, PAD_TEXT_ID, Bundle, BundleError, Rules, load_bundle, model_versions
-from transformer.fitted import AffineStep, QuantileStep, UnsupportedEstimator, kmeans_centers, scaler_steps
-from transformer.kernels import BOUNDS_THRESHOLD
+from transformer.store.bundle import PAD_ID, PAD_SCORE, PAD_TEXT_ID, Bundle, BundleError, Rules, load_bundle, model_versions
+from transformer.steps.fitted import AffineStep, QuantileStep, UnsupportedEstimator, kmeans_centers, scaler_steps
+from transformer.steps.kernels import BOUNDS_THRESHOLD
 from scipy.special import ndtri
 
 FUSED_SIGNATURE = "serving_default"
@@ -138,7 +138,7 @@ def compile_scaler(estimator: Any):
 
 
 def compile_steps(steps) -> Any:
-    """A TF function (float64 [batch, F] -> float64) applying a scaler's fitted steps (``fitted.py``)."""
+    """A TF function (float64 [batch, F] -> float64) applying a scaler's fitted steps (``transformer/steps/fitted.py``)."""
     ops = [_Quantile(s) if isinstance(s, QuantileStep) else _Affine(s) for s in steps]
 
     def apply(X: tf.Tensor) -> tf.Tensor:

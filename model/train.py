@@ -39,7 +39,7 @@ from model.csv_input import DataError, load_one_file, load_two_files
 from model.data import UserData
 from model.quality import Quality, popularity_top, recall_at_k
 from model.synthetic import make_synthetic
-from transformer.bundle import BUNDLE_SUBDIR, MANIFEST_FILE, ModelSpec, Rules, sha256_of, write_bundle
+from transformer.store.bundle import BUNDLE_SUBDIR, MANIFEST_FILE, ModelSpec, Rules, sha256_of, write_bundle
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -46,7 +46,7 @@ import psutil
 
 from scripts.loadgen import LoadResult, have_wrk, run_load, run_recorded
 from scripts.localstack import ROOT, LocalStack, StackError
-from transformer.bundle import bundle_dir, model_versions
+from transformer.store.bundle import bundle_dir, model_versions
 
 MODEL = "embedder"
 FUSED = "embedder-fused"
@@ -110,10 +110,10 @@ def request_bodies(build: Path, batches: list[int]) -> dict[str, dict[int, bytes
     import joblib
 
     from model.synthetic import make_synthetic
-    from transformer.bundle import load_bundle
+    from transformer.store.bundle import load_bundle
     from transformer.pipeline import Pipeline
-    from transformer.predictor_grpc import tensor_proto
-    from transformer.protos import tfserving_pb2
+    from transformer.predictor.grpc import tensor_proto
+    from transformer.predictor.protos import tfserving_pb2
 
     bundle = bundle_dir(newest_version_dir(build))
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -179,9 +179,9 @@ def kernel_microbenchmark(build: Path, repeats: int) -> dict[str, float]:
     """Median pre+post compute in this process (parse and validate, scale, segment, rank, encode): ``numpy``
     and ``sklearn`` for one row given by name; ``numpy_<rows>_<form>`` for 1 and 256 rows, by name and as lists."""
     from model.synthetic import make_synthetic
-    from transformer.bundle import load_bundle
-    from transformer.codec import encode_predictions, parse_instances
-    from transformer.metrics import VersionMetrics
+    from transformer.store.bundle import load_bundle
+    from transformer.protocols.v1 import encode_predictions, parse_instances
+    from transformer.serving.metrics import VersionMetrics
     from transformer.pipeline import Pipeline
 
     results = {}

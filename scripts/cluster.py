@@ -49,7 +49,7 @@ def fused_as_predictions(outputs: dict) -> list[dict]:
 
 def newest_features(models: Path) -> list[str]:
     """The feature order of the newest model version under ``models``."""
-    from transformer.bundle import bundle_dir, model_versions, read_manifest
+    from transformer.store.bundle import bundle_dir, model_versions, read_manifest
 
     return [f["name"] for f in read_manifest(bundle_dir(models / str(model_versions(models)[-1])))["features"]]
 

@@ -15,7 +15,7 @@ import time
 import httpx
 
 from scripts.localstack import ROOT, LocalStack, StackError
-from transformer.bundle import model_versions
+from transformer.store.bundle import model_versions
 
 REQUESTS = ROOT / "scripts" / "requests"
 

@@ -1,7 +1,7 @@
 """Mutation testing: how many deliberate small bugs in transformer/ the fast tests catch.
 
     .venv/bin/python -m scripts.mutation                 # all of transformer/ (40 to 50 min on 2 cores)
-    .venv/bin/python -m scripts.mutation --only transformer/admission.py --only transformer/coalesce.py
+    .venv/bin/python -m scripts.mutation --only transformer/serving/admission.py --only transformer/serving/coalesce.py
 
 mutmut (pinned in the dev extra) mutates a copy of the working tree, so this checkout never gets
 a ``mutants/`` folder, and runs for each mutant the fast tests that reach the mutated function:
@@ -78,7 +78,7 @@ def diff(workdir: Path, name: str) -> str:
 
 
 def module_of(name: str) -> str:
-    """``transformer.admission.xǁAdmissionǁenter__mutmut_6`` -> ``transformer/admission.py``."""
+    """``transformer.serving.admission.xǁAdmissionǁenter__mutmut_6`` -> ``transformer/serving/admission.py``."""
     dotted = name.split(".x")[0] if ".x" in name else name.rsplit(".", 1)[0]
     return dotted.replace(".", "/") + ".py"
 
@@ -173,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.mutation", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--only", action="append", default=[], metavar="FILE",
-                        help="mutate only this file (repeatable), e.g. transformer/admission.py")
+                        help="mutate only this file (repeatable), e.g. transformer/serving/admission.py")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     parser.add_argument("--keep", action="store_true", help="keep the working copy (its path is printed)")
     args = parser.parse_args(argv)
     missing = [path for path in args.only if not (ROOT / path).is_file()]
     if missing:
-        parser.error(f"no such file: {', '.join(missing)} (give paths like transformer/admission.py)")
+        parser.error(f"no such file: {', '.join(missing)} (give paths like transformer/serving/admission.py)")
     if shutil.which("git") is None:
         parser.error("git is needed to name the commit in the report")
 

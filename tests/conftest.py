@@ -74,7 +74,7 @@ def version_dir(build: Path, version: int = 1) -> Path:
 
 
 def bundle_path(build: Path, version: int = 1) -> Path:
-    from transformer.bundle import bundle_dir
+    from transformer.store.bundle import bundle_dir
 
     return bundle_dir(version_dir(build, version))
 
@@ -86,7 +86,7 @@ class Offline:
         import joblib
         import tensorflow as tf
 
-        from transformer.bundle import read_manifest
+        from transformer.store.bundle import read_manifest
 
         bundle = bundle_path(build, version)
         self.version = version
@@ -172,7 +172,7 @@ def edit_manifest(bundle: Path, change) -> None:
 
 def rewrite_digest(bundle: Path, name: str) -> None:
     """What an attacker with write access to the store does: change a file, then its sha256 in the manifest."""
-    from transformer.bundle import sha256_of
+    from transformer.store.bundle import sha256_of
 
     edit_manifest(bundle, lambda m: m["files"][name].__setitem__("sha256", sha256_of(bundle / name)))
 

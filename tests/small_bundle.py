@@ -8,7 +8,7 @@ from conftest import reference_top_items
 from sklearn.cluster import KMeans
 from sklearn.preprocessing import QuantileTransformer
 
-from transformer.bundle import ModelSpec, Rules, write_bundle
+from transformer.store.bundle import ModelSpec, Rules, write_bundle
 from transformer.predictor import PredictorError, VersionNotServed
 
 RNG = np.random.default_rng(3)

@@ -12,8 +12,8 @@ from conftest import MODEL_NAME, assert_same_predictions
 from fault_proxy import FaultProxy
 
 from scripts.localstack import LocalStack
-from transformer.admission import Admission, Refused, deadline, rows_held
-from transformer.coalesce import Coalescer
+from transformer.serving.admission import Admission, Refused, deadline, rows_held
+from transformer.serving.coalesce import Coalescer
 
 
 def test_requests_and_rows_are_bounded_and_released():
@@ -55,7 +55,7 @@ def test_requests_and_rows_are_bounded_and_released():
 
 def answer_window(admission: Admission, seconds: float) -> None:
     """One window of requests admitted and answered, each after ``seconds`` inside."""
-    from transformer.admission import WINDOW
+    from transformer.serving.admission import WINDOW
 
     for _ in range(WINDOW):
         contextvars.copy_context().run(lambda: (admission.enter(None), admission.leave(seconds)))
@@ -109,7 +109,7 @@ def refuse(admission: Admission, n: int) -> list[int]:
 
 
 def test_refused_clients_are_told_to_wait_longer_the_more_of_them_there_are(monkeypatch):
-    from transformer import admission as module
+    from transformer.serving import admission as module
 
     clock = Clock()
     monkeypatch.setattr(module, "time", clock)
@@ -148,7 +148,7 @@ def test_refused_clients_are_told_to_wait_longer_the_more_of_them_there_are(monk
 
 
 def test_the_wait_is_not_recomputed_within_a_second(monkeypatch):
-    from transformer import admission as module
+    from transformer.serving import admission as module
 
     clock = Clock()
     monkeypatch.setattr(module, "time", clock)
@@ -199,7 +199,7 @@ def test_the_deadline_is_the_header_in_milliseconds_up_to_an_hour():
 def test_the_limit_reads_the_p90_of_a_window_and_its_exact_edges():
     budget = 0.05
     admission = Admission(max_requests=100, min_requests=10, latency_budget=budget)
-    from transformer.admission import WINDOW
+    from transformer.serving.admission import WINDOW
 
     def window(latencies):
         for seconds in latencies:
@@ -237,7 +237,7 @@ def test_leaving_forgets_the_rows_so_the_same_context_counts_its_next_request():
 
 
 def test_check_deadline_drops_only_work_whose_deadline_has_passed():
-    from transformer.admission import check_deadline
+    from transformer.serving.admission import check_deadline
 
     def at(limit):
         deadline.set(limit)
@@ -463,24 +463,28 @@ def test_pacing_waits_no_longer_than_the_deadline_and_no_more_than_max_waiting_w
 
 
 def test_clients_are_forgotten_once_their_wait_is_over(monkeypatch):
-    import transformer.admission as module
+    import transformer.serving.admission as module
 
     now = [1000.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
-    admission = Admission(max_requests=1, min_requests=1)
-    admission.enter(None)
-    with pytest.raises(Refused) as caught:
-        admission.enter(None, client="a")
-    assert caught.value.retry_after == 1 and admission.came_back_early("a")  # told 1 s
-    now[0] += 0.5
-    assert admission.came_back_early("a")
-    now[0] += 0.6
-    assert not admission.came_back_early("a")  # its wait is over: it honoured it, a fast 503 again
-    assert "a" in admission._told
-    with pytest.raises(Refused):
-        admission.enter(None, client="b")  # the once-a-second bookkeeping forgets the expired ones
-    assert "a" not in admission._told and "b" in admission._told
-    assert not admission.came_back_early(None)  # no address (gRPC, a test client): never paced
+
+    def scenario():  # in a context of its own: the deadlines set here must not reach other tests
+        admission = Admission(max_requests=1, min_requests=1)
+        admission.enter(None)
+        with pytest.raises(Refused) as caught:
+            admission.enter(None, client="a")
+        assert caught.value.retry_after == 1 and admission.came_back_early("a")  # told 1 s
+        now[0] += 0.5
+        assert admission.came_back_early("a")
+        now[0] += 0.6
+        assert not admission.came_back_early("a")  # its wait is over: it honoured it, a fast 503 again
+        assert "a" in admission._told
+        with pytest.raises(Refused):
+            admission.enter(None, client="b")  # the once-a-second bookkeeping forgets the expired ones
+        assert "a" not in admission._told and "b" in admission._told
+        assert not admission.came_back_early(None)  # no address (gRPC, a test client): never paced
+
+    contextvars.copy_context().run(scenario)
 
 
 def test_waiting_bounds_below_zero_are_refused():

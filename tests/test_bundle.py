@@ -9,7 +9,7 @@ import pytest
 from conftest import MODEL_NAME, edit_manifest, poison, rewrite_digest, version_dir
 
 from scripts.localstack import ROOT
-from transformer.bundle import BUNDLE_SUBDIR, BundleError, bundle_dir, load_bundle, sha256_of, write_bundle
+from transformer.store.bundle import BUNDLE_SUBDIR, BundleError, bundle_dir, load_bundle, sha256_of, write_bundle
 
 
 @pytest.fixture

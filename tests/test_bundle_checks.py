@@ -13,7 +13,7 @@ from sklearn.cluster import KMeans
 from sklearn.preprocessing import RobustScaler
 from small_bundle import RNG, SCALER, SEGMENTS, SPEC, X, new_version, write
 
-from transformer.bundle import (
+from transformer.store.bundle import (
     BUNDLE_SUBDIR, FORMAT_VERSION, BundleError, Rules, bundle_dir, check_model, check_versions, library_versions,
     load_bundle, model_versions, read_manifest, sha256_of, verify_files,
 )
@@ -77,7 +77,7 @@ def test_a_bundle_is_written_only_beside_its_savedmodel_and_only_once(tmp_path, 
     other = new_version(tmp_path / "other")
     assert refused(write, other, item_ids=["x", "y"]) == "2 item ids for a model scoring 3 items"
     assert not bundle_dir(other).exists()  # nothing half-written
-    from transformer.fitted import UnsupportedEstimator
+    from transformer.steps.fitted import UnsupportedEstimator
 
     with pytest.raises(UnsupportedEstimator):
         write(other, scaler=RobustScaler().fit(X))

@@ -5,8 +5,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from transformer.admission import Refused
-from transformer.coalesce import Coalescer
+from transformer.serving.admission import Refused
+from transformer.serving.coalesce import Coalescer
 
 
 class SlowPredictor:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from strategies import json_documents, valid_rows
 
-from transformer.codec import RequestError, decode_body, encode_predictions, parse_instances
+from transformer.protocols.v1 import RequestError, decode_body, encode_predictions, parse_instances
 
 NAMES = ("a", "b", "c")
 

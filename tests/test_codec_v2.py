@@ -13,8 +13,8 @@ import numpy as np
 import orjson
 import pytest
 
-from transformer.codec import RequestError
-from transformer.codec_v2 import (
+from transformer.protocols.v1 import RequestError
+from transformer.protocols.v2 import (
     HEADER_LENGTH, V2Codec, V2Request, datatype_of, encode_rest, from_infer_request, from_rest, output_tensors,
     parse_v2, tensor_metadata,
 )

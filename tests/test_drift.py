@@ -9,8 +9,8 @@ import pytest
 from conftest import MODEL_NAME
 
 from model.synthetic import make_synthetic
-from transformer.drift import SIGNIFICANT, STABLE, DriftMonitor, SlidingCounts, psi
-from transformer.fitted import AffineStep, FittedSteps
+from transformer.serving.drift import SIGNIFICANT, STABLE, DriftMonitor, SlidingCounts, psi
+from transformer.steps.fitted import AffineStep, FittedSteps
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_the_index_speaks_from_exactly_min_rows_rows(bundle):
 
 
 def test_at_most_batch_rows_rows_wait_to_be_binned(bundle):
-    from transformer.drift import BATCH_ROWS
+    from transformer.serving.drift import BATCH_ROWS
 
     users = make_synthetic(n_users=BATCH_ROWS, n_items=60, seed=7).features
     monitor = DriftMonitor(bundle.fitted, bundle.feature_names)

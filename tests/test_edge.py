@@ -11,11 +11,11 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from transformer import edge
-from transformer.admission import Admission, Refused
-from transformer.codec import RequestError
-from transformer.edge import Failure, grpc_code, handle
-from transformer.metrics import ModelMetrics, VersionMetrics
+from transformer.serving import edge
+from transformer.serving.admission import Admission, Refused
+from transformer.protocols.v1 import RequestError
+from transformer.serving.edge import Failure, grpc_code, handle
+from transformer.serving.metrics import ModelMetrics, VersionMetrics
 from transformer.predictor import PredictorError
 
 _names = itertools.count()
@@ -129,7 +129,7 @@ def test_a_full_transformer_refuses_without_running_the_work():
 
 
 def test_the_deadline_header_reaches_the_work():
-    from transformer.admission import deadline
+    from transformer.serving.admission import deadline
 
     model = Model()
     seen = []
@@ -208,7 +208,7 @@ def asgi(middleware, method="POST", path="/v1/models/m:predict", headers=()):
 
 
 def test_a_full_transformer_refuses_predict_requests_before_routing():
-    from transformer.server import ShedWhenFull
+    from transformer.serving.rest import ShedWhenFull
 
     model = Model(Admission(max_requests=1, min_requests=1))
     reached = []

@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScaler, StandardScaler
 
-from transformer.fitted import (
+from transformer.steps.fitted import (
     FITTED_FILE, AffineStep, FittedSteps, FittedStepsError, QuantileStep, UnsupportedEstimator, item_id_array,
     kmeans_centers, same_numbers, scaler_steps,
 )

@@ -14,8 +14,8 @@ from model.fuse import (
 )
 from scripts.cluster import fused_as_predictions
 from scripts.localstack import LocalStack
-from transformer.bundle import Rules, load_bundle
-from transformer.kernels import UnsupportedEstimator
+from transformer.store.bundle import Rules, load_bundle
+from transformer.steps.kernels import UnsupportedEstimator
 
 FUSED = "embedder-fused"
 
@@ -137,7 +137,7 @@ def test_feature_count_mismatch_fails_at_compile_time(build_dir):
     wrong = QuantileTransformer(n_quantiles=10).fit(rng.normal(size=(50, len(bundle.feature_names) + 1)))
     import dataclasses
 
-    from transformer.fitted import FittedSteps, scaler_steps
+    from transformer.steps.fitted import FittedSteps, scaler_steps
 
     mismatched = dataclasses.replace(bundle, fitted=FittedSteps(tuple(scaler_steps(wrong)), bundle.fitted.centers))
     embedder = tf.saved_model.load(str(build_dir / "models" / "embedder" / "1"))
@@ -151,7 +151,7 @@ def test_feature_count_mismatch_fails_at_compile_time(build_dir):
 def test_export_refuses_a_model_version_without_its_bundle(build_dir, tmp_path):
     import shutil
 
-    from transformer.bundle import BundleError
+    from transformer.store.bundle import BundleError
 
     bare = tmp_path / "embedder" / "1"
     shutil.copytree(version_dir(build_dir), bare)

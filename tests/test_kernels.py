@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import MinMaxScaler, QuantileTransformer, RobustScaler, StandardScaler
 
-from transformer.kernels import (
+from transformer.steps.kernels import (
     NearestCentroid, QuantileScaler, _Interpolation, UnsupportedEstimator, rules_on_candidates, scaler_kernel, top_items,
 )
 
@@ -233,7 +233,7 @@ def test_candidate_ids_outside_the_catalogue_are_the_predictors_fault(build_dir,
     """An item index the catalogue does not have means the predictor serves another model: 502, not 500."""
     from conftest import version_dir
 
-    from transformer.bundle import load_bundle
+    from transformer.store.bundle import load_bundle
     from transformer.pipeline import Pipeline as VersionPipeline
     from transformer.predictor import PredictorError
 

@@ -9,9 +9,9 @@ import re
 import pytest
 from small_bundle import TFServing, new_version, signature, write
 
-import transformer.server
+import transformer.serving.server
 from transformer import __main__ as cli
-from transformer.bundle import bundle_dir, sha256_of
+from transformer.store.bundle import bundle_dir, sha256_of
 from transformer.predictor import Contract
 
 DIGEST = "ab" * 32
@@ -36,7 +36,7 @@ def store(tmp_path):
 def started(monkeypatch):
     """What main() would serve: (model, args), instead of starting the server; TF Serving not reachable."""
     seen = {}
-    monkeypatch.setattr(transformer.server, "serve", lambda model, args: seen.update(model=model, args=args))
+    monkeypatch.setattr(transformer.serving.server, "serve", lambda model, args: seen.update(model=model, args=args))
     return seen
 
 

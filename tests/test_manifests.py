@@ -350,7 +350,7 @@ def test_transformer_runs_without_tensorflow(build_dir):
         "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
         "from transformer.__main__ import build_parser\n"
         "from transformer.model import EmbedderTransformer\n"
-        "import transformer.predictor_grpc\n"  # the gRPC client to TF Serving: our own protos, no TF stubs
+        "import transformer.predictor.grpc\n"  # the gRPC client to TF Serving: our own protos, no TF stubs
         f"m = EmbedderTransformer('embedder', {str(build_dir / 'models' / 'embedder')!r}); m.load(); print(m.ready)\n"
     )
     result = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -361,7 +361,7 @@ def test_transformer_runs_without_tensorflow(build_dir):
 def test_grafana_dashboard_shows_the_transformer_metrics():
     import json
 
-    from transformer import metrics
+    from transformer.serving import metrics
 
     dashboard = json.loads((ROOT / "manifests" / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
@@ -535,7 +535,7 @@ def test_the_webhook_rules_catch_what_kserve_refuses():
 
 
 def test_alerting_rules_watch_real_metrics_at_the_documented_thresholds():
-    from transformer import drift, metrics
+    from transformer.serving import drift, metrics
 
     rules = yaml.safe_load((ROOT / "manifests" / "monitoring" / "prometheus-rules.yaml").read_text())
     assert rules["kind"] == "PrometheusRule" and rules["apiVersion"] == "monitoring.coreos.com/v1"

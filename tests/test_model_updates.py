@@ -24,7 +24,7 @@ from conftest import MODEL_NAME, Offline, assert_same_predictions, train_version
 from scripts.localstack import LocalStack
 from transformer.pipeline import Pipeline
 from transformer.predictor import Contract, PredictorError
-from transformer.versions import ModelVersions, NoServableVersion, ServedVersion
+from transformer.store.versions import ModelVersions, NoServableVersion, ServedVersion
 
 def publish(source: Path, models: Path) -> Path:
     """Copy a version folder into a model store the way a user should: whole, then one rename."""

@@ -10,8 +10,8 @@ from conftest import reference_top_items
 from sklearn.cluster import KMeans
 from sklearn.preprocessing import QuantileTransformer
 
-from transformer.bundle import Bundle, ModelSpec, Rules
-from transformer.fitted import FittedSteps
+from transformer.store.bundle import Bundle, ModelSpec, Rules
+from transformer.steps.fitted import FittedSteps
 from transformer.pipeline import Pipeline
 from transformer.predictor import Contract, PredictorError
 

@@ -20,11 +20,11 @@ from transformer.predictor import (
     Contract, PredictorError, RestPredictorClient, RetryPolicy, VersionNotServed, connect, grpc_address,
     metadata_problems,
 )
-from transformer.predictor_grpc import (
+from transformer.predictor.grpc import (
     GET_MODEL_METADATA, GET_MODEL_STATUS, PREDICT, SIGNATURE_DEF_MAP_URL, GrpcPredictorClient, tensor_array,
     tensor_proto, type_name,
 )
-from transformer.protos import tfserving_pb2 as pb
+from transformer.predictor.protos import tfserving_pb2 as pb
 
 CONTRACT = Contract("candidates", "features", 3, {"ids": ("DT_INT64", 2), "scores": ("DT_FLOAT", 2)}, version=3)
 UNPINNED = Contract("candidates", "features", 3, {"ids": ("DT_INT64", 2), "scores": ("DT_FLOAT", 2)})
@@ -578,7 +578,7 @@ def test_connect_picks_the_transport_and_refuses_others():
 
 
 def test_backoff_is_full_jitter_under_a_growing_cap(monkeypatch):
-    import transformer.predictor as module
+    import transformer.predictor.base as module
 
     monkeypatch.setattr(module.random, "uniform", lambda low, high: (low, high))
     policy = RetryPolicy(base_delay=0.05, max_delay=0.5)
@@ -587,7 +587,7 @@ def test_backoff_is_full_jitter_under_a_growing_cap(monkeypatch):
 
 
 def test_the_wait_between_tries_never_exceeds_the_budget(monkeypatch):
-    import transformer.predictor as module
+    import transformer.predictor.base as module
 
     pauses = []
 

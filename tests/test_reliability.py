@@ -401,7 +401,7 @@ def test_a_poisoned_pickle_runs_nothing_and_a_pin_refuses_the_rewritten_manifest
     """Whoever can write the model store replaces scaler.joblib with code and fixes its sha256 in the
     manifest: the transformer serves from fitted.npz and never unpickles it; with the manifest's
     digest pinned from outside the store, the rewritten manifest is refused."""
-    from transformer.bundle import sha256_of
+    from transformer.store.bundle import sha256_of
 
     base, bundle = copy_of_version_1(build_dir, tmp_path)
     trusted = sha256_of(bundle / "manifest.json")

@@ -14,9 +14,9 @@ from conftest import latency_logged, metric_value
 from small_bundle import ROWS, offline, transformer
 from starlette.testclient import TestClient
 
-from transformer.admission import Admission
-from transformer.codec_v2 import HEADER_LENGTH
-from transformer.server import install
+from transformer.serving.admission import Admission
+from transformer.protocols.v2 import HEADER_LENGTH
+from transformer.serving.rest import install
 
 LIMIT = 2000  # bytes of body accepted
 
@@ -214,7 +214,7 @@ def _battery():
 
 def test_the_fast_path_answers_exactly_as_fastapis_routes(tmp_path, monkeypatch):
     """Status, body and headers of every request of the battery, on both paths (only the date differs)."""
-    from transformer import server
+    from transformer.serving import rest as server
 
     routed_calls = []
     endpoint = server.Endpoint.__call__

@@ -20,8 +20,8 @@ from tensorflow_serving.apis import (
 )
 
 from scripts.localstack import ROOT
-from transformer.predictor_grpc import SIGNATURE_DEF_MAP_URL, tensor_array, tensor_proto
-from transformer.protos import tfserving_pb2 as ours
+from transformer.predictor.grpc import SIGNATURE_DEF_MAP_URL, tensor_array, tensor_proto
+from transformer.predictor.protos import tfserving_pb2 as ours
 
 # -- our messages are TF Serving's bytes -----------------------------------------------------------
 
@@ -33,8 +33,8 @@ def test_the_generated_module_is_the_proto_file(tmp_path):
 
     out = tmp_path / "tfserving.desc"
     # In a process of its own: protoc's C++ protobuf and TensorFlow's do not share one process.
-    compiled = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Itransformer/protos",
-                               f"--descriptor_set_out={out}", "transformer/protos/tfserving.proto"],
+    compiled = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Itransformer/predictor/protos",
+                               f"--descriptor_set_out={out}", "transformer/predictor/protos/tfserving.proto"],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert compiled.returncode == 0, compiled.stderr
     (compiled,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file

@@ -57,7 +57,7 @@ def test_every_command_explains_itself(module):
 
 def test_training_adds_a_version_and_never_overwrites_one(tmp_path):
     """Each run writes the next version folder with its own bundle; an existing version is refused."""
-    from transformer.bundle import load_bundle
+    from transformer.store.bundle import load_bundle
 
     out = tmp_path / "build"
     args = ["--users", "200", "--items", "15", "--epochs", "1", "--out", str(out), "--quiet", "--no-fused"]
@@ -87,8 +87,8 @@ def test_two_files_train_the_same_model_as_one_file(tmp_path):
     import tensorflow as tf
 
     from model.train import main as train
-    from transformer.bundle import load_bundle
-    from transformer.fitted import same_numbers
+    from transformer.store.bundle import load_bundle
+    from transformer.steps.fitted import same_numbers
 
     data = make_synthetic(n_users=600, n_items=40, seed=9, item_prefix="sku-")
     write_one_file(data, tmp_path / "one.csv")

@@ -15,8 +15,8 @@ from grpc_interceptor.exceptions import GrpcException
 from conftest import latency_logged, metric_value
 from small_bundle import ROWS, TFServing, new_version, offline, transformer, write
 
-from transformer.admission import Admission
-from transformer.bundle import BundleError, bundle_dir
+from transformer.serving.admission import Admission
+from transformer.store.bundle import BundleError, bundle_dir
 from transformer.model import EmbedderTransformer
 from transformer.predictor import PredictorError, VersionNotServed
 
@@ -52,7 +52,7 @@ def test_rows_as_objects_and_the_sklearn_kernels_answer_alike(tmp_path):
 
 
 def test_a_v2_request_is_answered_with_fused_modes_tensors(tmp_path):
-    from transformer.codec_v2 import from_rest
+    from transformer.protocols.v2 import from_rest
 
     model = transformer(tmp_path, 4)
     body = b'{"inputs": [{"name": "features", "datatype": "FP64", "shape": [5, 2], "data": %s}]}' % (
@@ -178,7 +178,7 @@ def test_a_request_counts_its_rows_segments_out_of_range_features_and_predictor_
 
 
 def test_the_answering_version_is_published_with_its_drift_monitor(tmp_path):
-    from transformer.metrics import DRIFT
+    from transformer.serving.metrics import DRIFT
 
     model = transformer(tmp_path, 4, drift_window=7)
     switches = metric_value("embedder_model_version_switches_total")
@@ -207,7 +207,7 @@ def test_the_answering_version_is_published_with_its_drift_monitor(tmp_path):
 def test_a_version_without_training_quantiles_answers_without_drift_gauges(tmp_path, caplog):
     from sklearn.preprocessing import StandardScaler
 
-    from transformer.metrics import DRIFT
+    from transformer.serving.metrics import DRIFT
 
     write(new_version(tmp_path, 4), scaler=StandardScaler().fit(ROWS))
     model = EmbedderTransformer("embedder", tmp_path / "embedder", predictor_host="unused")
@@ -313,7 +313,7 @@ def test_a_grpc_requests_timeout_header_is_read(tmp_path, caplog):
 
 
 def test_a_passed_deadline_stops_the_request_before_each_stage(tmp_path):
-    from transformer.admission import Refused, deadline
+    from transformer.serving.admission import Refused, deadline
 
     model = transformer(tmp_path, 4)
 
@@ -465,7 +465,7 @@ def test_only_the_newest_keep_versions_are_loaded_and_polled_at_the_given_period
 
 
 def test_v2_metadata_follows_the_active_versions_catalogue_and_rules(tmp_path):
-    from transformer.bundle import Rules
+    from transformer.store.bundle import Rules
 
     model = EmbedderTransformer("embedder", tmp_path / "embedder", predictor_host="unused")
     assert (model.get_input_types(), model.get_output_types()) == ([], [])  # nothing loaded: nothing to say
@@ -478,7 +478,7 @@ def test_v2_metadata_follows_the_active_versions_catalogue_and_rules(tmp_path):
 
 
 def test_a_v2_answer_names_the_model_and_its_version(tmp_path):
-    from transformer.codec_v2 import from_rest
+    from transformer.protocols.v2 import from_rest
 
     model = transformer(tmp_path, 4)
     body = b'{"inputs": [{"name": "features", "datatype": "FP64", "shape": [1, 2], "data": [0.5, 0.5]}]}'
@@ -503,7 +503,7 @@ def test_full_scores_asks_for_every_score_even_when_the_model_offers_candidates(
 
 
 def test_the_sklearn_kernels_call_the_unpickled_estimators(tmp_path):
-    from transformer.kernels import SklearnScaler
+    from transformer.steps.kernels import SklearnScaler
 
     model = transformer(tmp_path, 4, kernels="sklearn")
     asyncio.run(model.versions.refresh())

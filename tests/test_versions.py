@@ -11,9 +11,9 @@ import pytest
 
 from small_bundle import TFServing, signature
 
-from transformer.bundle import BundleError
+from transformer.store.bundle import BundleError
 from transformer.predictor import Contract, PredictorError
-from transformer.versions import ModelVersions, NoServableVersion, ServedVersion
+from transformer.store.versions import ModelVersions, NoServableVersion, ServedVersion
 
 CONTRACT = Contract("serving_default", "features", 2, {"embedding": ("DT_FLOAT", 3), "scores": ("DT_FLOAT", 3)})
 

@@ -14,11 +14,11 @@ import sys
 
 from kserve import model_server
 
-from transformer.admission import Admission
-from transformer.bundle import BundleError
-from transformer.kernels import UnsupportedEstimator
+from transformer.serving.admission import Admission
+from transformer.store.bundle import BundleError
+from transformer.steps.kernels import UnsupportedEstimator
 from transformer.predictor import APIS, PredictorError, RetryPolicy, connect, metadata_problems
-from transformer.server import PREDICT_PATHS
+from transformer.serving.rest import PREDICT_PATHS
 
 DEFAULT_MODEL_BASE_PATH = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 TRUSTED_ENV = "EMBEDDER_TRUSTED_MANIFESTS"  # set on the container, outside the model store
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
 
     from transformer.model import EmbedderTransformer
-    from transformer.server import serve
+    from transformer.serving.server import serve
 
     model = EmbedderTransformer(
         args.model_name,

@@ -7,12 +7,12 @@
                  answer in the request's protocol, naming the version (``x-model-version``)
 
 What is computed is ``pipeline.py``'s, protocol-free; how it travels is a codec's: v1 REST
-(``codec.py``), v2 REST and gRPC (``codec_v2.py``). Adding a protocol means adding a codec
+(``protocols/v1.py``), v2 REST and gRPC (``protocols/v2.py``). Adding a protocol means adding a codec
 and a line in :func:`codec_for`.
 
 The request carries its :class:`ServedVersion` from preprocess to postprocess, so a
-model update in between cannot mix two versions' steps in one answer (``versions.py``
-decides which version is active). The fitted steps run as numpy kernels (``kernels.py``):
+model update in between cannot mix two versions' steps in one answer (``store/versions.py``
+decides which version is active). The fitted steps run as numpy kernels (``steps/kernels.py``):
 tens of microseconds a row, so they run on the event loop. Moving large batches to a worker
 thread (``offload_rows``) is possible but measured slower: the GIL serialises the Python
 parts anyway, and the switching cost 48% of the throughput at 256 rows.
@@ -33,17 +33,17 @@ from typing import Any, Callable
 import kserve
 import numpy as np
 
-from transformer.admission import TIMEOUT_HEADER, Admission, check_deadline, deadline
-from transformer.bundle import Bundle, BundleError, load_bundle
-from transformer.coalesce import Coalescer
-from transformer.codec import V1Codec
-from transformer.codec_v2 import V2Codec, V2Request, tensor_metadata
-from transformer.drift import DriftMonitor
-from transformer.edge import Failure, grpc_code, handle, request_version
-from transformer.metrics import ModelMetrics, VersionMetrics
+from transformer.serving.admission import TIMEOUT_HEADER, Admission, check_deadline, deadline
+from transformer.store.bundle import Bundle, BundleError, load_bundle
+from transformer.serving.coalesce import Coalescer
+from transformer.protocols.v1 import V1Codec
+from transformer.protocols.v2 import V2Codec, V2Request, tensor_metadata
+from transformer.serving.drift import DriftMonitor
+from transformer.serving.edge import Failure, grpc_code, handle, request_version
+from transformer.serving.metrics import ModelMetrics, VersionMetrics
 from transformer.pipeline import Pipeline
 from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, VersionNotServed, connect
-from transformer.versions import ModelVersions, NoServableVersion, ServedVersion
+from transformer.store.versions import ModelVersions, NoServableVersion, ServedVersion
 
 log = logging.getLogger("transformer")
 
@@ -197,7 +197,7 @@ class EmbedderTransformer(kserve.Model):
 
     async def __call__(self, body, headers=None, verb=kserve.model.InferenceVerb.PREDICT):
         """KServe's pre -> predict -> post. REST requests come through the transformer's own endpoints,
-        which run them through the edge (``edge.py``); gRPC requests come straight from KServe's
+        which run them through the edge (``serving/edge.py``); gRPC requests come straight from KServe's
         servicer and go through the same edge here, their failures turned into gRPC status codes."""
         if isinstance(body, kserve.InferRequest) and body.from_grpc:
             from grpc_interceptor.exceptions import GrpcException

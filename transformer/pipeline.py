@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from transformer.bundle import Bundle
-from transformer.kernels import (
+from transformer.store.bundle import Bundle
+from transformer.steps.kernels import (
     NearestCentroid, SklearnScaler, SklearnSegmenter, rules_on_candidates, steps_kernel, top_items,
 )
 from transformer.predictor import Contract, PredictorError

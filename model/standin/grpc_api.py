@@ -9,7 +9,7 @@ answers them (``tensorflow_serving/servables/tensorflow/predict_util.cc``,
     /tensorflow.serving.ModelService/GetModelStatus         the versions and their states
 
 It shares the model store and the executor with the REST API, so both answer from the
-same loaded versions. Messages are the transformer's own (``transformer/protos``), which
+same loaded versions. Messages are the transformer's own (``transformer/predictor/protos``), which
 tests check byte for byte against the official ``tensorflow-serving-api`` stubs.
 """
 
@@ -24,7 +24,7 @@ from google.protobuf import json_format
 
 from model.standin.serve import ServingError
 from model.standin.tfjson import TensorJsonError, check_shapes
-from transformer.predictor_grpc import (
+from transformer.predictor.grpc import (
     GET_MODEL_METADATA,
     GET_MODEL_STATUS,
     PREDICT,
@@ -32,7 +32,7 @@ from transformer.predictor_grpc import (
     tensor_array,
     type_name,
 )
-from transformer.protos import tfserving_pb2 as pb
+from transformer.predictor.protos import tfserving_pb2 as pb
 
 log = logging.getLogger("model.standin")
 

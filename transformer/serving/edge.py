@@ -4,7 +4,7 @@
 much work as it should; at once, or after a wait for a client that came back too early), runs
 it, counts its outcome in ``embedder_requests_total`` by model version, logs failures with the request id, and turns every failure into a
 :class:`Failure` with the status v1 REST answers (400, 413, 502, 503, 504, 500). Each
-transport then speaks its own language: REST answers the status (``server.py``), gRPC the
+transport then speaks its own language: REST answers the status (``rest.py``), gRPC the
 matching code (:data:`GRPC_CODES`, raised from ``model.py``).
 """
 
@@ -16,8 +16,8 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Hashable
 
-from transformer.admission import RETRY_AFTER_SECONDS, Refused
-from transformer.codec import RequestError
+from transformer.serving.admission import RETRY_AFTER_SECONDS, Refused
+from transformer.protocols.v1 import RequestError
 from transformer.predictor import PredictorError
 
 log = logging.getLogger("transformer")

@@ -16,7 +16,7 @@ and give the same tensors as fused mode, so both modes answer alike::
     item_scores        FP32   [n, k]   the matching scores; -1.0 in padded slots
 
 Every problem is a :class:`RequestError` naming the tensor and what was expected; the
-statuses and messages are those of v1 (``codec.py``).
+statuses and messages are those of v1 (``v1.py``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from transformer.bundle import PAD_ID, PAD_SCORE, PAD_TEXT_ID
-from transformer.codec import FLOAT32_MAX, RequestError, decode_json
+from transformer.store.bundle import PAD_ID, PAD_SCORE, PAD_TEXT_ID
+from transformer.protocols.v1 import FLOAT32_MAX, RequestError, decode_json
 
 FEATURES = "features"
 OUTPUTS = ("segment", "segment_distance", "item_ids", "item_scores")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.special import ndtri
 
-from transformer.fitted import (  # noqa: F401  (UnsupportedEstimator re-exported for callers)
+from transformer.steps.fitted import (  # noqa: F401  (UnsupportedEstimator re-exported for callers)
     AffineStep, QuantileStep, UnsupportedEstimator, kmeans_centers, scaler_steps,
 )
 

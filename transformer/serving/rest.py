@@ -1,4 +1,4 @@
-"""Wiring of the transformer into KServe's ModelServer.
+"""The transformer's REST predict endpoints, in front of KServe's own (``server.py`` runs them).
 
 KServe's own predict endpoints answer 500 for most failures, read bodies of any size and
 reject ``NaN`` before the model can say where it is. The transformer registers its own
@@ -6,7 +6,7 @@ reject ``NaN`` before the model can say where it is. The transformer registers i
 
 * the body is refused with 413 past ``--max_body_bytes`` (from Content-Length,
   before reading it, or while streaming it);
-* the body is decoded by the protocol's codec (``codec.py``, ``codec_v2.py``), so every
+* the body is decoded by the protocol's codec (``protocols/v1.py``, ``protocols/v2.py``), so every
   problem is a 4xx naming the row or tensor and the field;
 * admission, outcome counts, failure logs and statuses are the edge's (``edge.py``): 503 with
   ``Retry-After`` when the process holds as much work as it should, 502/503/504 for the
@@ -22,9 +22,6 @@ its histograms) is KServe's.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import gc
 import logging
 import time
 import uuid
@@ -36,13 +33,12 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
-from kserve import ModelServer, model_server
 from kserve.errors import ModelNotFound
 
-from transformer.admission import TIMEOUT_HEADER
-from transformer.codec import RequestError, decode_json
-from transformer.codec_v2 import HEADER_LENGTH, EncodedAnswer, from_rest
-from transformer.edge import Failure, failure, handle
+from transformer.serving.admission import TIMEOUT_HEADER
+from transformer.protocols.v1 import RequestError, decode_json
+from transformer.protocols.v2 import HEADER_LENGTH, EncodedAnswer, from_rest
+from transformer.serving.edge import Failure, failure, handle
 
 log = logging.getLogger("transformer")
 
@@ -222,45 +218,3 @@ def install(app, dataplane, model, model_name: str, max_body_bytes: int, predict
     if predict_path == "fast":
         build = app.build_middleware_stack
         app.build_middleware_stack = lambda: FastPath(build(), dataplane, max_body_bytes)
-
-
-def serve(model, args: argparse.Namespace) -> None:
-    """Run the ModelServer with ``model`` until SIGTERM/SIGINT, then drain in-flight requests."""
-    server = ModelServer(
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        workers=1,
-        enable_grpc=args.enable_grpc,
-        enable_docs_url=args.enable_docs_url,
-        enable_latency_logging=args.enable_latency_logging,
-        access_log_format=args.access_log_format,
-        event_loop=args.event_loop,
-        timeout_keep_alive=args.timeout_keep_alive,
-        # On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish, this long at most.
-        grace_period=args.graceful_shutdown_seconds,
-    )
-    if not args.enable_latency_logging:
-        # KServe's timing middleware writes a trace line per request; it is off with latency logging.
-        from kserve.logging import trace_logger
-
-        trace_logger.setLevel(logging.WARNING)
-    install(model_server.app, server.dataplane, model, args.model_name, args.max_body_bytes, args.predict_path)
-    # gRPC messages are bounded like REST bodies (gRPC refuses larger ones with RESOURCE_EXHAUSTED).
-    model_server.args.grpc_max_receive_message_length = args.max_body_bytes
-    if not args.access_log:
-        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    if args.event_loop in ("auto", "uvloop"):
-        # ModelServer runs uvicorn inside asyncio.run(), which ignores uvicorn's loop setting.
-        try:
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-            asyncio.set_event_loop(asyncio.new_event_loop())
-        except ImportError:
-            if args.event_loop == "uvloop":
-                raise
-    # Everything loaded so far lives as long as the process: keep it out of the garbage collector's
-    # full passes, which would otherwise scan it and stall the event loop for tens of milliseconds.
-    gc.collect()
-    gc.freeze()
-    server.start([model])

@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from transformer.fitted import FittedSteps, QuantileStep
+from transformer.steps.fitted import FittedSteps, QuantileStep
 
 STABLE, SIGNIFICANT = 0.1, 0.25
 BATCH_ROWS = 256  # rows waiting to be binned, at most

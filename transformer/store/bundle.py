@@ -11,7 +11,7 @@ from that folder)::
                            and tensor names, dims, rules, library versions, sha256
                            of every file, what each array of fitted.npz is
         fitted.npz         the fitted numbers (quantiles, centroids, ...) as plain
-                           arrays: what the transformer serves with (``fitted.py``)
+                           arrays: what the transformer serves with (``steps/fitted.py``)
         scaler.joblib      the fitted QuantileTransformer, for scikit-learn users and
         segments.joblib    the fitted KMeans                 ``--kernels sklearn``
 
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Collection
 
-from transformer.fitted import FITTED_FILE, FittedSteps, FittedStepsError
+from transformer.steps.fitted import FITTED_FILE, FittedSteps, FittedStepsError
 
 FORMAT_VERSION = 2
 BUNDLE_SUBDIR = Path("assets.extra") / "transformer-bundle"
@@ -378,7 +378,7 @@ def load_bundle(version_dir: str | Path, *, estimators: bool = False,
     if estimators:
         import joblib
 
-        from transformer.fitted import same_numbers
+        from transformer.steps.fitted import same_numbers
 
         scaler = joblib.load(directory / SCALER_FILE)
         segments = joblib.load(directory / SEGMENTS_FILE)

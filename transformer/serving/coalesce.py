@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from transformer.admission import Refused
+from transformer.serving.admission import Refused
 
 Outputs = dict[str, np.ndarray]
 

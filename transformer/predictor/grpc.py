@@ -23,7 +23,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from transformer.predictor import Contract, PredictorClient, PredictorError, Retryable, VersionNotServed
-from transformer.protos import tfserving_pb2 as pb
+from transformer.predictor.protos import tfserving_pb2 as pb
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 GET_MODEL_METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"

@@ -33,8 +33,8 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from transformer.bundle import Bundle, BundleError, bundle_dir, load_bundle, model_versions
-from transformer.kernels import UnsupportedEstimator
+from transformer.store.bundle import Bundle, BundleError, bundle_dir, load_bundle, model_versions
+from transformer.steps.kernels import UnsupportedEstimator
 from transformer.pipeline import Pipeline
 from transformer.predictor import PredictorClient, PredictorError, metadata_problems
 

@@ -1,0 +1,23 @@
+"""The transformer's clients for TF Serving, one interface (``base.PredictorClient``) over two transports:
+gRPC (``grpc.py``, the default: tensors as bytes) and REST (``rest.py``, JSON). :func:`connect` makes the
+one ``--predictor_api`` names; the rest of the transformer imports from here.
+"""
+
+from __future__ import annotations
+
+from transformer.predictor.base import (  # noqa: F401  (the package's interface)
+    APIS, Contract, PredictorClient, PredictorError, Retryable, RetryPolicy, VersionNotServed, grpc_address,
+    metadata_problems,
+)
+from transformer.predictor.grpc import GrpcPredictorClient
+from transformer.predictor.rest import Answer, RestPredictorClient  # noqa: F401
+
+
+def connect(api: str, host: str, model_name: str, *, grpc_port: int = 9000, **options) -> PredictorClient:
+    """The client for ``--predictor_api``: REST at ``host`` (KServe's --predictor_host, port 80 when it
+    names none), or gRPC at the same host on ``grpc_port`` (TF Serving's --port)."""
+    if api == "rest":
+        return RestPredictorClient(host, model_name, **options)
+    if api == "grpc":
+        return GrpcPredictorClient(grpc_address(host, grpc_port), model_name, **options)
+    raise ValueError(f"predictor api must be one of {', '.join(APIS)}, got {api!r}")
