@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import json_documents, valid_rows
 
 from transformer.protocols.v1 import RequestError, decode_body, encode_predictions, parse_instances
@@ -128,6 +129,36 @@ def test_any_valid_request_parses_to_exactly_its_numbers(request_and_rows):
     assert X.dtype == np.float64 and X.tolist() == rows
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(valid_rows(list(NAMES)).map(lambda request: request[0]),
+                 st.lists(json_documents(list(NAMES), max_leaves=12), min_size=1, max_size=4).map(
+                     lambda rows: {"instances": rows})))
+def test_the_fast_rows_accept_exactly_what_the_checked_rows_accept(doc):
+    """The fast path (a few passes in C) takes a request only when the value-by-value checks would take it too,
+    with the same matrix; everything else goes to the checks, which name the problem."""
+    from transformer.protocols.v1 import _checked_rows, _plain_rows
+
+    instances = doc.get("instances") if isinstance(doc, dict) else None
+    if not isinstance(instances, list) or not instances:
+        return
+    fast = _plain_rows(instances, NAMES)
+    try:
+        checked = _checked_rows(instances, NAMES)
+    except RequestError:
+        assert fast is None
+        return
+    assert fast is None or (fast.dtype == np.float64 and fast.tolist() == checked.tolist())
+
+
+@pytest.mark.parametrize("doc, status, cause, message", [b for b in BAD_REQUESTS if isinstance(b[0], dict)
+                                                         and isinstance(b[0].get("instances"), list)
+                                                         and b[0]["instances"]])
+def test_every_bad_row_of_the_battery_is_left_to_the_checks(doc, status, cause, message):
+    from transformer.protocols.v1 import _plain_rows
+
+    assert _plain_rows(doc["instances"], NAMES) is None or status == 413  # 413: too many rows, checked before
+
+
 def test_response_shape_and_float32_values():
     body = encode_predictions(
         labels=np.array([2, 0]),
@@ -140,3 +171,8 @@ def test_response_shape_and_float32_values():
     assert body["predictions"][0]["items"] == [{"id": 4, "score": np.float32(0.75)}]
     assert [i["id"] for i in body["predictions"][1]["items"]] == [0, 3]
     assert body["predictions"][0]["segment_distance"].dtype == np.float32
+
+
+def test_a_model_of_one_feature_reads_rows_by_name_and_as_lists():
+    X = parse_instances({"instances": [{"a": 1.5}, [2], {"a": -3}]}, ("a",), 10)
+    assert X.shape == (3, 1) and X.tolist() == [[1.5], [2.0], [-3.0]]

@@ -44,18 +44,21 @@ class _Interpolation:
     FEW_ROWS = 16
 
     def __init__(self, xp: np.ndarray, fp: np.ndarray):
+        """``xp`` (F, K): each feature's increasing knots; ``fp``: the values at them, (K,) for every feature
+        alike or (F, K) a table each."""
         n_features, n_knots = xp.shape
+        fp = np.broadcast_to(np.asarray(fp, dtype=np.float64), xp.shape)
         self.n_knots = n_knots
-        self.tables = [(np.ascontiguousarray(row), fp) for row in xp]  # for np.interp
+        self.tables = [(np.ascontiguousarray(row), np.ascontiguousarray(values)) for row, values in zip(xp, fp)]
         self.features = np.arange(n_features, dtype=np.float64)
         self.offsets = np.arange(n_features) * n_knots  # where each feature's knots start in the flat arrays
         self.keys = (self.features[:, None] + 1j * xp).ravel()
         self.xp = xp.ravel()
-        self.fp = np.tile(fp, n_features)
+        self.fp = np.ascontiguousarray(fp).ravel()
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # repeated knots: never a bracket
-            slopes = (fp[1:] - fp[:-1]) / (xp[:, 1:] - xp[:, :-1])
+            slopes = (fp[:, 1:] - fp[:, :-1]) / (xp[:, 1:] - xp[:, :-1])
         self.slopes = np.concatenate([slopes, np.zeros((n_features, 1))], axis=1).ravel()
-        self.left, self.right = fp[0], fp[-1]
+        self.left, self.right = fp[:, 0].copy(), fp[:, -1].copy()  # per feature
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         if X.shape[0] > self.FEW_ROWS:
@@ -72,9 +75,8 @@ class _Interpolation:
         exact = X == knot
         out[exact] = value[exact]
         local = found - self.offsets
-        out[local < 0] = self.left
-        out[local >= self.n_knots - 1] = self.right
-        return out
+        out = np.where(local < 0, self.left, out)
+        return np.where(local >= self.n_knots - 1, self.right, out)
 
 
 class QuantileScaler:
@@ -84,9 +86,12 @@ class QuantileScaler:
         quantiles, references = step.quantiles, step.references
         self.n_features = quantiles.shape[1]
         self.normal = step.output_distribution == "normal"
-        # The forward interpolation, and the backward one on the mirrored tables.
-        self._forward = _Interpolation(np.ascontiguousarray(quantiles.T), references)
-        self._backward = _Interpolation(np.ascontiguousarray(-quantiles.T[:, ::-1]), -references[::-1])
+        # The forward interpolation and the backward one on the mirrored tables, as one interpolation over
+        # 2F tables (the first F forward, the next F backward): one search for both (1 row: 21 -> 16 us).
+        forward, backward = quantiles.T, -quantiles.T[:, ::-1]
+        self._both = _Interpolation(np.ascontiguousarray(np.concatenate([forward, backward])),
+                                    np.concatenate([np.broadcast_to(references, forward.shape),
+                                                    np.broadcast_to(-references[::-1], backward.shape)]))
         self._low = np.ascontiguousarray(quantiles[0])
         self._high = np.ascontiguousarray(quantiles[-1])
 
@@ -100,7 +105,8 @@ class QuantileScaler:
         X = np.asarray(X, dtype=np.float64)
         # Average of the forward and backward interpolation: with repeated
         # quantiles (a constant or discrete column) this lands in the middle.
-        out = 0.5 * (self._forward(X) - self._backward(-X))
+        both = self._both(np.concatenate([X, -X], axis=1))
+        out = 0.5 * (both[:, :self.n_features] - both[:, self.n_features:])
         if self.normal:
             lower = X - BOUNDS_THRESHOLD < self._low
             upper = X + BOUNDS_THRESHOLD > self._high
