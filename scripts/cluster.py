@@ -1,6 +1,7 @@
 """Talk to the cluster with the kubernetes Python client: wait for the InferenceService, smoke-test it.
 
-    python -m scripts.cluster wait-ready [--namespace embedder] [--timeout 600]
+    python -m scripts.cluster wait-ready   [--namespace embedder] [--timeout 600]
+    python -m scripts.cluster remove-stale [--namespace embedder]
     python -m scripts.cluster smoke      [--namespace embedder] [--entry transformer|collocated|fused]
 
 ``smoke`` reaches the service's entry point through ``kubectl port-forward`` (the
@@ -69,49 +70,159 @@ def post_fused(base_url: str, model: str, features: list[str]) -> list[tuple[int
     return answers
 
 
-def custom_objects():
-    from kubernetes import client, config
+def _load_config():
+    from kubernetes import config
 
     try:
         config.load_kube_config()
     except config.ConfigException:
         config.load_incluster_config()
+
+
+def custom_objects():
+    from kubernetes import client
+
+    _load_config()
     return client.CustomObjectsApi()
+
+
+def apps_api():
+    from kubernetes import client
+
+    _load_config()
+    return client.AppsV1Api()
 
 
 def conditions(isvc: dict) -> dict[str, dict]:
     return {c["type"]: c for c in (isvc.get("status") or {}).get("conditions", [])}
 
 
-def wait_ready(namespace: str, name: str, timeout: float) -> int:
-    """Poll the InferenceService until its Ready condition is True, printing a progress line."""
+COMPONENTS = ("predictor", "transformer")  # KServe Standard mode: Deployment <isvc>-<component>
+
+
+def spec_components(isvc: dict) -> list[str]:
+    """The components the InferenceService's spec asks for (the predictor always)."""
+    spec = isvc.get("spec") or {}
+    return [c for c in COMPONENTS if c == "predictor" or spec.get(c)]
+
+
+def deployment_pending(name: str, deployment) -> str | None:
+    """Why a Deployment has not rolled out its newest spec yet (None: rolled out), as `kubectl rollout status`
+    judges it: the Deployment controller saw the newest generation, and every replica is updated and available."""
+    if deployment is None:
+        return f"deployment {name} does not exist yet"
+    meta, spec, status = deployment.metadata, deployment.spec, deployment.status
+    if (status.observed_generation or 0) < (meta.generation or 0):
+        return f"deployment {name}: generation {meta.generation} not yet seen by its controller"
+    want = spec.replicas if spec.replicas is not None else 1
+    updated, ready = status.updated_replicas or 0, status.available_replicas or 0
+    total = status.replicas or 0
+    if updated < want or total > updated or ready < updated:
+        return (f"deployment {name}: {updated} of {want} replicas updated, {ready} available"
+                + (f", {total - updated} old still running" if total > updated else ""))
+    return None
+
+
+def rollout_pending(isvc: dict, deployments: dict) -> str | None:
+    """What keeps a (re)deployed InferenceService from serving its newest spec (None: it does).
+
+    KServe never resets Ready when the spec changes (Ready = PredictorReady + IngressReady, PredictorReady =
+    the Deployment is Available, and a rollout keeps the old pod until the new one is ready), so Ready alone
+    says nothing about a redeploy: first the controller must have reconciled the newest generation, then
+    each component's Deployment must have rolled out, and only then does Ready mean the new pods."""
+    if not isvc:
+        return "the InferenceService does not exist yet"
+    generation = (isvc.get("metadata") or {}).get("generation")
+    observed = (isvc.get("status") or {}).get("observedGeneration")
+    if generation is not None and observed != generation:
+        return f"KServe has not reconciled generation {generation} yet (it observed {observed})"
+    name = isvc["metadata"]["name"]
+    for component in spec_components(isvc):
+        why = deployment_pending(f"{name}-{component}", deployments.get(component))
+        if why:
+            return why
+    ready = conditions(isvc).get("Ready", {})
+    if ready.get("status") != "True":
+        not_ready = [f"{t}: {c.get('reason', '')} {c.get('message', '')}".strip()
+                     for t, c in conditions(isvc).items() if c.get("status") != "True"]
+        return "not Ready: " + ("; ".join(not_ready) or "no conditions yet")
+    return None
+
+
+def read_state(custom, apps, namespace: str, name: str) -> tuple[dict, dict]:
+    """The InferenceService ({} when it does not exist) and its component Deployments (None when absent)."""
     from kubernetes.client.exceptions import ApiException
 
-    api = custom_objects()
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
+    try:
+        isvc = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return {}, {}
+    deployments = {}
+    for component in spec_components(isvc):
         try:
-            isvc = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            deployments[component] = apps.read_namespaced_deployment(f"{name}-{component}", namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            isvc = {}
-        conds = conditions(isvc)
-        summary = ", ".join(f"{t}={c.get('status')}" for t, c in sorted(conds.items())) or "no status yet"
-        elapsed = timeout - (deadline - time.monotonic())
-        if summary != last:
-            print(f"\r[{elapsed:5.0f}s] {namespace}/{name}: {summary}".ljust(100), flush=True)
-            last = summary
-        if conds.get("Ready", {}).get("status") == "True":
-            print(f"{namespace}/{name} is Ready: {isvc['status'].get('url', '')}")
+            deployments[component] = None
+    return isvc, deployments
+
+
+def wait_ready(namespace: str, name: str, timeout: float, custom=None, apps=None, sleep=time.sleep,
+               clock=time.monotonic) -> int:
+    """Wait until the InferenceService serves its newest spec (:func:`rollout_pending`), printing each change."""
+    custom = custom if custom is not None else custom_objects()
+    apps = apps if apps is not None else apps_api()
+    started = clock()
+    last = None
+    while True:
+        isvc, deployments = read_state(custom, apps, namespace, name)
+        pending = rollout_pending(isvc, deployments)
+        if pending is None:
+            print(f"{namespace}/{name} is Ready at generation {isvc['metadata'].get('generation')}: "
+                  f"{isvc['status'].get('url', '')}", flush=True)
             return 0
-        time.sleep(3)
-    not_ready = [f"{t}: {c.get('reason', '')} {c.get('message', '')}".strip()
-                 for t, c in conditions(isvc).items() if c.get("status") != "True"]
-    print(f"error: {namespace}/{name} not Ready after {timeout:.0f}s. " + "; ".join(not_ready), file=sys.stderr)
-    print(f"look at: kubectl -n {namespace} get pods; kubectl -n {namespace} describe isvc {name}", file=sys.stderr)
-    return 1
+        elapsed = clock() - started
+        if pending != last:
+            print(f"[{elapsed:5.0f}s] {namespace}/{name}: {pending}", flush=True)
+            last = pending
+        if elapsed >= timeout:
+            print(f"error: {namespace}/{name} did not roll out within {timeout:.0f}s: {pending}", file=sys.stderr)
+            print(f"look at: kubectl -n {namespace} get pods; kubectl -n {namespace} describe isvc {name}; "
+                  f"kubectl -n {namespace} rollout status deploy/{name}-predictor", file=sys.stderr)
+            return 1
+        sleep(3)
+
+
+def remove_stale_components(namespace: str, name: str, custom=None, apps=None, core=None, autoscaling=None) -> list[str]:
+    """Delete the component objects KServe made for a component the spec no longer has: removing
+    ``spec.transformer`` (the fused or collocated overlay after the kind one) leaves the ``<name>-transformer``
+    Deployment, Service and HPA running, since KServe does not delete them. Returns what was deleted."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    custom = custom if custom is not None else custom_objects()
+    apps = apps if apps is not None else apps_api()
+    core = core if core is not None else client.CoreV1Api()
+    autoscaling = autoscaling if autoscaling is not None else client.AutoscalingV2Api()
+    isvc = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    deleted = []
+    for component in set(COMPONENTS) - set(spec_components(isvc)):
+        object_name = f"{name}-{component}"
+        for kind, delete in (("deployment", apps.delete_namespaced_deployment),
+                             ("service", core.delete_namespaced_service),
+                             ("horizontalpodautoscaler", autoscaling.delete_namespaced_horizontal_pod_autoscaler)):
+            try:
+                delete(object_name, namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                continue
+            deleted.append(f"{kind}/{object_name}")
+            print(f"deleted {kind}/{object_name}: the InferenceService no longer has a {component}", flush=True)
+    return deleted
 
 
 def post_examples(base_url: str, model: str) -> list[tuple[int, dict]]:
@@ -193,7 +304,9 @@ def smoke(namespace: str, name: str, entry: str = "transformer") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.cluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["wait-ready", "smoke"])
+    parser.add_argument("command", choices=["wait-ready", "remove-stale", "smoke"],
+                        help="wait-ready: until the newest spec is rolled out and Ready; remove-stale: delete the "
+                             "objects of components the spec no longer has; smoke: compare answers with the local stack")
     parser.add_argument("--namespace", default="embedder")
     parser.add_argument("--name", default="embedder", help="InferenceService name")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
@@ -202,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "wait-ready":
         return wait_ready(args.namespace, args.name, args.timeout)
+    if args.command == "remove-stale":
+        remove_stale_components(args.namespace, args.name)
+        return 0
     return smoke(args.namespace, args.name, args.entry)
 
 
