@@ -4,11 +4,36 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-python=${PYTHON:-python3.11}
-command -v "$python" >/dev/null 2>&1 || python=python3
-if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-  echo "error: Python 3.11 is required (found $("$python" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
-  exit 1
+# The Pythons the pinned stack supports: kserve 0.21 takes 3.10-3.13, tensorflow-cpu 2.21 ships 3.10-3.13,
+# scikit-learn 1.9 needs 3.11 or newer. $PYTHON when set, else the newest python3.x on PATH in that range.
+SUPPORTED="3.13 3.12 3.11"
+supported() { "$1" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] <= (3, 13)))' 2>/dev/null; }
+if [ -n "${PYTHON:-}" ]; then
+  if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "error: PYTHON=$PYTHON is not a command; set it to a Python 3.11, 3.12 or 3.13" >&2
+    exit 1
+  fi
+  if ! supported "$PYTHON"; then
+    echo "error: PYTHON=$PYTHON is $("$PYTHON" --version 2>&1); the project needs Python 3.11, 3.12 or 3.13" >&2
+    exit 1
+  fi
+  python=$PYTHON
+else
+  python=
+  for version in $SUPPORTED; do
+    if command -v "python$version" >/dev/null 2>&1 && supported "python$version"; then
+      python=python$version
+      break
+    fi
+  done
+  if [ -z "$python" ] && command -v python3 >/dev/null 2>&1 && supported python3; then
+    python=python3
+  fi
+  if [ -z "$python" ]; then
+    found=$(command -v python3 >/dev/null 2>&1 && python3 --version 2>&1 || echo "no python3")
+    echo "error: no Python 3.11, 3.12 or 3.13 on PATH (python3: $found); install one, or set PYTHON=/path/to/it" >&2
+    exit 1
+  fi
 fi
 
 # sha256sum on Linux, shasum on macOS (BSD tools). A change to either file means a new install.
@@ -17,7 +42,11 @@ stamp=.venv/.installed-$(printf '%s' "$digest" | cut -c1-16)
 if [ -f "$stamp" ]; then
   exit 0
 fi
-echo "== setting up .venv (Python 3.11, TensorFlow, KServe, scikit-learn; a few minutes the first time)"
+echo "== setting up .venv ($("$python" --version 2>&1), TensorFlow, KServe, scikit-learn; a few minutes the first time)"
+if [ -x .venv/bin/python ] && ! supported .venv/bin/python; then
+  echo "== .venv holds $(.venv/bin/python --version 2>&1), outside 3.11-3.13: making it again with $python"
+  rm -rf .venv
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet --progress-bar off -e '.[dev]'
