@@ -81,11 +81,12 @@ def _header(path: Path) -> list[str]:
 def _chunks(path: Path, columns: list[str], rows: int, progress: bool):
     """(first line number, DataFrame of text) per chunk of ``columns``."""
     import pandas as pd
-    from tqdm import tqdm
+
+    from model.progress import progress as progress_bar
 
     size = path.stat().st_size
-    with path.open("rb") as handle, tqdm(total=size, desc=f"reading {path.name}", unit="B", unit_scale=True,
-                                         disable=not progress, leave=False) as bar:
+    with path.open("rb") as handle, progress_bar(total=size, desc=f"reading {path.name}", unit="B", unit_scale=True,
+                                                 disable=not progress, leave=False) as bar:
         # Every column is read (not usecols: with it, pandas drops a row's extra fields silently).
         reader = pd.read_csv(handle, dtype=str, keep_default_na=False, na_filter=False, chunksize=rows, engine="c")
         line = 2

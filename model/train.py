@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from model.csv_input import DataError, load_one_file, load_two_files
 from model.data import UserData
+from model.progress import progress
 from model.quality import Quality, popularity_top, recall_at_k
 from model.synthetic import make_synthetic
 from transformer.store.bundle import BUNDLE_SUBDIR, MANIFEST_FILE, ModelSpec, Rules, sha256_of, write_bundle
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. The two-tower model, from example shards on disk (what distributed workers would share out).
     batch_size = batch_size_for(args, train.n_users)
-    bar = tqdm(total=args.epochs, desc="training", unit="epoch", disable=args.quiet, leave=True)
+    bar = progress(total=args.epochs, desc="training", unit="epoch", disable=args.quiet, leave=True)
 
     def on_epoch(epoch, logs):
         bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")

@@ -7,11 +7,14 @@ source scripts/lib.sh
 need_kind_tools
 check_architecture
 engine=$(container_engine)
+check_tool_versions "$engine"
 
-scripts/setup.sh
+# EMBEDDER_PYTHON: a Python with the project installed; by default .venv's, set up here.
+python=${EMBEDDER_PYTHON:-.venv/bin/python}
+[ -n "${EMBEDDER_PYTHON:-}" ] || scripts/setup.sh
 if ! ls build/models/embedder/*/assets.extra/transformer-bundle/manifest.json >/dev/null 2>&1; then
   echo "== training (build/ is empty)"
-  .venv/bin/python -m model.train
+  "$python" -m model.train
 fi
 
 # Built and loaded under its full name: Podman would otherwise tag it localhost/<name>, which is not
@@ -21,11 +24,11 @@ echo "== building $image with $engine"
 "$engine" build -f transformer/Dockerfile -t "$image" .
 
 echo "== loading the image into kind cluster '$KIND_CLUSTER_NAME'"
-# Through an archive for both engines: `kind load docker-image` fails with Docker 29's containerd
-# image store ("content digest not found", kind#3795). mktemp with a template works on BSD and GNU.
+# Saved for the node's platform only (save_image in lib.sh says why: kind#3795). mktemp with a template
+# works on BSD and GNU.
 archive=$(mktemp "${TMPDIR:-/tmp}/embedder-image.XXXXXX")
 trap 'rm -f "$archive"' EXIT
-"$engine" save -o "$archive" "$image"
+save_image "$engine" "$image" "$archive"
 if [ "$engine" = podman ]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
 kind load image-archive "$archive" --name "$KIND_CLUSTER_NAME"
 
@@ -39,4 +42,7 @@ for component in transformer predictor; do
   kubectl --context "kind-$KIND_CLUSTER_NAME" -n "$NAMESPACE" rollout restart "deploy/embedder-$component" 2>/dev/null || true
 done
 kubectl config use-context "kind-$KIND_CLUSTER_NAME" >/dev/null
-.venv/bin/python -m scripts.cluster wait-ready --namespace "$NAMESPACE" --timeout 600
+# An overlay without a transformer (fused, collocated) after one with it: KServe leaves the old component's
+# Deployment running; remove what the new spec does not have, then wait for the new spec to be rolled out.
+"$python" -m scripts.cluster remove-stale --namespace "$NAMESPACE"
+"$python" -m scripts.cluster wait-ready --namespace "$NAMESPACE" --timeout 600

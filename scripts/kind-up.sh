@@ -8,6 +8,7 @@ source scripts/lib.sh
 need_kind_tools
 check_architecture
 engine=$(container_engine)
+check_tool_versions "$engine"
 if [ "$engine" = podman ]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
 
 mkdir -p build
@@ -26,6 +27,7 @@ nodes:
       - hostPath: $(pwd)/build
         containerPath: /mnt/embedder-build
         readOnly: true
+        selinuxRelabel: $(selinux_relabel)
 YAML
   kind create cluster --name "$KIND_CLUSTER_NAME" --image "$KIND_NODE_IMAGE" --config "$config" --wait 180s
 fi

@@ -28,6 +28,67 @@ need_kind_tools() {
   need kubectl "Install it: https://kubernetes.io/docs/tasks/tools/"
 }
 
+# check_tool_versions ENGINE: kind, kubectl and the container engine against the versions these scripts were
+# tested with (versions.env). kubectl more than one minor version away from the node's Kubernetes is an error
+# (kubectl's supported skew); another kind or an old engine is a warning.
+check_tool_versions() {
+  local kind_version node_minor kubectl_minor engine_version
+  kind_version=$(kind version 2>/dev/null | awk '{print $2}')
+  if [ "$kind_version" != "$KIND_VERSION" ]; then
+    echo "warning: kind ${kind_version:-(unknown version)} here; these scripts are tested with kind $KIND_VERSION" >&2
+    echo "  (the node image $KIND_NODE_IMAGE is given explicitly, so a newer kind's default node is not used)" >&2
+  fi
+  node_minor=$(echo "${KIND_NODE_IMAGE##*:v}" | cut -d. -f2)
+  kubectl_minor=$(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | head -n 1)
+  if [ -z "$kubectl_minor" ] || [ $((kubectl_minor - node_minor)) -gt 1 ] || [ $((node_minor - kubectl_minor)) -gt 1 ]; then
+    echo "error: kubectl 1.${kubectl_minor:-?} is more than one minor version away from the cluster's Kubernetes" >&2
+    echo "1.$node_minor ($KIND_NODE_IMAGE), more skew than kubectl supports. Install kubectl 1.$node_minor" >&2
+    echo "(https://kubernetes.io/docs/tasks/tools/) and run this again." >&2
+    exit 1
+  fi
+  case "$1" in
+    docker) engine_version=$(docker version --format '{{.Server.Version}}' 2>/dev/null) ;;
+    podman) engine_version=$(podman version --format '{{.Client.Version}}' 2>/dev/null) ;;
+  esac
+  local major=${engine_version%%.*}
+  if [ -z "$major" ] || { [ "$1" = docker ] && [ "$major" -lt 20 ]; } || { [ "$1" = podman ] && [ "$major" -lt 4 ]; }; then
+    echo "warning: $1 ${engine_version:-(unknown version)}: these scripts are tested with Docker 28-29 and Podman 4-5" >&2
+  fi
+}
+
+# save_image ENGINE IMAGE ARCHIVE: the image as an archive kind can import. Docker 29's containerd image store
+# keeps a multi-platform index whose other platforms have no content, and kind's import (`ctr images import
+# --all-platforms --digests`, the same for `kind load docker-image` and `kind load image-archive`) then fails with
+# "content digest not found" (kind#3795); saving only the node's platform is the fix kind documents (kind#4247).
+# Docker before 28 has no --platform there and no such store. Podman keeps one platform per local image.
+save_image() {
+  if [ "$1" = docker ] && docker image save --help 2>/dev/null | grep -q -- '--platform'; then
+    docker image save --platform "linux/$(node_arch)" -o "$3" "$2"
+  elif [ "$1" = podman ]; then
+    podman save --format docker-archive -o "$3" "$2"
+  else
+    "$1" save -o "$3" "$2"
+  fi
+}
+
+# The kind node's architecture, as image platforms name it.
+node_arch() {
+  case "$(uname -m)" in
+    arm64|aarch64) echo arm64 ;;
+    *) echo amd64 ;;
+  esac
+}
+
+# selinux_relabel: "true" when SELinux enforces here, so kind relabels the build/ mount for the node (without
+# it the node cannot read the models: "permission denied" in the predictor's logs); "false" elsewhere.
+selinux_relabel() {
+  if command -v getenforce >/dev/null 2>&1 && [ "$(getenforce 2>/dev/null)" = Enforcing ]; then
+    echo true
+  else
+    echo false
+  fi
+}
+
 # The tensorflow/serving image is published for linux/amd64 only (tensorflow/serving#1948): on an
 # arm64 host a kind node is arm64 and the predictor pod cannot pull or start it. Say so before
 # anything is created; EMBEDDER_ALLOW_ARM64=1 goes on (for nodes that run amd64 images by emulation).

@@ -25,8 +25,16 @@ case "$name $*" in
   "uname -m") echo "${STUB_ARCH:-x86_64}" ;;
   "uname "*) PATH=/usr/bin:/bin uname "$@" ;;
   "docker info") ;;
+  "docker version --format"*) echo "${STUB_DOCKER_VERSION:-29.0.1}" ;;
+  "docker image save --help") echo "      --platform stringArray   Save only the given platform(s)" ;;
+  "docker image save"*|"docker save"*) ;;
+  "kind version") echo "kind ${STUB_KIND_VERSION:-v0.27.0} go1.23.4 linux/amd64" ;;
+  "kubectl version --client -o json") printf '{"clientVersion": {"major": "1", "minor": "%s"}}\n' "${STUB_KUBECTL_MINOR:-32}" ;;
+  "getenforce"*) echo "${STUB_SELINUX:-Disabled}" ;;
   "kind get clusters") [ -f "$state/cluster" ] && echo embedder ;;
-  "kind create cluster"*) touch "$state/cluster" ;;
+  "kind create cluster"*) touch "$state/cluster"
+    cp "$(echo "$*" | sed -n 's/.*--config \([^ ]*\).*/\1/p')" "$state/kind-config.yaml" ;;
+  "python -m scripts.cluster"*) ;;
   "kubectl create namespace kserve --dry-run=client -o yaml") printf 'apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kserve\n' ;;
   "kubectl apply -f -") cat > /dev/null; touch "$state/ns-kserve" ;;
   *"kserve-cluster-resources.yaml"*)
@@ -51,11 +59,13 @@ def stubs(tmp_path):
     bin_dir, state = tmp_path / "bin", tmp_path / "state"
     bin_dir.mkdir()
     state.mkdir()
-    for name in ("kind", "kubectl", "docker", "uname", "sleep"):  # sleep: retries without waiting
+    # sleep: retries without waiting; python: the project's Python (EMBEDDER_PYTHON), logged like the rest
+    for name in ("kind", "kubectl", "docker", "uname", "sleep", "getenforce", "python"):
         (bin_dir / name).write_text(STUB)
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "STUB_STATE": str(state)}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "STUB_STATE": str(state),
+           "EMBEDDER_PYTHON": str(bin_dir / "python")}
     return env, log, state
 
 
@@ -114,3 +124,68 @@ def test_an_arm64_host_is_told_why_before_anything_is_created(stubs):
     assert "is published\nfor linux/amd64 only" in result.stderr
     assert "EMBEDDER_ALLOW_ARM64=1" in result.stderr
     assert not any(line.startswith(("kind ", "kubectl ")) for line in calls(log))
+
+
+def run_deploy(env, overlay="kind") -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/deploy.sh"], cwd=ROOT, env={**env, "OVERLAY": overlay},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_deploy_saves_the_image_for_the_nodes_platform_and_waits_for_the_new_spec(stubs):
+    env, log, state = stubs
+    result = run_deploy(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = calls(log)
+    save = index_of(lines, "docker image save --platform")
+    assert lines[save].startswith("docker image save --platform linux/amd64 -o ")
+    assert lines[save].endswith(" docker.io/library/kserve-embedder-transformer:dev")
+    archive = lines[save].split(" -o ")[1].split()[0]
+    load = index_of(lines, "kind load image-archive")
+    assert lines[load] == f"kind load image-archive {archive} --name embedder" and save < load
+    apply = index_of(lines, "kubectl --context kind-embedder apply -k manifests/overlays/kind")
+    stale = index_of(lines, "python -m scripts.cluster remove-stale --namespace embedder")
+    wait = index_of(lines, "python -m scripts.cluster wait-ready --namespace embedder --timeout 600")
+    assert load < apply < stale < wait  # what the previous overlay left is removed before waiting
+    assert not any(line.startswith("docker save") for line in lines)
+
+
+def test_deploy_without_platform_support_saves_plainly(stubs, tmp_path):
+    env, log, state = stubs
+    stub = (tmp_path / "bin" / "docker").read_text().replace('echo "      --platform stringArray', 'echo "      --output')
+    (tmp_path / "bin" / "docker").write_text(stub)
+    result = run_deploy(env, "fused")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = calls(log)
+    assert any(line.startswith("docker save -o ") for line in lines)
+    assert any(line == "kubectl --context kind-embedder apply -k manifests/overlays/fused" for line in lines)
+
+
+def test_a_kubectl_too_far_from_the_nodes_kubernetes_stops_before_anything_is_created(stubs):
+    env, log, state = stubs
+    result = run_kind_up({**env, "STUB_KUBECTL_MINOR": "36"})
+    assert result.returncode == 1
+    assert ("error: kubectl 1.36 is more than one minor version away from the cluster's Kubernetes\n1.32 "
+            "(kindest/node:v1.32.2)") in result.stderr and "Install kubectl 1.32" in result.stderr
+    assert not any(line.startswith("kind create") for line in calls(log))
+    assert run_deploy({**env, "STUB_KUBECTL_MINOR": "30"}).returncode == 1
+    assert run_kind_up({**env, "STUB_KUBECTL_MINOR": "33"}).returncode == 0  # one minor of skew is supported
+
+
+def test_another_kind_or_an_old_engine_is_named_and_the_pinned_node_image_used(stubs):
+    env, log, state = stubs
+    result = run_kind_up({**env, "STUB_KIND_VERSION": "v0.32.0", "STUB_DOCKER_VERSION": "19.03.8"})
+    assert result.returncode == 0, result.stderr
+    assert "warning: kind v0.32.0 here; these scripts are tested with kind v0.27.0" in result.stderr
+    assert "warning: docker 19.03.8: these scripts are tested with Docker 28-29 and Podman 4-5" in result.stderr
+    assert any(line.startswith("kind create cluster --name embedder --image kindest/node:v1.32.2 ")
+               for line in calls(log))
+    quiet = run_kind_up(env)
+    assert "warning" not in quiet.stderr
+
+
+@pytest.mark.parametrize("mode, relabel", [("Enforcing", "true"), ("Permissive", "false"), ("Disabled", "false")])
+def test_the_build_mount_is_relabelled_where_selinux_enforces(stubs, mode, relabel):
+    env, log, state = stubs
+    assert run_kind_up({**env, "STUB_SELINUX": mode}).returncode == 0
+    config = (state / "kind-config.yaml").read_text()
+    assert "containerPath: /mnt/embedder-build" in config and f"selinuxRelabel: {relabel}" in config
