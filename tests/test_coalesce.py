@@ -196,3 +196,65 @@ def test_defaults_and_the_smallest_limits():
     for bad in ({"max_inflight": 0}, {"max_rows": 0}):
         with pytest.raises(ValueError, match="^max_inflight and max_rows must be at least 1$"):
             Coalescer(call, **bad)
+
+
+def test_a_client_leaving_a_merged_call_in_flight_leaves_every_other_client_its_own_rows():
+    """One call in flight, three requests merged into the next; the middle one's client goes away while the
+    merged call is at the predictor. The requests after it must still get their own rows, not a neighbour's,
+    and the slot must be free again afterwards."""
+    predictor = GatedPredictor()
+
+    async def run():
+        coalescer = Coalescer(predictor, max_inflight=1, max_rows=100)
+        first = asyncio.ensure_future(coalescer(np.full((1, 2), 0.0)))
+        await asyncio.sleep(0)
+        parts = [np.full((n, 2), float(value)) for n, value in ((2, 1.0), (1, 2.0), (3, 3.0))]
+        waiting = [asyncio.ensure_future(coalescer(x)) for x in parts]
+        await asyncio.sleep(0)
+        predictor.gates[0].set()  # the first call answers; the three waiting go out together
+        await first
+        while len(predictor.calls) < 2:
+            await asyncio.sleep(0)
+        assert predictor.calls[1].shape == (6, 2) and coalescer.inflight == 1
+        waiting[1].cancel()  # its client went away while the merged call is in flight
+        await asyncio.sleep(0)
+        predictor.gates[1].set()
+        before, after = await waiting[0], await waiting[2]
+        with pytest.raises(asyncio.CancelledError):
+            await waiting[1]
+        alone = asyncio.ensure_future(coalescer(np.full((1, 2), 9.0)))  # the slot is free: sent at once
+        while len(predictor.calls) < 3:
+            await asyncio.sleep(0)
+        predictor.gates[2].set()
+        return parts, before, after, await alone, coalescer
+
+    parts, before, after, alone, coalescer = asyncio.run(run())
+    np.testing.assert_array_equal(before["y"], parts[0] * 2)
+    np.testing.assert_array_equal(after["y"], parts[2] * 2)
+    np.testing.assert_array_equal(alone["y"], np.full((1, 2), 18.0))
+    assert coalescer.inflight == 0 and coalescer.pending == []
+
+
+def test_every_client_of_a_merged_call_leaving_frees_the_slot_and_the_call_goes_unanswered_to_none():
+    predictor = GatedPredictor()
+
+    async def run():
+        coalescer = Coalescer(predictor, max_inflight=1, max_rows=100)
+        first = asyncio.ensure_future(coalescer(np.zeros((1, 1))))
+        await asyncio.sleep(0)
+        waiting = [asyncio.ensure_future(coalescer(np.ones((1, 1)))) for _ in range(2)]
+        await asyncio.sleep(0)
+        predictor.gates[0].set()
+        await first
+        while len(predictor.calls) < 2:
+            await asyncio.sleep(0)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        predictor.gates[1].set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return coalescer
+
+    coalescer = asyncio.run(run())
+    assert coalescer.inflight == 0 and coalescer.pending == []

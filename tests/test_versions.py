@@ -305,3 +305,72 @@ def test_a_version_whose_metadata_cannot_be_read_is_passed_over_until_the_next_c
     client.metadata_by_version[2] = signature()
     refresh(watcher)
     assert watcher.current().version == 2
+
+
+class ContractStore(Store):
+    """Version folders whose bundle says the embedding width its steps were fitted for (a file ``width``):
+    rewriting that file is a new bundle for the same version, with its own contract."""
+
+    def add(self, version, width=3):
+        folder = super().add(version)
+        self.write(version, width)
+        return folder
+
+    def write(self, version, width):
+        (self.root / str(version) / "assets.extra" / "transformer-bundle" / "width").write_text(f"{width}\n" * width)
+
+    def load(self, folder):
+        self.loads.append(int(folder.name))
+        width = len((folder / "assets.extra" / "transformer-bundle" / "width").read_text().splitlines())
+        contract = Contract("serving_default", "features", 2, {"embedding": ("DT_FLOAT", width),
+                                                               "scores": ("DT_FLOAT", 3)})
+        return SimpleNamespace(version=int(folder.name), contract=contract)
+
+
+def contract_versions(tmp_path, client):
+    store = ContractStore(tmp_path)
+    switches = []
+    watcher = ModelVersions(tmp_path, client, lambda bundle: ServedVersion(
+        pipeline=SimpleNamespace(version=bundle.version, contract=bundle.contract), forward=None),
+        load=store.load, on_switch=switches.append)
+    return watcher, store, switches
+
+
+def test_a_bundle_fixed_in_place_is_checked_again_and_served(tmp_path):
+    """A version whose bundle did not fit TF Serving's model is refused; once its files are rewritten with a
+    bundle that fits, the old verdict must not outlive the old bundle: it is checked again and served."""
+    client = tf_serving({4: "AVAILABLE"})
+    watcher, store, switches = contract_versions(tmp_path, client)
+    store.add(4, width=5)  # fitted for a 5-wide embedding; TF Serving's model has 3
+    refresh(watcher)
+    assert not watcher.ready_now() and watcher.fits[4] and switches == []
+    with pytest.raises(NoServableVersion, match="version 4 does not fit its bundle"):
+        watcher.current()
+    store.write(4, width=3)  # the bundle made again, for the model TF Serving serves
+    refresh(watcher)
+    assert store.loads == [4, 4] and watcher.fits[4] == [] and watcher.current().version == 4 and switches == [4]
+    assert client.asked.count(("metadata", 4)) == 2  # once per bundle
+
+
+def test_a_bundle_broken_in_place_stops_being_served(tmp_path):
+    client = tf_serving({4: "AVAILABLE"})
+    watcher, store, switches = contract_versions(tmp_path, client)
+    store.add(4, width=3)
+    refresh(watcher)
+    assert watcher.current().version == 4 and switches == [4]
+    store.write(4, width=5)  # replaced by a bundle that no longer fits: the old "fits" must not carry over
+    refresh(watcher)
+    assert store.loads == [4, 4] and watcher.fits[4] and not watcher.ready_now() and switches == [4, None]
+
+
+def test_a_verdict_is_forgotten_with_its_version(tmp_path):
+    client = tf_serving({4: "AVAILABLE", 5: "AVAILABLE", 6: "AVAILABLE"})
+    watcher, store, _ = contract_versions(tmp_path, client)
+    store.add(4, width=5)
+    store.add(5)
+    refresh(watcher)
+    assert set(watcher.fits) == {5} and watcher.current().version == 5  # 4 never checked: 5 answered first
+    store.add(6)
+    store.add(7)  # with keep=2, versions 4 and 5 leave the loaded set
+    refresh(watcher)
+    assert set(watcher.loaded) == {6, 7} and 5 not in watcher.fits and 4 not in watcher.fits
