@@ -246,7 +246,10 @@ def test_readiness_checks_once_before_answering_and_polls_after(tmp_path):
 
     async def scenario():
         ready = await watcher.ready()
-        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while client.asked.count("states") < 3 and loop.time() < deadline:  # the poller's own checks
+            await asyncio.sleep(0.005)
         polled = client.asked.count("states")
         await watcher.close()
         return ready, polled
