@@ -636,3 +636,26 @@ def test_metadata_that_fits_the_contract_has_no_problems_and_each_misfit_is_name
         "outputs": {"ids": {"dtype": "DT_INT64", "tensor_shape": {}}, "scores": {"dtype": "DT_FLOAT"}}}}}}}
     assert metadata_problems(sizes, CONTRACT) == ["output 'ids' is DT_INT64 [], the bundle expects DT_INT64 [-1, 2]",
                                                   "output 'scores' is DT_FLOAT [], the bundle expects DT_FLOAT [-1, 2]"]
+
+
+@pytest.mark.parametrize("dtype, field, numpy_type", [(pb.DT_FLOAT, "float_val", "<f4"),
+                                                      (pb.DT_DOUBLE, "double_val", "<f8")])
+def test_floats_in_the_repeated_field_are_read_from_their_wire_bytes_exactly(dtype, field, numpy_type):
+    """TF Serving answers Predict in float_val: read from the packed bytes, every value as the field holds it,
+    whatever other fields stand before or after it; a short field still repeats its last value."""
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.standard_normal(300), [0.0, -0.0, np.inf, -np.inf, 1e-45, 3.4e38]]).astype(numpy_type)
+    proto = pb.TensorProto(dtype=dtype, version_number=3)
+    proto.tensor_shape.dim.extend([pb.TensorShapeProto.Dim(size=2), pb.TensorShapeProto.Dim(size=153)])
+    getattr(proto, field).extend(values.tolist())
+    proto.int64_val.extend([1, 2, 3])  # a field after it, as a sender might fill
+    back = tensor_array(proto)
+    assert back.dtype == np.dtype(numpy_type) and back.shape == (2, 153)
+    assert back.ravel().view(f"u{back.itemsize}").tolist() == values.view(f"u{values.itemsize}").tolist()
+    short = pb.TensorProto(dtype=dtype)
+    short.tensor_shape.dim.extend([pb.TensorShapeProto.Dim(size=4)])
+    getattr(short, field).extend([1.5, 2.5])
+    assert tensor_array(short).tolist() == [1.5, 2.5, 2.5, 2.5]
+    none = pb.TensorProto(dtype=dtype)
+    none.tensor_shape.dim.extend([pb.TensorShapeProto.Dim(size=2)])
+    assert tensor_array(none).tolist() == [0.0, 0.0]

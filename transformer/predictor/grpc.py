@@ -59,6 +59,47 @@ def type_name(dtype: int) -> str:
     return pb.DataType.Name(dtype) if dtype in pb.DataType.values() else f"DataType {dtype}"
 
 
+# float_val and double_val are packed fixed-width fields: their wire bytes are the array itself. TF Serving's
+# Predict answers in them (AsProtoField), and reading 8,192 floats through the repeated field's Python
+# sequence took 239 us against 14 us from the bytes (an embedding of 256 rows x 32).
+_PACKED_FIXED = {pb.DT_FLOAT: 5, pb.DT_DOUBLE: 6}  # dtype -> field number in TensorProto
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _packed_fixed(proto: pb.TensorProto) -> np.ndarray:
+    """The values of the tensor's packed float_val or double_val, read from its wire bytes (protobuf writes a
+    proto3 repeated number field as one packed run; the other fields are stepped over)."""
+    dtype, wanted = np.dtype(_NUMPY[proto.dtype]), _PACKED_FIXED[proto.dtype]
+    data, at = proto.SerializeToString(), 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, at = _varint(data, at)
+        elif wire == 1:
+            at += 8
+        elif wire == 5:
+            at += 4
+        elif wire == 2:
+            length, at = _varint(data, at)
+            if number == wanted:
+                return np.frombuffer(data, dtype, count=length // dtype.itemsize, offset=at)
+            at += length
+        else:
+            raise ValueError(f"the tensor's bytes hold a field of wire type {wire}")
+    return np.empty(0, dtype)
+
+
 def tensor_array(proto: pb.TensorProto) -> np.ndarray:
     """A numeric TensorProto as a numpy array, read as TensorFlow's Tensor::FromProto reads it:
     ``tensor_content`` bytes, or the typed repeated field whose last value repeats to fill the shape."""
@@ -71,7 +112,8 @@ def tensor_array(proto: pb.TensorProto) -> np.ndarray:
     if proto.tensor_content:
         values = np.frombuffer(proto.tensor_content, _NUMPY[proto.dtype])
     else:
-        values = np.asarray(getattr(proto, _FIELD[proto.dtype]), _NUMPY[proto.dtype])
+        values = (_packed_fixed(proto) if proto.dtype in _PACKED_FIXED
+                  else np.asarray(getattr(proto, _FIELD[proto.dtype]), _NUMPY[proto.dtype]))
         if 0 < values.size < size:
             values = np.concatenate([values, np.full(size - values.size, values[-1], values.dtype)])
         elif values.size == 0:
