@@ -41,6 +41,22 @@ end
 """
 
 
+# The same, counting the answers by status in each thread (for overload runs: how many were 200, 503, 504).
+_LUA_STATUSES = _LUA.replace("done = function", """local threads = {}
+setup = function(thread) table.insert(threads, thread) end
+init = function(args) s200, s503, s504, sother = 0, 0, 0, 0 end
+response = function(status, headers, body)
+  if status == 200 then s200 = s200 + 1 elseif status == 503 then s503 = s503 + 1
+  elseif status == 504 then s504 = s504 + 1 else sother = sother + 1 end
+end
+done = function""", 1).replace("table.concat(parts, \", \")))", """table.concat(parts, ", ")))
+  local c = {0, 0, 0, 0}
+  for _, t in ipairs(threads) do
+    c[1] = c[1] + t:get("s200"); c[2] = c[2] + t:get("s503"); c[3] = c[3] + t:get("s504"); c[4] = c[4] + t:get("sother")
+  end
+  io.write(string.format('WRKSTATUSES{"200": %%d, "503": %%d, "504": %%d, "other": %%d}\\n', c[1], c[2], c[3], c[4]))""")
+
+
 @dataclass
 class LoadResult:
     requests: int
@@ -77,29 +93,35 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_wrk(url: str, body: bytes, concurrency: int, seconds: float) -> LoadResult:
+def run_wrk(url: str, body: bytes, concurrency: int, seconds: float, statuses: bool = False) -> LoadResult:
+    """wrk's run; with ``statuses`` its answers are also counted by status (``extra["statuses"]``)."""
     with tempfile.TemporaryDirectory() as tmp:
         body_path = Path(tmp) / "body.json"
         body_path.write_bytes(body)
         script = Path(tmp) / "post.lua"
-        script.write_text(_LUA % {"body": body_path, "percentiles": ", ".join(map(str, PERCENTILES))})
+        script.write_text((_LUA_STATUSES if statuses else _LUA) % {
+            "body": body_path, "percentiles": ", ".join(map(str, PERCENTILES))})
         before = _children_cpu()
-        result = subprocess.run(
+        completed = subprocess.run(
             ["wrk", "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s",
              "--timeout", "10s", "-s", str(script), url],  # wrk takes whole seconds
             capture_output=True, text=True, timeout=seconds + 60,
         )
         cpu = _children_cpu() - before
-    line = next((l for l in result.stdout.splitlines() if l.startswith("WRKJSON")), None)
+    line = next((l for l in completed.stdout.splitlines() if l.startswith("WRKJSON")), None)
     if line is None:
-        raise RuntimeError(f"wrk failed: {result.stdout[-500:]} {result.stderr[-500:]}")
+        raise RuntimeError(f"wrk failed: {completed.stdout[-500:]} {completed.stderr[-500:]}")
     data = json.loads(line[len("WRKJSON"):])
-    return LoadResult(
+    load = LoadResult(
         requests=data["requests"], seconds=data["duration_us"] / 1e6, non_2xx=data["non_2xx"],
         socket_errors=data["socket_errors"],
         percentiles_ms={k: v / 1000.0 for k, v in data["percentiles_us"].items()},
         client_cpu_seconds=cpu, generator="wrk",
     )
+    counted = next((l for l in completed.stdout.splitlines() if l.startswith("WRKSTATUSES")), None)
+    if counted is not None:
+        load.extra["statuses"] = json.loads(counted[len("WRKSTATUSES"):])
+    return load
 
 
 async def _python_load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[list[float], int, int]:

@@ -48,6 +48,11 @@ def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path)
     assert 1 <= over["retry_after_mean_s"] <= over["retry_after_max_s"] <= 9  # what the refused were told
     assert report["phases"]["after"]["shed"] == 0
     assert len(report["goals"]) == 6
+    if report["wrk_phases"]:  # the storm with wrk: answered 200 or 503, nothing lost, counted by status
+        storm = report["wrk_phases"]["storm, wrk (Retry-After ignored)"]
+        assert storm["ok"] > 0 and storm["ok"] + storm["shed"] == storm["requests"], storm
+        assert storm["other_statuses"] == {} and storm["transport_errors"] == 0, storm
+        assert "| storm, wrk (Retry-After ignored) | 1024 |" in (tmp_path / "overload.md").read_text()
     assert json.loads((tmp_path / "overload.json").read_text())["goals"] == report["goals"]
     assert "| goodput at 1,024 connections >= 90% of the peak at 16 |" in (tmp_path / "overload.md").read_text()
 
