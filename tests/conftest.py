@@ -15,6 +15,26 @@ from scripts.localstack import LocalStack
 
 MODEL_NAME = "embedder"
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fast_files() -> list[str]:
+    """The test files of the fast tests: the one list, in pyproject.toml's mutation selection."""
+    import tomllib
+
+    selection = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"][
+        "pytest_add_cli_args_test_selection"]
+    return [arg for arg in selection if arg.startswith("tests/")]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``fast`` the tests of those files that start no process and train nothing (not ``heavy``):
+    ``pytest -m fast`` (README) and the mutation runs (``-m fast`` in the same selection) run exactly these."""
+    files = {ROOT / name for name in fast_files()}
+    for item in items:
+        if Path(item.fspath) in files and item.get_closest_marker("heavy") is None:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory) -> Path:

@@ -152,3 +152,24 @@ def test_a_wheel_of_a_clean_clone_builds_without_a_deprecation_warning(tmp_path)
     for module in ("transformer/serving/rest.py", "transformer/predictor/protos/tfserving_pb2.py",
                    "transformer/store/bundle.py", "model/standin/serve.py"):
         assert module in names, module
+
+
+def test_the_fast_tests_have_one_definition():
+    """README's fast command, the ``fast`` marker and the mutation runs' selection name the same tests: the files
+    listed once in pyproject.toml, less the heavy ones (tests/conftest.py marks the rest)."""
+    import tomllib
+
+    from conftest import fast_files
+
+    selection = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"][
+        "pytest_add_cli_args_test_selection"]
+    assert selection == [*fast_files(), "-m", "fast"] and len(fast_files()) >= 15
+    assert all((ROOT / name).exists() for name in fast_files())
+    readme = (ROOT / "README.md").read_text()
+    assert "\n.venv/bin/python -m pytest -m fast     # " in readme
+    assert "-m \"not heavy\" tests/" not in readme
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "fast",
+                                "-p", "no:cacheprovider", *fast_files()[:2], "tests/test_packaging.py"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    files = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert files == set(fast_files()[:2]), collected.stdout[-2000:]  # nothing outside the list is fast
