@@ -244,3 +244,35 @@ def test_the_fast_path_answers_exactly_as_fastapis_routes(tmp_path, monkeypatch)
     finally:
         for client in (fast, routed):
             client.__exit__(None, None, None)
+
+
+def test_a_client_gone_before_its_body_is_counted_not_logged_as_a_crash(served, caplog):
+    """A client that closes before its body arrives (as the paced clients of a storm do when it ends): no
+    answer is computed, no crash is logged, the request is counted, and its admission is released."""
+    client, model = served
+    gone = requests_counted("client_error", "client_disconnected")
+    sent = []
+
+    async def call():
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/models/embedder:predict", "raw_path": b"/v1/models/embedder:predict",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50123), "server": ("testserver", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"20"),
+                             (b"x-request-id", b"gone-1")]}
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await client.app(scope, receive, send)
+
+    with caplog.at_level("DEBUG", logger="transformer"):
+        client.portal.call(call)
+    assert requests_counted("client_error", "client_disconnected") == gone + 1
+    assert not [r for r in caplog.records if "request_crashed" in r.getMessage()]
+    (line,) = [orjson.loads(r.getMessage()) for r in caplog.records if "gone-1" in r.getMessage()]
+    assert (line["status"], line["cause"]) == (499, "client_disconnected") and line["model"] == "embedder"
+    assert model.admission.requests == 0
+    assert sent[0]["status"] == 499  # written to a connection nobody reads: uvicorn drops it

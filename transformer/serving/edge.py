@@ -60,8 +60,10 @@ def failure(exc: RequestError | PredictorError | Refused, metrics: Any, model_na
     version = request_version.get()
     if metrics:
         metrics.request(outcome, exc.cause, version)
-    # Shed requests are counted, not logged one by one: under overload that would be thousands a second.
-    level = {"client_error": logging.INFO, "shed": logging.DEBUG}.get(outcome, logging.WARNING)
+    # Shed requests are counted, not logged one by one: under overload that would be thousands a second; so are
+    # the clients that left before their body was read (the paced ones of a storm that ends).
+    level = logging.DEBUG if exc.cause == "client_disconnected" else \
+        {"client_error": logging.INFO, "shed": logging.DEBUG}.get(outcome, logging.WARNING)
     log_event(level, "request_failed",
               request_id=request_id, model=model_name, model_version=version, status=exc.status,
               cause=exc.cause, error=str(exc), ms=round((time.perf_counter() - started) * 1000, 3))

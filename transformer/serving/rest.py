@@ -84,7 +84,14 @@ async def respond(dataplane, model: Any, model_name: str, headers: Headers, chun
     request_id = headers.get("x-request-id") or uuid.uuid4().hex
 
     async def work():
-        payload = decode(await read_body(headers.get("content-length"), chunks, max_body_bytes), headers)
+        try:
+            body = await read_body(headers.get("content-length"), chunks, max_body_bytes)
+        except ClientDisconnect:
+            # The client went away before its body arrived (for instance while it was paced, after a storm):
+            # nothing to compute or answer, and no crash to log. 499 as proxies count it; nobody receives it.
+            raise RequestError("the client closed the connection before its body was read", status=499,
+                               cause="client_disconnected") from None
+        payload = decode(body, headers)
         forwarded = dict(headers.items())
         forwarded["x-request-id"] = request_id
         return await dataplane.infer(model_name, payload, forwarded)
