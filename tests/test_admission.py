@@ -535,3 +535,37 @@ def json_bytes(doc) -> bytes:
     import json
 
     return json.dumps(doc).encode()
+
+
+def test_a_paced_client_that_left_during_its_wait_is_not_admitted():
+    """When a storm ends, its clients' paced requests wake up with nobody waiting for them: asked after the
+    wait, a client that has gone is answered 499 and takes no slot from the first new clients."""
+    async def scenario():
+        admission = Admission(max_requests=1, min_requests=1, early_retry_wait=0.01)
+        admission.enter(None)  # full
+        for client in ("a", "c"):
+            with pytest.raises(Refused):
+                admission.enter(None, client=client)  # refused once, told to wait
+        asked = []
+
+        async def gone():
+            asked.append("gone")
+            admission.leave(0.01)  # room came during its wait: it would be admitted, were it still there
+            return False
+
+        with pytest.raises(Refused, match="closed the connection while its request waited") as caught:
+            await admission.admit(None, "a", gone)
+        assert (caught.value.status, caught.value.cause) == (499, "client_disconnected")
+        assert asked == ["gone"] and (admission.requests, admission.waiting) == (0, 0)
+
+        async def there():
+            asked.append("there")
+            return True
+
+        await admission.admit(None, "b", there)  # room, not paced: not asked, admitted
+        assert asked == ["gone"] and admission.requests == 1
+        with pytest.raises(Refused, match="at capacity"):
+            await admission.admit(None, "c", there)  # paced, still there, still no room: refused as before
+        assert asked == ["gone", "there"] and admission.requests == 1
+
+    contextvars.copy_context().run(asyncio.run, scenario())

@@ -276,3 +276,44 @@ def test_a_client_gone_before_its_body_is_counted_not_logged_as_a_crash(served, 
     assert (line["status"], line["cause"]) == (499, "client_disconnected") and line["model"] == "embedder"
     assert model.admission.requests == 0
     assert sent[0]["status"] == 499  # written to a connection nobody reads: uvicorn drops it
+
+
+def test_the_fast_path_asks_a_paced_client_whether_it_is_still_there_without_losing_its_body(tmp_path):
+    """A paced request (its connection refused before, back too early) is asked after its wait whether its
+    client is still there; one that left gets 499 and takes no slot, one that stayed is answered in full."""
+    client, model = serving(tmp_path, "fast")
+    try:
+        body = orjson.dumps({"instances": ROWS[:1].tolist()})
+
+        async def call(address, messages):
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/v1/models/embedder:predict", "query_string": b"", "root_path": "",
+                     "raw_path": b"/v1/models/embedder:predict", "client": address, "server": ("testserver", 80),
+                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+            queue, sent = list(messages), []
+
+            async def receive():
+                return queue.pop(0)
+
+            async def send(message):
+                sent.append(message)
+
+            await client.app(scope, receive, send)
+            return sent
+
+        admission = model.admission
+        admission.early_retry_wait = 0.01
+        for address in (("10.1.1.1", 1), ("10.1.1.1", 2)):
+            admission.requests = admission.limit  # full: both connections refused once and told to wait
+            assert client.portal.call(call, address, [])[0]["status"] == 503
+        admission.requests = 0  # room again by the time they are back
+        left = client.portal.call(call, ("10.1.1.1", 1), [{"type": "http.disconnect"}])
+        assert left[0]["status"] == 499 and admission.requests == 0
+        admission.requests = admission.limit - 1
+        stayed = client.portal.call(call, ("10.1.1.1", 2), [{"type": "http.request", "body": body, "more_body": False}])
+        admission.requests = 0
+        assert stayed[0]["status"] == 200
+        assert [p["segment"] for p in orjson.loads(stayed[1]["body"])["predictions"]] == \
+            [p["segment"] for p in offline(ROWS[:1])]
+    finally:
+        client.__exit__(None, None, None)

@@ -22,7 +22,7 @@ from scripts.localstack import LocalStack
 OVERLOAD_PHASES = (("peak", 16, 10.0, True), ("overload", 1024, 15.0, True),
                    ("overload, Retry-After ignored", 1024, 10.0, False), ("after", 16, 5.0, True))
 # The retry storm again with wrk, a client in C that re-sends the moment it is answered, 503s included (as wrk
-# and many load balancers' retries do): its own peak at 16 connections, then 1,024, before the "after" phase.
+# and many load balancers' retries do): its own peak at 16 connections, then 1,024, after the phases above.
 # The Python client above shares the two cores with the servers (its CPU is in the table); wrk costs less.
 WRK_PHASES = (("peak, wrk", 16, 8.0), ("storm, wrk (Retry-After ignored)", 1024, 10.0))
 
@@ -103,17 +103,15 @@ def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[
         run_recorded(url, body, 16, 2.0 * scale)  # warm-up
         phases, wrk_phases = {}, {}
         for name, connections, seconds, honour in OVERLOAD_PHASES:
-            if name == "after" and have_wrk():  # the storm with wrk, then the load dropping again
-                for wrk_name, wrk_connections, wrk_seconds in WRK_PHASES:
-                    wrk_phases[wrk_name] = wrk_phase(url, body, wrk_connections, wrk_seconds * scale, transformer)
-                    print(f"   {wrk_name:>30}: {wrk_connections:>5} connections, "
-                          f"{wrk_phases[wrk_name]['goodput']:7.0f} ok/s, p99 of all answers "
-                          f"{wrk_phases[wrk_name]['all_p99_ms']:.1f} ms, {wrk_phases[wrk_name]['shed']} shed",
-                          flush=True)
             phases[name] = overload_phase(url, body, connections, seconds * scale, honour, transformer)
             print(f"   {name:>30}: {connections:>5} connections, {phases[name]['goodput']:7.0f} ok/s, "
                   f"admitted p99 {phases[name]['admitted_p99_ms']:.1f} ms, {phases[name]['shed']} shed "
                   f"(p99 {phases[name]['shed_p99_ms']:.1f} ms)", flush=True)
+        for wrk_name, wrk_connections, wrk_seconds in WRK_PHASES if have_wrk() else ():  # then the storm with wrk
+            wrk_phases[wrk_name] = wrk_phase(url, body, wrk_connections, wrk_seconds * scale, transformer)
+            print(f"   {wrk_name:>30}: {wrk_connections:>5} connections, {wrk_phases[wrk_name]['goodput']:7.0f} "
+                  f"ok/s, p99 of all answers {wrk_phases[wrk_name]['all_p99_ms']:.1f} ms, "
+                  f"{wrk_phases[wrk_name]['shed']} shed", flush=True)
     finally:
         stack.stop()
     peak, over, after = phases["peak"], phases["overload"], phases["after"]
@@ -183,7 +181,7 @@ def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[
                      f"{ph['other_statuses'] or '-'} {ph['transport_errors'] or ''} | {100 * ph['client_cpu_share']:.0f}% | "
                      f"{ph.get('admission_limit_after', '-')} |")
     if wrk_phases:
-        lines += ["", "With wrk (between the Python client's storm and the after phase), every answer counted by status; "
+        lines += ["", "Then with wrk, every answer counted by status; "
                   "wrk re-sends the moment it is answered, 503s included:", "",
                   "| phase | connections | seconds | requests | 200/s | 503 | other | p50 / p99 ms of all answers | "
                   "transformer CPU us per answer | client CPU | RSS MB before / after |",

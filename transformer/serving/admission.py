@@ -47,7 +47,7 @@ import contextvars
 import math
 import time
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Awaitable, Callable, Hashable
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER_SECONDS = 1  # the shortest wait told, and the one for a predictor that is down
@@ -138,9 +138,12 @@ class Admission:
         """Whether a request of ``client`` that finds the process full waits before it is answered."""
         return self.early_retry_wait > 0 and self.waiting < self.max_waiting and self.came_back_early(client)
 
-    async def admit(self, timeout_header: str | None, client: Hashable | None = None) -> None:
-        """:meth:`enter`, after a wait of ``early_retry_wait`` (or until the request's deadline) when the process is full
-        and ``client`` came back before the Retry-After it was told."""
+    async def admit(self, timeout_header: str | None, client: Hashable | None = None,
+                    connected: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """:meth:`enter`, after a wait of ``early_retry_wait`` (or until the request's deadline) when the process is
+        full and ``client`` came back before the Retry-After it was told. ``connected``, when given, says after
+        the wait whether the client is still there: one that left is not admitted (when a storm ends, its
+        clients' paced requests would otherwise take the slots of the first new ones)."""
         if self.full() and self.paces(client):
             timeout = _timeout_seconds(timeout_header, self.default_timeout) or self.early_retry_wait
             self.waiting += 1
@@ -148,6 +151,9 @@ class Admission:
                 await asyncio.sleep(min(self.early_retry_wait, timeout))
             finally:
                 self.waiting -= 1
+            if connected is not None and not await connected():
+                raise Refused(499, "the client closed the connection while its request waited; nothing was "
+                              "computed for it", "client_disconnected")
         self.enter(timeout_header, client)
 
     def refusal(self, client: Hashable | None = None) -> Refused:

@@ -55,7 +55,7 @@ def log_event(level: int, event: str, **fields) -> None:
 def failure(exc: RequestError | PredictorError | Refused, metrics: Any, model_name: str, request_id: str,
             started: float) -> Failure:
     """Count and log a request that ends without an answer; the Failure its transport answers."""
-    outcome = ("shed" if isinstance(exc, Refused) and exc.status != 400 else
+    outcome = ("shed" if isinstance(exc, Refused) and exc.status in (503, 504) else
                "predictor_error" if isinstance(exc, PredictorError) else "client_error")
     version = request_version.get()
     if metrics:
@@ -74,9 +74,11 @@ def failure(exc: RequestError | PredictorError | Refused, metrics: Any, model_na
 
 
 async def handle(model: Any, model_name: str, request_id: str, timeout_header: str | None,
-                 work: Callable[[], Awaitable[Any]], client: Hashable | None = None) -> Any:
+                 work: Callable[[], Awaitable[Any]], client: Hashable | None = None,
+                 connected: Callable[[], Awaitable[bool]] | None = None) -> Any:
     """Admit, run and account for one request; returns ``work()``'s result or raises :class:`Failure`.
-    ``client``: the connection's address, by which admission knows a client that re-sends too early."""
+    ``client``: the connection's address, by which admission knows a client that re-sends too early;
+    ``connected``: whether that client is still there (asked after such a client's wait)."""
     started = time.perf_counter()
     metrics = getattr(model, "metrics", None)
     admission = getattr(model, "admission", None)
@@ -84,7 +86,7 @@ async def handle(model: Any, model_name: str, request_id: str, timeout_header: s
     admitted = False
     try:
         if admission is not None:  # before the body is read: refusing costs next to nothing
-            await admission.admit(timeout_header, client)
+            await admission.admit(timeout_header, client, connected)
             admitted = True
         result = await work()
     except (RequestError, PredictorError, Refused) as exc:

@@ -77,10 +77,11 @@ def json_response(content, status: int, headers: dict[str, str]) -> Response:
 
 
 async def respond(dataplane, model: Any, model_name: str, headers: Headers, chunks: AsyncIterator[bytes],
-                  max_body_bytes: int, decode, client: Any = None) -> Response:
+                  max_body_bytes: int, decode, client: Any = None, connected=None) -> Response:
     """One predict request, whichever way it came in (the fast path's raw ASGI or FastAPI's route): bounded
     body, the protocol's decoder, the edge, KServe's DataPlane and the model; an answer or a status.
-    ``client``: the connection's (address, port), for admission's pacing of clients that re-send too early."""
+    ``client``: the connection's (address, port), for admission's pacing of clients that re-send too early;
+    ``connected``: whether that client is still there after such a wait (the fast path can tell)."""
     request_id = headers.get("x-request-id") or uuid.uuid4().hex
 
     async def work():
@@ -98,7 +99,7 @@ async def respond(dataplane, model: Any, model_name: str, headers: Headers, chun
 
     try:
         response, response_headers = await handle(model, model_name, request_id, headers.get(TIMEOUT_HEADER), work,
-                                                  client)
+                                                  client, connected)
     except Failure as failure:
         return json_response({"error": failure.message}, failure.status, failure.headers)
     answer_headers = {**response_headers, "x-request-id": request_id}
@@ -161,11 +162,33 @@ class FastPath:
             if route is not None:
                 model = self.dataplane.model_registry.get_model(route[0])
                 if model is not None:
+                    receive = _LookAhead(receive)
                     response = await respond(self.dataplane, model, route[0], Headers(scope=scope),
-                                             _chunks(receive), self.max_body_bytes, route[1], scope.get("client"))
+                                             _chunks(receive), self.max_body_bytes, route[1], scope.get("client"),
+                                             receive.connected)
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+class _LookAhead:
+    """ASGI ``receive`` that can tell whether the client is still there without losing what it reads: the
+    message read to find out is handed to the body's reader first."""
+
+    def __init__(self, receive):
+        self._receive = receive
+        self._held: list[dict] = []
+
+    async def __call__(self) -> dict:
+        return self._held.pop(0) if self._held else await self._receive()
+
+    async def connected(self) -> bool:
+        """False when the client has gone. uvicorn answers at once then (``http.disconnect``), and at once with
+        the body when it has arrived, as it has for a request that waited; otherwise this waits for the body,
+        which is read next anyway."""
+        message = await self._receive()
+        self._held.append(message)
+        return message["type"] != "http.disconnect"
 
 
 async def _chunks(receive) -> AsyncIterator[bytes]:
