@@ -29,16 +29,21 @@ def _bytes(tensor) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.serialize_tensor(tensor).numpy()]))
 
 
-def write_shards(X: np.ndarray, data: UserData, directory: str | Path, *, seed: int = 0) -> list[Path]:
+def write_shards(X: np.ndarray, data: UserData, directory: str | Path, *, seed: int = 0,
+                 min_shards: int = 1) -> list[Path]:
     """Write the scaled features ``X`` (n_users, F) float32 and the interactions of ``data`` as TFRecord shards.
 
-    Users go in a seeded random order, so each block is a random sample of users.
+    Users go in a seeded random order, so each block is a random sample of users. ``min_shards``: at
+    least this many files (smaller blocks if need be), so that each of that many workers has its own.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if not 1 <= min_shards <= data.n_users:
+        raise ValueError(f"min_shards must be within [1, {data.n_users}] (one user per shard at least), got {min_shards}")
     order = np.random.default_rng(seed).permutation(data.n_users)
-    blocks = [order[i:i + USERS_PER_RECORD] for i in range(0, data.n_users, USERS_PER_RECORD)]
-    n_shards = max(1, -(-len(blocks) // RECORDS_PER_SHARD))
+    per_record = min(USERS_PER_RECORD, -(-data.n_users // min_shards))
+    blocks = [order[i:i + per_record] for i in range(0, data.n_users, per_record)]
+    n_shards = max(min_shards, -(-len(blocks) // RECORDS_PER_SHARD))
     paths = [directory / f"examples-{i:05d}-of-{n_shards:05d}.tfrecord" for i in range(n_shards)]
     for shard, path in enumerate(paths):
         with tf.io.TFRecordWriter(str(path)) as writer:
