@@ -25,6 +25,7 @@ quality is computed in batches (``model/quality.py``).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import sys
@@ -34,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.csv_input import DataError, load_one_file, load_two_files
+from model.csv_input import DataError, load_one_file, load_two_files, write_two_files
 from model.data import UserData
+from model.distributed import TF_CONFIG, ClusterConfigError, finish, role_from_environment, run_local_workers
 from model.progress import progress
 from model.quality import Quality, popularity_top, recall_at_k
 from model.synthetic import make_synthetic
@@ -95,8 +97,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--version", type=int, help="model version to write (default: the next free one); "
                      "an existing version is never overwritten")
     out.add_argument("--no-fused", action="store_true", help="skip the fused model (build/models/<name>-fused)")
+    out.add_argument("--held-out", type=Path, metavar="DIR", help="also write the held-out users to DIR "
+                     "(users.csv and interactions.csv, the two-file form) with the popularity baseline's items "
+                     "(popularity.json): what the quality gate (model/gate.py) judges versions on")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    scale = parser.add_argument_group("several workers (model/distributed.py)")
+    scale.add_argument("--distributed-workers", type=int, default=1, metavar="N",
+                       help="train on N worker processes on this machine (tf.distribute.MultiWorkerMirroredStrategy "
+                            "over loopback); on a cluster, the training operator starts the workers and sets "
+                            "TF_CONFIG instead (manifests/training/)")
     args = parser.parse_args(argv)
+    if args.distributed_workers < 1:
+        parser.error("--distributed-workers must be at least 1")
+    if args.distributed_workers > 1 and os.environ.get(TF_CONFIG):
+        parser.error(f"--distributed-workers starts its own workers; this process already has {TF_CONFIG} "
+                     "(it is one worker of a cluster): leave one of the two out")
     if not 0.0 < args.test_fraction < 1.0:
         parser.error("--test-fraction must be between 0 and 1")
     if args.top_k < 1:
@@ -160,14 +176,45 @@ def batch_size_for(args: argparse.Namespace, n_train: int) -> int:
     return args.batch_size or int(np.clip(2 ** round(np.log2(max(n_train, 1) / 20)), 128, 2048))
 
 
+def write_held_out(directory: Path, train: UserData, test: UserData, k: int) -> None:
+    """The held-out users in the two-file form, and the k items most training users chose (by their ids)."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_two_files(test, directory / "users.csv", directory / "interactions.csv")
+    best = popularity_top(train, 1, k)[0]
+    (directory / "popularity.json").write_text(json.dumps({"k": k, "item_ids": [str(i) for i in train.item_ids[best]]}))
+
+
 def peak_memory_gib() -> float:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def without_workers_flag(argv: list[str]) -> list[str]:
+    """The command line minus ``--distributed-workers N`` (each worker gets the rest)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--distributed-workers":
+            skip = True
+        elif not arg.startswith("--distributed-workers="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.distributed_workers > 1:
+        return run_local_workers(args.distributed_workers, without_workers_flag(argv))
+    try:
+        role = role_from_environment()
+    except ClusterConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
@@ -188,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow as tf
 
+    # Before any other TensorFlow op: the strategy sets up this worker's collective runtime.
+    strategy = None
+    if role is not None:
+        from model.distributed import cluster_strategy
+
+        strategy = cluster_strategy()
+        say(f"worker {role.index} of {role.workers}" + (" (chief: writes the version)" if role.is_chief else ""))
+
     from model.embedder import train_embedder
     from model.export import (
         CANDIDATE_IDS_OUTPUT, CANDIDATE_SCORES_OUTPUT, CANDIDATES_SIGNATURE, EMBEDDING_OUTPUT, INPUT_NAME,
@@ -198,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     train_rows, test_rows = split_users(data.n_users, args.test_fraction, args.seed)
     train, test = data.subset(train_rows), data.subset(test_rows)
     del data  # the two parts hold everything from here on
+    if args.held_out is not None and (role is None or role.is_chief):
+        write_held_out(args.held_out, train, test, args.top_k)
 
     # 1. Quantile scaling, fitted on training users only; float64 in, float32 to the model.
     scaler = QuantileTransformer(
@@ -214,18 +271,28 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
         bar.update(1)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    shards = Path(tempfile.mkdtemp(prefix=".examples-", dir=args.out))
+    chief = role is None or role.is_chief
+    workers = 1 if role is None else role.workers
+    batch_size -= batch_size % workers  # each worker takes an equal share of every step's users
+    if chief:
+        args.out.mkdir(parents=True, exist_ok=True)
+    # Every worker writes the same shards (same users, same seed) and reads only its own files of them.
+    shards = Path(tempfile.mkdtemp(prefix=".examples-", dir=args.out if chief else None))
     try:
         weights = train_embedder(
-            write_shards(X_train, train, shards, seed=args.seed), n_features=X_train.shape[1],
+            write_shards(X_train, train, shards, seed=args.seed, min_shards=workers), n_features=X_train.shape[1],
             n_items=train.n_items, weighted=train.weights is not None, embedding_dim=args.embedding_dim,
             epochs=args.epochs, batch_size=batch_size, negatives=args.negatives,
             item_prior=train.item_counts() / train.n_users, seed=args.seed, progress=on_epoch,
+            strategy=strategy, steps_per_epoch=-(-train.n_users // batch_size),
         )
     finally:
         shutil.rmtree(shards, ignore_errors=True)
     bar.close()
+    if not chief:
+        finish(strategy)
+        say(f"worker {role.index} of {role.workers}: trained; the chief writes the version")
+        return 0
 
     # 3. Embed with the very graph that will be served, then fit the segments (on a sample of users).
     graph = EmbedderGraph(weights, n_candidates=args.top_k)
@@ -276,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
                 "training": {
                     "data": source,
                     "seed": args.seed,
+                    "test_fraction": args.test_fraction,
                     "n_train_users": train.n_users,
                     "n_train_interactions": train.n_interactions,
                     "batch_size": batch_size,
+                    "workers": workers,
                     "negatives": min(args.negatives, train.n_items),
                     "quality": quality.__dict__,
                     "tensorflow": tf.__version__,
@@ -298,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         from model.fuse import export_fused
 
         fused = export_fused(saved, args.out / "models" / f"{args.model_name}-fused", version)
+    if strategy is not None:
+        finish(strategy)
 
     say("")
     say(f"quality on {quality.n_test_users} held-out users:")
