@@ -23,9 +23,12 @@ from pathlib import Path
 
 import httpx
 
+from model.rollout import (  # noqa: F401  (rollout_pending, deployment_pending: the wait's rules, tested here)
+    COMPONENTS, GROUP, PLURAL, VERSION, apps_api, custom_objects, deployment_pending, rollout_pending,
+    spec_components, wait_rolled_out,
+)
 from scripts.localstack import ROOT, LocalStack, StackError, free_port
 
-GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 REQUESTS = ("one-user.json", "batch.json", "bad-row.json")
 VALID_REQUESTS = REQUESTS[:2]
 ENTRIES = {"transformer": "transformer", "collocated": "predictor", "fused": "predictor"}  # -> Service
@@ -70,130 +73,20 @@ def post_fused(base_url: str, model: str, features: list[str]) -> list[tuple[int
     return answers
 
 
-def _load_config():
-    from kubernetes import config
-
-    try:
-        config.load_kube_config()
-    except config.ConfigException:
-        config.load_incluster_config()
-
-
-def custom_objects():
-    from kubernetes import client
-
-    _load_config()
-    return client.CustomObjectsApi()
-
-
-def apps_api():
-    from kubernetes import client
-
-    _load_config()
-    return client.AppsV1Api()
-
-
-def conditions(isvc: dict) -> dict[str, dict]:
-    return {c["type"]: c for c in (isvc.get("status") or {}).get("conditions", [])}
-
-
-COMPONENTS = ("predictor", "transformer")  # KServe Standard mode: Deployment <isvc>-<component>
-
-
-def spec_components(isvc: dict) -> list[str]:
-    """The components the InferenceService's spec asks for (the predictor always)."""
-    spec = isvc.get("spec") or {}
-    return [c for c in COMPONENTS if c == "predictor" or spec.get(c)]
-
-
-def deployment_pending(name: str, deployment) -> str | None:
-    """Why a Deployment has not rolled out its newest spec yet (None: rolled out), as `kubectl rollout status`
-    judges it: the Deployment controller saw the newest generation, and every replica is updated and available."""
-    if deployment is None:
-        return f"deployment {name} does not exist yet"
-    meta, spec, status = deployment.metadata, deployment.spec, deployment.status
-    if (status.observed_generation or 0) < (meta.generation or 0):
-        return f"deployment {name}: generation {meta.generation} not yet seen by its controller"
-    want = spec.replicas if spec.replicas is not None else 1
-    updated, ready = status.updated_replicas or 0, status.available_replicas or 0
-    total = status.replicas or 0
-    if updated < want or total > updated or ready < updated:
-        return (f"deployment {name}: {updated} of {want} replicas updated, {ready} available"
-                + (f", {total - updated} old still running" if total > updated else ""))
-    return None
-
-
-def rollout_pending(isvc: dict, deployments: dict) -> str | None:
-    """What keeps a (re)deployed InferenceService from serving its newest spec (None: it does).
-
-    KServe never resets Ready when the spec changes (Ready = PredictorReady + IngressReady, PredictorReady =
-    the Deployment is Available, and a rollout keeps the old pod until the new one is ready), so Ready alone
-    says nothing about a redeploy: first the controller must have reconciled the newest generation, then
-    each component's Deployment must have rolled out, and only then does Ready mean the new pods."""
-    if not isvc:
-        return "the InferenceService does not exist yet"
-    generation = (isvc.get("metadata") or {}).get("generation")
-    observed = (isvc.get("status") or {}).get("observedGeneration")
-    if generation is not None and observed != generation:
-        return f"KServe has not reconciled generation {generation} yet (it observed {observed})"
-    name = isvc["metadata"]["name"]
-    for component in spec_components(isvc):
-        why = deployment_pending(f"{name}-{component}", deployments.get(component))
-        if why:
-            return why
-    ready = conditions(isvc).get("Ready", {})
-    if ready.get("status") != "True":
-        not_ready = [f"{t}: {c.get('reason', '')} {c.get('message', '')}".strip()
-                     for t, c in conditions(isvc).items() if c.get("status") != "True"]
-        return "not Ready: " + ("; ".join(not_ready) or "no conditions yet")
-    return None
-
-
-def read_state(custom, apps, namespace: str, name: str) -> tuple[dict, dict]:
-    """The InferenceService ({} when it does not exist) and its component Deployments (None when absent)."""
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        isvc = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        return {}, {}
-    deployments = {}
-    for component in spec_components(isvc):
-        try:
-            deployments[component] = apps.read_namespaced_deployment(f"{name}-{component}", namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            deployments[component] = None
-    return isvc, deployments
-
-
 def wait_ready(namespace: str, name: str, timeout: float, custom=None, apps=None, sleep=time.sleep,
                clock=time.monotonic) -> int:
-    """Wait until the InferenceService serves its newest spec (:func:`rollout_pending`), printing each change."""
+    """Wait until the InferenceService serves its newest spec (:func:`model.rollout.rollout_pending`)."""
     custom = custom if custom is not None else custom_objects()
     apps = apps if apps is not None else apps_api()
-    started = clock()
-    last = None
-    while True:
-        isvc, deployments = read_state(custom, apps, namespace, name)
-        pending = rollout_pending(isvc, deployments)
-        if pending is None:
-            print(f"{namespace}/{name} is Ready at generation {isvc['metadata'].get('generation')}: "
-                  f"{isvc['status'].get('url', '')}", flush=True)
-            return 0
-        elapsed = clock() - started
-        if pending != last:
-            print(f"[{elapsed:5.0f}s] {namespace}/{name}: {pending}", flush=True)
-            last = pending
-        if elapsed >= timeout:
-            print(f"error: {namespace}/{name} did not roll out within {timeout:.0f}s: {pending}", file=sys.stderr)
-            print(f"look at: kubectl -n {namespace} get pods; kubectl -n {namespace} describe isvc {name}; "
-                  f"kubectl -n {namespace} rollout status deploy/{name}-predictor", file=sys.stderr)
-            return 1
-        sleep(3)
+    pending, isvc = wait_rolled_out(namespace, name, timeout, custom=custom, apps=apps, sleep=sleep, clock=clock)
+    if pending is None:
+        print(f"{namespace}/{name} is Ready at generation {isvc['metadata'].get('generation')}: "
+              f"{isvc['status'].get('url', '')}", flush=True)
+        return 0
+    print(f"error: {namespace}/{name} did not roll out within {timeout:.0f}s: {pending}", file=sys.stderr)
+    print(f"look at: kubectl -n {namespace} get pods; kubectl -n {namespace} describe isvc {name}; "
+          f"kubectl -n {namespace} rollout status deploy/{name}-predictor", file=sys.stderr)
+    return 1
 
 
 def remove_stale_components(namespace: str, name: str, custom=None, apps=None, core=None, autoscaling=None) -> list[str]:

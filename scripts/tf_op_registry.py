@@ -1,6 +1,6 @@
 """Write the op registry of the TensorFlow this runs under: every op and the attributes it takes.
 
-    python -m scripts.tf_op_registry tests/data/tf-2.20-ops.json   # run with the TensorFlow TF Serving uses
+    python -m scripts.tf_op_registry model/tf-2.20-ops.json   # run with the TensorFlow TF Serving uses
 
 TF Serving 2.20 is built on TensorFlow 2.20 and refuses a SavedModel whose graph names an op it
 does not have, or an attribute that op does not take ("NodeDef mentions attr ... not in Op").

@@ -1,0 +1,252 @@
+"""Roll a published model version out, and wait until it is what clients get.
+
+On a cluster (:func:`rollout_on_cluster`, the kubernetes Python client): patch the
+InferenceService so both components roll, wait until KServe has reconciled the new generation and
+both Deployments have rolled out, smoke through the transformer's Service, and roll back when any
+of it fails. Locally (:func:`wait_until_served`): the running transformer picks a new version up
+from the store by itself; wait until its answers say that version.
+
+KServe never resets ``Ready`` when the spec changes (Ready = PredictorReady + IngressReady, and a
+rollout keeps the old pod until the new one is ready), so ``Ready`` alone says nothing about a
+redeploy: :func:`rollout_pending` has the rules ``python -m scripts.cluster wait-ready`` uses too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+# The annotation whose change makes KServe roll both components' pods (README, "Update the model").
+VERSION_ANNOTATION = "embedder.example.com/model-store"
+COMPONENTS = ("predictor", "transformer")  # KServe Standard mode: Deployment <isvc>-<component>
+
+
+def _load_config():
+    from kubernetes import config
+
+    try:
+        config.load_kube_config()
+    except config.ConfigException:
+        config.load_incluster_config()
+
+
+def custom_objects():
+    from kubernetes import client
+
+    _load_config()
+    return client.CustomObjectsApi()
+
+
+def apps_api():
+    from kubernetes import client
+
+    _load_config()
+    return client.AppsV1Api()
+
+
+def conditions(isvc: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in (isvc.get("status") or {}).get("conditions", [])}
+
+
+def spec_components(isvc: dict) -> list[str]:
+    """The components the InferenceService's spec asks for (the predictor always)."""
+    spec = isvc.get("spec") or {}
+    return [c for c in COMPONENTS if c == "predictor" or spec.get(c)]
+
+
+def deployment_pending(name: str, deployment) -> str | None:
+    """Why a Deployment has not rolled out its newest spec yet (None: rolled out), as `kubectl rollout status`
+    judges it: the Deployment controller saw the newest generation, and every replica is updated and available."""
+    if deployment is None:
+        return f"deployment {name} does not exist yet"
+    meta, spec, status = deployment.metadata, deployment.spec, deployment.status
+    if (status.observed_generation or 0) < (meta.generation or 0):
+        return f"deployment {name}: generation {meta.generation} not yet seen by its controller"
+    want = spec.replicas if spec.replicas is not None else 1
+    updated, ready = status.updated_replicas or 0, status.available_replicas or 0
+    total = status.replicas or 0
+    if updated < want or total > updated or ready < updated:
+        return (f"deployment {name}: {updated} of {want} replicas updated, {ready} available"
+                + (f", {total - updated} old still running" if total > updated else ""))
+    return None
+
+
+def rollout_pending(isvc: dict, deployments: dict) -> str | None:
+    """What keeps a (re)deployed InferenceService from serving its newest spec (None: it does).
+
+    KServe never resets Ready when the spec changes (Ready = PredictorReady + IngressReady, PredictorReady =
+    the Deployment is Available, and a rollout keeps the old pod until the new one is ready), so Ready alone
+    says nothing about a redeploy: first the controller must have reconciled the newest generation, then
+    each component's Deployment must have rolled out, and only then does Ready mean the new pods."""
+    if not isvc:
+        return "the InferenceService does not exist yet"
+    generation = (isvc.get("metadata") or {}).get("generation")
+    observed = (isvc.get("status") or {}).get("observedGeneration")
+    if generation is not None and observed != generation:
+        return f"KServe has not reconciled generation {generation} yet (it observed {observed})"
+    name = isvc["metadata"]["name"]
+    for component in spec_components(isvc):
+        why = deployment_pending(f"{name}-{component}", deployments.get(component))
+        if why:
+            return why
+    ready = conditions(isvc).get("Ready", {})
+    if ready.get("status") != "True":
+        not_ready = [f"{t}: {c.get('reason', '')} {c.get('message', '')}".strip()
+                     for t, c in conditions(isvc).items() if c.get("status") != "True"]
+        return "not Ready: " + ("; ".join(not_ready) or "no conditions yet")
+    return None
+
+
+def read_state(custom, apps, namespace: str, name: str) -> tuple[dict, dict]:
+    """The InferenceService ({} when it does not exist) and its component Deployments (None when absent)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        isvc = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return {}, {}
+    deployments = {}
+    for component in spec_components(isvc):
+        try:
+            deployments[component] = apps.read_namespaced_deployment(f"{name}-{component}", namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            deployments[component] = None
+    return isvc, deployments
+
+
+def wait_rolled_out(namespace: str, name: str, timeout: float, *, custom, apps, sleep=time.sleep,
+                    clock=time.monotonic, say=lambda line: print(line, flush=True)) -> tuple[str | None, dict]:
+    """Wait until the InferenceService serves its newest spec (:func:`rollout_pending`), saying each change.
+
+    Returns (None, the InferenceService) once it does, or (what it still waits for, the last seen) at the timeout.
+    """
+    started, last = clock(), None
+    while True:
+        isvc, deployments = read_state(custom, apps, namespace, name)
+        pending = rollout_pending(isvc, deployments)
+        elapsed = clock() - started
+        if pending is None or elapsed >= timeout:
+            return pending, isvc
+        if pending != last:
+            say(f"[{elapsed:5.0f}s] {namespace}/{name}: {pending}")
+            last = pending
+        sleep(3)
+
+
+class RolloutFailed(RuntimeError):
+    """The new version did not become what clients get (it was rolled back when that was possible)."""
+
+
+def probe_row(feature_min, feature_max) -> list[float]:
+    """One user row every version accepts: the middle of each feature's training range."""
+    return [float(v) for v in (np.asarray(feature_min, dtype=np.float64) + np.asarray(feature_max, dtype=np.float64)) / 2]
+
+
+def served_version(predict_url: str, row: list[float], *, timeout: float = 10.0) -> tuple[int | None, str]:
+    """Send one row to a transformer's v1 predict URL: (the x-model-version that answered, or None; what happened)."""
+    import httpx
+
+    try:
+        response = httpx.post(predict_url, json={"instances": [row]}, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if response.status_code != 200:
+        return None, f"HTTP {response.status_code}: {response.text[:300]}"
+    version = response.headers.get("x-model-version")
+    return (int(version) if version and version.isdigit() else None), f"HTTP 200 from version {version}"
+
+
+def wait_until_served(predict_url: str, version: int, row: list[float], *, timeout: float = 120.0,
+                      sleep=time.sleep, clock=time.monotonic) -> float:
+    """Wait until the transformer at ``predict_url`` answers with ``version``; the seconds it took.
+
+    Raises:
+        RolloutFailed: it did not within ``timeout`` (with its last answer).
+    """
+    started = clock()
+    while True:
+        got, what = served_version(predict_url, row)
+        if got == version:
+            return clock() - started
+        if clock() - started >= timeout:
+            raise RolloutFailed(f"{predict_url} did not answer with version {version} within {timeout:.0f}s; "
+                                f"last: {what}")
+        sleep(0.5)
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """The InferenceService a version rolls out to, and where its transformer answers inside the cluster."""
+
+    namespace: str = "embedder"
+    name: str = "embedder"
+    model: str = "embedder"
+    service_url: str = ""  # default: the transformer's Service, http://<name>-transformer.<namespace>.svc
+
+    @property
+    def predict_url(self) -> str:
+        base = self.service_url or f"http://{self.name}-transformer.{self.namespace}.svc.cluster.local"
+        return f"{base.rstrip('/')}/v1/models/{self.model}:predict"
+
+
+def _annotations(isvc: dict) -> dict[str, str | None]:
+    spec = isvc.get("spec") or {}
+    return {c: ((spec.get(c) or {}).get("annotations") or {}).get(VERSION_ANNOTATION) for c in spec_components(isvc)}
+
+
+def _patch(custom, target: ClusterTarget, values: dict[str, str | None]) -> None:
+    """Set (or, with None, remove) the version annotation of each component: a new generation to roll."""
+    body = {"spec": {c: {"annotations": {VERSION_ANNOTATION: v}} for c, v in values.items()}}
+    custom.patch_namespaced_custom_object(GROUP, VERSION, target.namespace, PLURAL, target.name, body)
+
+
+def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *, custom=None, apps=None,
+                       retire: Callable[[], None] | None = None, timeout: float = 600.0, smoke_timeout: float = 120.0,
+                       sleep=time.sleep, clock=time.monotonic, smoke=None,
+                       say=lambda line: print(line, flush=True)) -> str:
+    """Roll ``version`` out to ``target`` and check that clients get it; roll back if not.
+
+    Patches the version annotation of both components (KServe then rolls both Deployments), waits for
+    the rollout (:func:`wait_rolled_out`), then sends ``row`` through the transformer's Service until it
+    answers with ``version``. On a failure it calls ``retire`` (which takes the version out of the model
+    store, so that no pod serves it again), restores the annotations, and waits for that rollout too.
+
+    Returns: a line saying what was rolled out. Raises: RolloutFailed, after the rollback.
+    """
+    custom = custom if custom is not None else custom_objects()
+    apps = apps if apps is not None else apps_api()
+    smoke = smoke or (lambda: wait_until_served(target.predict_url, version, row, timeout=smoke_timeout,
+                                                sleep=sleep, clock=clock))
+    where = f"{target.namespace}/{target.name}"
+    isvc, _ = read_state(custom, apps, target.namespace, target.name)
+    if not isvc:
+        raise RolloutFailed(f"InferenceService {where} does not exist: deploy it first (scripts/deploy.sh)")
+    before = _annotations(isvc)
+    _patch(custom, target, {c: str(version) for c in before})
+    say(f"{where}: rolling out version {version} (annotation {VERSION_ANNOTATION}={version} on {', '.join(before)})")
+    pending, _ = wait_rolled_out(target.namespace, target.name, timeout, custom=custom, apps=apps, sleep=sleep,
+                                 clock=clock, say=say)
+    failure = f"the rollout did not finish within {timeout:.0f}s: {pending}" if pending else None
+    if failure is None:
+        try:
+            seconds = smoke()
+        except RolloutFailed as exc:
+            failure = f"the smoke test through the Service failed: {exc}"
+        else:
+            return f"{where} serves version {version}: rolled out and answered through {target.predict_url} ({seconds:.1f}s)"
+    say(f"{where}: {failure}; rolling back")
+    if retire is not None:
+        retire()
+    _patch(custom, target, before)
+    pending, _ = wait_rolled_out(target.namespace, target.name, timeout, custom=custom, apps=apps, sleep=sleep,
+                                 clock=clock, say=say)
+    back = "rolled back" if pending is None else f"the rollback did not finish either: {pending}"
+    raise RolloutFailed(f"version {version} was not rolled out to {where}: {failure}; {back}")
