@@ -146,28 +146,37 @@ def evaluate(candidate_dir: str | Path, served_dir: str | Path | None, held_out:
     from sklearn.metrics import adjusted_rand_score
 
     candidate = answers_of(candidate_dir, held_out.features, k)
-    popularity = recall_at_k_of_ids(np.broadcast_to(np.asarray(popularity_ids[:k], dtype=object),
-                                                    (held_out.n_users, min(k, len(popularity_ids)))), held_out)
+    served = answers_of(served_dir, held_out.features, k) if served_dir is not None else None
+    # Every list is cut to the shortest (a version ranks at most its rules' top-k): recall@k of equals.
+    k = min(k, len(popularity_ids), candidate.top_ids.shape[1], *([served.top_ids.shape[1]] if served else []))
+    popularity = np.broadcast_to(np.asarray(popularity_ids[:k], dtype=object), (held_out.n_users, k))
     result = Evaluation(k=k, n_users=held_out.n_users, candidate=candidate.version,
-                        candidate_recall=recall_at_k_of_ids(candidate.top_ids, held_out),
-                        popularity_recall=popularity, thresholds=thresholds)
+                        candidate_recall=recall_at_k_of_ids(candidate.top_ids[:, :k], held_out),
+                        popularity_recall=recall_at_k_of_ids(popularity, held_out), thresholds=thresholds)
     if held_out.segments is not None:
         result.known_segment_agreement = float(adjusted_rand_score(held_out.segments, candidate.segments))
-    if served_dir is not None:
-        served = answers_of(served_dir, held_out.features, k)
-        result.served, result.served_recall = served.version, recall_at_k_of_ids(served.top_ids, held_out)
+    if served is not None:
+        result.served, result.served_recall = served.version, recall_at_k_of_ids(served.top_ids[:, :k], held_out)
         result.segment_agreement = float(adjusted_rand_score(served.segments, candidate.segments))
 
-    floor = popularity * (1 + thresholds.min_lift_over_popularity)
-    if not result.candidate_recall > floor:
-        result.reasons.append(
-            f"recall@{k} {result.candidate_recall:.4f} does not beat the popularity baseline {popularity:.4f} by "
-            f"{thresholds.min_lift_over_popularity:.0%} (needs > {floor:.4f}): the features did not teach the model "
-            "which items users take; check the interactions (user ids matched to the right users?)")
-    if result.served_recall is not None:
-        least = result.served_recall * (1 - thresholds.max_drop_from_served)
-        if result.candidate_recall < least:
-            result.reasons.append(
-                f"recall@{k} {result.candidate_recall:.4f} is below the served version {result.served}'s "
-                f"{result.served_recall:.4f} by more than {thresholds.max_drop_from_served:.0%} (needs >= {least:.4f})")
+    result.reasons = reasons_to_fail(result)
     return result
+
+
+def reasons_to_fail(result: Evaluation) -> list[str]:
+    """Why the measured candidate fails its thresholds (empty: it passes)."""
+    t, k, recall = result.thresholds, result.k, result.candidate_recall
+    reasons = []
+    floor = result.popularity_recall * (1 + t.min_lift_over_popularity)
+    if not recall > floor:
+        reasons.append(
+            f"recall@{k} {recall:.4f} does not beat the popularity baseline {result.popularity_recall:.4f} by "
+            f"{t.min_lift_over_popularity:.0%} (needs > {floor:.4f}): the features did not teach the model which "
+            "items users take; check the interactions (user ids matched to the right users?)")
+    if result.served_recall is not None:
+        least = result.served_recall * (1 - t.max_drop_from_served)
+        if recall < least:
+            reasons.append(
+                f"recall@{k} {recall:.4f} is below the served version {result.served}'s {result.served_recall:.4f} "
+                f"by more than {t.max_drop_from_served:.0%} (needs >= {least:.4f})")
+    return reasons

@@ -43,8 +43,8 @@ def publish(version_dirs: dict[str, Path], store: str | Path, version: int) -> l
         for name, source in version_dirs.items():
             staging = store / name / f".staging-{version}-{uuid.uuid4().hex[:8]}"
             staging.parent.mkdir(parents=True, exist_ok=True)
+            staged[name] = staging  # removed below if anything fails, a half copy included
             shutil.copytree(source, staging)
-            staged[name] = staging
         published = []
         # The fused folders first, the embedder's last: the transformer serves the embedder's, so once it
         # is there, every model of the version is.

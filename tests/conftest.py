@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -251,3 +255,54 @@ async def grpc_infer(stack, request, headers=None):
 
     async with InferenceGRPCClient(stack.grpc_target, retries=0, timeout=30) as client:
         return await client.infer(request, headers=headers)
+
+
+@dataclass
+class Traffic:
+    """Requests sent without pause from a few threads: when each was sent and answered, and how."""
+
+    url: str
+    bodies: list[tuple[int, bytes]]  # (first row index, body)
+    threads: int = 4
+    log: list = field(default_factory=list)  # (sent, answered, status, version, first row, body)
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list = field(default_factory=list)
+
+    def _run(self, offset: int) -> None:
+        with httpx.Client(timeout=10) as client:
+            i = offset
+            while not self.stop.is_set():
+                first, body = self.bodies[i % len(self.bodies)]
+                i += self.threads
+                sent = time.monotonic()
+                try:
+                    response = client.post(self.url, content=body, headers={"content-type": "application/json"})
+                except httpx.HTTPError as exc:  # counted as lost: no answer at all
+                    self.errors.append(repr(exc))
+                    continue
+                self.log.append((sent, time.monotonic(), response.status_code,
+                                 response.headers.get("x-model-version"), first, response.json()))
+
+    def __enter__(self) -> "Traffic":
+        self._workers = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(self.threads)]
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for worker in self._workers:
+            worker.join(30)
+
+    def answered_by(self, version: str) -> list:
+        return [entry for entry in self.log if entry[2] == 200 and entry[3] == version]
+
+
+def check_answers(log: list, raw_users: np.ndarray, rows: int, offline: dict[str, Offline]) -> None:
+    """Every 200 equals the offline answer of the version it names, for its own rows."""
+    expected = {v: o.predictions(raw_users) for v, o in offline.items()}
+    for sent, answered, status, version, first, body in log:
+        if status != 200:
+            continue
+        assert version in expected, f"an answer names version {version!r}"
+        assert_same_predictions(body["predictions"], expected[version][first:first + rows])

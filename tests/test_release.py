@@ -1,0 +1,360 @@
+"""The retraining pipeline's pieces on their own: the gate's decision, publishing into a store, the
+cluster rollout against a fake Kubernetes API, TF_CONFIG, and the compiled pipeline's tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from model.data import from_pairs
+from model.distributed import ClusterConfigError, Role, role_from_environment
+from model.gate import Evaluation, Thresholds, reasons_to_fail
+from model.publish import PublishError, publish, retire
+from model.quality import catalogue_indices, recall_at_k, recall_at_k_of_ids
+from model.release import next_version, training_argv
+from model.rollout import VERSION_ANNOTATION, ClusterTarget, RolloutFailed, probe_row, rollout_on_cluster
+from model.train import without_workers_flag
+
+
+# -- the gate's decision ----------------------------------------------------------------------------
+
+def measured(candidate, popularity, served=None, thresholds=Thresholds()):
+    return Evaluation(k=10, n_users=100, candidate=2, candidate_recall=candidate, popularity_recall=popularity,
+                      served=None if served is None else 1, served_recall=served, thresholds=thresholds)
+
+
+def test_a_candidate_no_better_than_popularity_fails_with_the_reason():
+    assert reasons_to_fail(measured(0.42, 0.15, served=0.43)) == []
+    (reason,) = reasons_to_fail(measured(0.16, 0.15, served=None))
+    assert "does not beat the popularity baseline 0.1500 by 10% (needs > 0.1650)" in reason
+    assert reasons_to_fail(measured(0.166, 0.15)) == []
+
+
+def test_a_candidate_clearly_worse_than_the_served_version_fails():
+    (reason,) = reasons_to_fail(measured(0.37, 0.15, served=0.43))
+    assert "below the served version 1's 0.4300 by more than 10% (needs >= 0.3870)" in reason
+    assert reasons_to_fail(measured(0.39, 0.15, served=0.43)) == []  # within the retraining noise
+    strict = Thresholds(min_lift_over_popularity=0.0, max_drop_from_served=0.0)
+    assert len(reasons_to_fail(measured(0.15, 0.15, served=0.43, thresholds=strict))) == 2
+
+
+@pytest.mark.parametrize("lift, drop", [(-0.1, 0.1), (0.1, 1.0), (0.1, -0.01)])
+def test_thresholds_outside_their_range_are_refused(lift, drop):
+    with pytest.raises(ValueError):
+        Thresholds(lift, drop)
+
+
+def test_the_report_names_both_versions_and_the_reasons():
+    result = measured(0.16, 0.15, served=0.43)
+    result.reasons = reasons_to_fail(result)
+    text = result.markdown()
+    assert text.startswith("# Quality gate: version 2 fails")
+    assert "| served (version 1) | 0.4300 |" in text and "- recall@10 0.1600" in text
+    assert result.metrics()["passed"] == 0.0 and result.metrics()["served_recall_at_10"] == 0.43
+
+
+def test_recall_by_item_ids_equals_recall_by_catalogue_index():
+    data, _ = from_pairs(np.zeros((3, 1)), ("f",), np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 3]),
+                         item_ids=np.array(["a", "b", "c", "d"], dtype=object))
+    top = np.array([[0, 2], [1, 0], [3, 2]])
+    assert recall_at_k_of_ids(data.item_ids[top], data) == recall_at_k(top, data) == pytest.approx((0.5 + 1 + 1) / 3)
+    # An item the catalogue does not know is a miss, never another user's hit.
+    assert catalogue_indices(np.array([["zz", "b"]], dtype=object), data).tolist() == [[-1, 1]]
+    assert recall_at_k_of_ids(np.array([["zz", "a"], ["zz", "zz"], ["c", "zz"]], dtype=object), data) == \
+        pytest.approx((0.5 + 0 + 0.5) / 3)
+
+
+# -- publishing into the store ----------------------------------------------------------------------
+
+def version_folder(root, text="saved"):
+    root.mkdir(parents=True)
+    (root / "saved_model.pb").write_text(text)
+    (root / "variables").mkdir()
+    (root / "variables" / "variables.index").write_text(text)
+    return root
+
+
+def test_publish_renames_whole_folders_into_place_and_never_overwrites(tmp_path):
+    store = tmp_path / "store"
+    sources = {"embedder": version_folder(tmp_path / "c" / "e"), "embedder-fused": version_folder(tmp_path / "c" / "f")}
+    published = publish(sources, store, 3)
+    assert [p.relative_to(store).as_posix() for p in published] == ["embedder-fused/3", "embedder/3"]
+    assert (store / "embedder" / "3" / "variables" / "variables.index").read_text() == "saved"
+    assert sorted(p.name for p in (store / "embedder").iterdir()) == ["3"]  # no staging folder left
+    with pytest.raises(PublishError, match="version 3 exists already"):
+        publish({"embedder": version_folder(tmp_path / "d" / "e", "other")}, store, 3)
+    assert (store / "embedder" / "3" / "saved_model.pb").read_text() == "saved"
+
+
+def test_a_version_taken_for_one_model_publishes_nothing(tmp_path):
+    store = tmp_path / "store"
+    version_folder(store / "embedder-fused" / "4")
+    with pytest.raises(PublishError):
+        publish({"embedder": version_folder(tmp_path / "e"), "embedder-fused": version_folder(tmp_path / "f")}, store, 4)
+    assert not (store / "embedder").exists() or list((store / "embedder").iterdir()) == []
+
+
+def test_a_failed_copy_leaves_no_staging_folder(tmp_path, monkeypatch):
+    import shutil
+
+    store = tmp_path / "store"
+
+    def broken_copy(source, target):
+        os.makedirs(target)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copytree", broken_copy)
+    with pytest.raises(OSError):
+        publish({"embedder": version_folder(tmp_path / "e")}, store, 1)
+    assert list((store / "embedder").iterdir()) == []
+
+
+def test_retired_versions_are_hidden_from_readers_and_their_numbers_never_reused(tmp_path):
+    store = tmp_path / "store"
+    for v in (1, 2):
+        version_folder(store / "embedder" / str(v))
+    version_folder(store / "embedder-fused" / "2")
+    assert next_version(store, "embedder") == 3
+    moved = retire(store, ["embedder", "embedder-fused", "missing"], 2)
+    assert [p.name.startswith(".retired-2-") for p in moved] == [True, True]
+    assert sorted(p.name for p in (store / "embedder").iterdir() if p.name.isdigit()) == ["1"]
+    assert next_version(store, "embedder") == 3
+    assert next_version(tmp_path / "empty", "embedder") == 1
+
+
+def test_training_options_become_the_training_command_line():
+    argv = training_argv("u.csv", "i.csv", "out", "held", "embedder", 4,
+                         {"epochs": 3, "segments": 0, "weight_column": "", "min_score": 0.25})
+    assert argv == ["--data", "u.csv", "--interactions", "i.csv", "--out", "out", "--held-out", "held",
+                    "--model-name", "embedder", "--version", "4", "--quiet", "--epochs", "3", "--min-score", "0.25"]
+    with pytest.raises(ValueError, match="not a training option"):
+        training_argv("u", "i", "o", "h", "embedder", 1, {"out": "elsewhere"})
+
+
+# -- TF_CONFIG ----------------------------------------------------------------------------------------
+
+def tf_config(cluster, task_type, index):
+    return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})}
+
+
+def test_the_role_comes_from_tf_config():
+    assert role_from_environment({}) is None
+    workers = {"worker": ["a:1", "b:1", "c:1"]}
+    assert role_from_environment(tf_config(workers, "worker", 0)) == Role(workers=3, index=0, task="worker")
+    assert not role_from_environment(tf_config(workers, "worker", 2)).is_chief
+    with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+    assert role_from_environment(tf_config(with_chief, "chief", 0)).is_chief
+    assert role_from_environment(tf_config(with_chief, "worker", 0)) == Role(workers=3, index=1, task="worker")
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"TF_CONFIG": "{not json"}, "not a cluster and task description"),
+    (tf_config({"worker": ["a:1"], "ps": ["p:1"]}, "worker", 0), "names ps tasks"),
+    (tf_config({"worker": ["a:1"]}, "worker", 1), "task worker 1 is not in its cluster"),
+    (tf_config({"chief": ["a:1", "b:1"]}, "chief", 0), "2 chief tasks"),
+])
+def test_tf_config_that_cannot_describe_a_cluster_is_refused(environ, message):
+    with pytest.raises(ClusterConfigError, match=message):
+        role_from_environment(environ)
+
+
+def test_each_worker_gets_the_command_line_without_the_workers_flag():
+    assert without_workers_flag(["--epochs", "3", "--distributed-workers", "2", "--quiet"]) == ["--epochs", "3", "--quiet"]
+    assert without_workers_flag(["--distributed-workers=4", "--seed", "1"]) == ["--seed", "1"]
+
+
+# -- the cluster rollout, against a fake Kubernetes API ----------------------------------------------
+
+class FakeCluster:
+    """KServe and the Deployment controller as the API shows them: a patch makes a new generation; the
+    controller observes it after a few polls; then each Deployment rolls a new ReplicaSet (old and new pods
+    side by side) while Ready stays True all along, as KServe reports it."""
+
+    def __init__(self, reconcile_after=2, roll_steps=3, roll=True):
+        from test_cluster_wait import deployment, isvc
+
+        self.make_deployment = deployment
+        self.isvc = isvc(1, 1)
+        self.isvc["spec"]["predictor"]["annotations"] = {VERSION_ANNOTATION: "1"}
+        self.patches, self.polls_since_patch = [], 0
+        self.reconcile_after, self.roll_steps, self.roll = reconcile_after, roll_steps, roll
+        self.now, self.history = 0.0, []
+
+    def sleep(self, seconds):
+        self.now += seconds
+        self.polls_since_patch += 1
+
+    def clock(self):
+        return self.now
+
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        assert (group, version, plural, namespace, name) == ("serving.kserve.io", "v1beta1", "inferenceservices",
+                                                             "embedder", "embedder")
+        for component, change in body["spec"].items():
+            notes = self.isvc["spec"][component].setdefault("annotations", {})
+            for key, value in change["annotations"].items():
+                if value is None:
+                    notes.pop(key, None)
+                else:
+                    notes[key] = value
+        self.isvc["metadata"]["generation"] += 1
+        self.patches.append(body)
+        self.polls_since_patch = 0
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        generation = self.isvc["metadata"]["generation"]
+        reconciled = self.polls_since_patch >= self.reconcile_after or not self.patches
+        self.isvc["status"]["observedGeneration"] = generation if reconciled else generation - 1
+        return json.loads(json.dumps(self.isvc))
+
+    def read_namespaced_deployment(self, name, namespace):
+        generation = len(self.patches) + 1
+        step = self.polls_since_patch - self.reconcile_after
+        if not self.patches or (self.roll and step >= self.roll_steps):
+            state = (generation, generation, 1, 1, 1)  # rolled out
+        elif step < 0:
+            state = (generation - 1, generation - 1, 1, 1, 1)  # KServe has not updated it yet
+        else:
+            state = (generation, generation, 2, 1 if step else 0, 1)  # the new pod starting beside the old
+        self.history.append((name, state))
+        return self.make_deployment(name, *state)
+
+
+def rollout(cluster, smoke, retire=None, timeout=600.0):
+    return rollout_on_cluster(ClusterTarget(), 2, [0.0], custom=cluster, apps=cluster, retire=retire, timeout=timeout,
+                              sleep=cluster.sleep, clock=cluster.clock, smoke=smoke, say=lambda line: None)
+
+
+def test_the_rollout_waits_through_a_redeploy_that_stays_ready_then_smokes():
+    cluster = FakeCluster()
+    smoked_at = []
+
+    def smoke():
+        smoked_at.append(list(cluster.history))
+        return 0.5
+
+    line = rollout(cluster, smoke)
+    assert "embedder/embedder serves version 2" in line
+    assert cluster.patches == [{"spec": {c: {"annotations": {VERSION_ANNOTATION: "2"}}
+                                         for c in ("predictor", "transformer")}}]
+    # Ready was True at every poll; the smoke test came only once both Deployments had rolled out, after
+    # polls that saw the new pod starting beside the old one.
+    (seen,) = smoked_at
+    assert any(state[2] == 2 for _, state in seen)
+    assert [state for name, state in seen[-2:]] == [(2, 2, 1, 1, 1)] * 2
+
+
+def test_a_failed_smoke_rolls_back_the_annotations_and_retires_the_version():
+    cluster = FakeCluster()
+    retired = []
+
+    def smoke():
+        raise RolloutFailed("http://embedder-transformer.embedder.svc.cluster.local/... did not answer with version 2")
+
+    with pytest.raises(RolloutFailed, match="smoke test through the Service failed.*rolled back"):
+        rollout(cluster, smoke, retire=lambda: retired.append(cluster.isvc["metadata"]["generation"]))
+    assert retired == [2]  # before the annotations went back
+    assert cluster.patches[-1] == {"spec": {"predictor": {"annotations": {VERSION_ANNOTATION: "1"}},
+                                            "transformer": {"annotations": {VERSION_ANNOTATION: None}}}}
+    assert cluster.isvc["spec"]["predictor"]["annotations"] == {VERSION_ANNOTATION: "1"}
+    assert VERSION_ANNOTATION not in cluster.isvc["spec"]["transformer"].get("annotations", {})
+
+
+def test_a_rollout_that_never_finishes_is_rolled_back_without_a_smoke():
+    cluster = FakeCluster(roll=False)
+    smoked = []
+    with pytest.raises(RolloutFailed, match="did not finish within 60s: deployment embedder-predictor"):
+        rollout(cluster, lambda: smoked.append(1), timeout=60)
+    assert smoked == [] and len(cluster.patches) == 2
+
+
+def test_the_rollout_refuses_a_missing_inference_service():
+    from kubernetes.client.exceptions import ApiException
+
+    class Empty(FakeCluster):
+        def get_namespaced_custom_object(self, *args):
+            raise ApiException(status=404)
+
+    with pytest.raises(RolloutFailed, match="does not exist: deploy it first"):
+        rollout(Empty(), lambda: 0.0)
+
+
+def test_the_probe_row_and_the_service_url():
+    assert probe_row([0, -2], [4, 2]) == [2.0, 0.0]
+    assert ClusterTarget().predict_url == \
+        "http://embedder-transformer.embedder.svc.cluster.local/v1/models/embedder:predict"
+    assert ClusterTarget(service_url="http://x:8080/").predict_url == "http://x:8080/v1/models/embedder:predict"
+
+
+# -- the compiled pipeline ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    from model.pipeline import compile_pipeline
+
+    # Two documents: the pipeline spec, then its Kubernetes platform spec (the volume mounts).
+    spec, platform = yaml.safe_load_all(compile_pipeline(tmp_path_factory.mktemp("kfp") / "pipeline.yaml").read_text())
+    return {**spec, **platform}
+
+
+def test_the_compiled_pipeline_runs_its_tasks_in_order(compiled):
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert set(tasks) == {"importer", "importer-2", "train", "evaluate", "verify", "publish", "rollout"}
+
+    def upstream(task):
+        spec = tasks[task]
+        after = set(spec.get("dependentTasks", []))
+        for arg in (spec.get("inputs", {}).get("artifacts", {}) | spec.get("inputs", {}).get("parameters", {})).values():
+            producer = (arg.get("taskOutputArtifact") or arg.get("taskOutputParameter") or {}).get("producerTask")
+            if producer:
+                after.add(producer)
+        return after
+
+    assert upstream("train") == {"importer", "importer-2"}
+    assert upstream("evaluate") == {"train"}
+    assert upstream("verify") == {"train", "evaluate"}
+    assert upstream("publish") == {"train", "verify"}
+    assert upstream("rollout") == {"train", "publish"}
+    assert tasks["rollout"]["inputs"]["parameters"]["version"]["taskOutputParameter"]["producerTask"] == "publish"
+    assert all(tasks[t]["cachingOptions"] == {} or not tasks[t]["cachingOptions"].get("enableCache")
+               for t in ("train", "evaluate", "verify", "publish", "rollout"))
+
+
+def test_the_compiled_pipeline_has_its_parameters_with_defaults(compiled):
+    parameters = compiled["root"]["inputDefinitions"]["parameters"]
+    assert {"users_uri", "interactions_uri"} <= {n for n, p in parameters.items() if "defaultValue" not in p}
+    defaults = {n: p.get("defaultValue") for n, p in parameters.items()}
+    assert defaults["model_store"] == "/mnt/model-store/models"
+    assert defaults["min_lift_over_popularity"] == 0.1 and defaults["max_drop_from_served"] == 0.1
+    assert defaults["rollout_mode"] == "cluster" and defaults["epochs"] == 25
+    train_inputs = compiled["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train_inputs["epochs"]["componentInputParameter"] == "epochs"
+
+
+def test_every_component_runs_the_training_image_without_installing_anything(compiled):
+    from model.pipeline import TRAINING_IMAGE
+
+    executors = compiled["deploymentSpec"]["executors"]
+    containers = {name: e["container"] for name, e in executors.items() if "container" in e}
+    assert len(containers) == 5
+    for name, container in containers.items():
+        assert container["image"] == TRAINING_IMAGE, name
+        assert "pip install" not in " ".join(container["command"]), name
+    importers = [e["importer"] for e in executors.values() if "importer" in e]
+    assert len(importers) == 2
+
+
+def test_the_tasks_that_touch_the_store_mount_its_volume(compiled):
+    from model.pipeline import STORE_CLAIM, STORE_MOUNT
+
+    config = compiled["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {name: spec["pvcMount"] for name, spec in config.items()}
+    assert set(mounted) == {"exec-train", "exec-evaluate", "exec-publish", "exec-rollout"}
+    for mounts in mounted.values():
+        (mount,) = mounts
+        assert mount["mountPath"] == STORE_MOUNT
+        assert STORE_CLAIM in json.dumps(mount)
