@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train if needed, build the transformer image, load it into kind, apply an overlay (OVERLAY=kind by
+# Train if needed, build the transformer and training images, load them into kind, apply an overlay (OVERLAY=kind by
 # default; collocated or fused), and wait until the InferenceService is Ready. Idempotent.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,20 +17,28 @@ if ! ls build/models/embedder/*/assets.extra/transformer-bundle/manifest.json >/
   "$python" -m model.train
 fi
 
-# Built and loaded under its full name: Podman would otherwise tag it localhost/<name>, which is not
-# the docker.io/library/<name> the pod asks for.
-image=$(qualified_image "$TRANSFORMER_IMAGE")
-echo "== building $image with $engine"
-"$engine" build -f transformer/Dockerfile -t "$image" .
-
-echo "== loading the image into kind cluster '$KIND_CLUSTER_NAME'"
 # Saved for the node's platform only (save_image in lib.sh says why: kind#3795). mktemp with a template
 # works on BSD and GNU.
 archive=$(mktemp "${TMPDIR:-/tmp}/embedder-image.XXXXXX")
 trap 'rm -f "$archive"' EXIT
-save_image "$engine" "$image" "$archive"
 if [ "$engine" = podman ]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
-kind load image-archive "$archive" --name "$KIND_CLUSTER_NAME"
+# build_and_load IMAGE DOCKERFILE: built and loaded under its full name (Podman would otherwise tag it
+# localhost/<name>, which is not the docker.io/library/<name> the pod asks for).
+build_and_load() {
+  local image
+  image=$(qualified_image "$1")
+  echo "== building $image with $engine ($2)"
+  "$engine" build -f "$2" -t "$image" .
+  echo "== loading $image into kind cluster '$KIND_CLUSTER_NAME'"
+  save_image "$engine" "$image" "$archive"
+  kind load image-archive "$archive" --name "$KIND_CLUSTER_NAME"
+}
+build_and_load "$TRANSFORMER_IMAGE" transformer/Dockerfile
+# The training image (the retraining pipeline's tasks and the TFJob's workers); SKIP_TRAINING_IMAGE=1 skips
+# it when only the InferenceService changes (it holds TensorFlow: the larger build by far).
+if [ "${SKIP_TRAINING_IMAGE:-0}" != 1 ]; then
+  build_and_load "$TRAINING_IMAGE" model/Dockerfile
+fi
 
 overlay=${OVERLAY:-kind}
 [ -d "manifests/overlays/$overlay" ] || { echo "error: no overlay manifests/overlays/$overlay (OVERLAY=kind, collocated or fused)" >&2; exit 1; }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create a local kind cluster with cert-manager and KServe (Standard mode) at pinned versions.
-# The host's build/ folder is mounted into the node, so the cluster serves what `model.train` wrote.
+# The host's build/ folder is mounted into the node, so the cluster serves what `model.train` wrote (and
+# the retraining pipeline, run on the cluster, publishes into it).
 # Idempotent: re-running skips what exists and re-applies the (unchanged) installs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,7 +12,10 @@ engine=$(container_engine)
 check_tool_versions "$engine"
 if [ "$engine" = podman ]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
 
-mkdir -p build
+# build/models: the model store (the InferenceService reads it; the retraining pipeline and the TFJob write
+# new versions into it, as uid 65532, the training image's user); build/data: their input files.
+mkdir -p build/models build/data
+chmod o+rwx build/models build/data
 if kind get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER_NAME"; then
   echo "== kind cluster '$KIND_CLUSTER_NAME' exists"
 else
@@ -26,7 +30,7 @@ nodes:
     extraMounts:
       - hostPath: $(pwd)/build
         containerPath: /mnt/embedder-build
-        readOnly: true
+        readOnly: false
         selinuxRelabel: $(selinux_relabel)
 YAML
   kind create cluster --name "$KIND_CLUSTER_NAME" --image "$KIND_NODE_IMAGE" --config "$config" --wait 180s

@@ -189,3 +189,40 @@ def test_the_build_mount_is_relabelled_where_selinux_enforces(stubs, mode, relab
     assert run_kind_up({**env, "STUB_SELINUX": mode}).returncode == 0
     config = (state / "kind-config.yaml").read_text()
     assert "containerPath: /mnt/embedder-build" in config and f"selinuxRelabel: {relabel}" in config
+
+
+def test_deploy_builds_and_loads_the_training_image_beside_the_transformers(stubs):
+    env, log, state = stubs
+    result = run_deploy(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = calls(log)
+    builds = [line for line in lines if line.startswith("docker build ")]
+    assert builds == ["docker build -f transformer/Dockerfile -t docker.io/library/kserve-embedder-transformer:dev .",
+                      "docker build -f model/Dockerfile -t docker.io/library/kserve-embedder-training:dev ."]
+    saves = [line for line in lines if line.startswith("docker image save --platform")]
+    assert [s.rsplit(" ", 1)[1] for s in saves] == ["docker.io/library/kserve-embedder-transformer:dev",
+                                                    "docker.io/library/kserve-embedder-training:dev"]
+    loads = [i for i, line in enumerate(lines) if line.startswith("kind load image-archive")]
+    assert len(loads) == 2 and loads[-1] < index_of(lines, "kubectl --context kind-embedder apply -k")
+
+    log.unlink()
+    result = subprocess.run(["bash", "scripts/deploy.sh"], cwd=ROOT, env={**env, "SKIP_TRAINING_IMAGE": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not any("model/Dockerfile" in line for line in calls(log))
+
+
+def test_kind_pipelines_installs_kfp_and_the_training_operator_then_the_pipelines_manifests(stubs):
+    env, log, state = stubs
+    result = subprocess.run(["bash", "scripts/kind-pipelines.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = calls(log)
+    scoped = index_of(lines, "manifests/kustomize/cluster-scoped-resources?ref=2.17.3")
+    crd = index_of(lines, "kubectl wait --for condition=established --timeout=60s crd/applications.app.k8s.io")
+    kfp = index_of(lines, "manifests/kustomize/env/platform-agnostic?ref=2.17.3")
+    operator = index_of(lines, "training-operator.git/manifests/overlays/standalone?ref=v1.9.3")
+    waits = index_of(lines, "kubectl -n kubeflow get deployments -o name")
+    ours = index_of(lines, "kubectl apply -k manifests/pipeline")
+    assert scoped < crd < kfp < operator < waits < ours
+    assert "ml-pipeline-ui" in result.stdout
