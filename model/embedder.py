@@ -41,6 +41,12 @@ class EmbedderWeights:
     def n_items(self) -> int:
         return self.item_embeddings.shape[0]
 
+    @property
+    def n_parameters(self) -> int:
+        """Trained numbers: what every step's gradient all-reduce carries across workers (float32 each)."""
+        arrays = [a for pair in (*self.dense, self.projection) for a in pair] + [self.item_embeddings, self.item_bias]
+        return int(sum(a.size for a in arrays)) + 1  # + the temperature
+
 
 def build_layers(n_features: int, n_items: int, embedding_dim: int, hidden: tuple[int, ...], seed: int):
     """The user tower's Keras layers (hidden, projection) and the item weights, built and seeded."""

@@ -278,17 +278,20 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     # Every worker writes the same shards (same users, same seed) and reads only its own files of them.
     shards = Path(tempfile.mkdtemp(prefix=".examples-", dir=args.out if chief else None))
+    steps_per_epoch = -(-train.n_users // batch_size)
+    training_started = time.monotonic()
     try:
         weights = train_embedder(
             write_shards(X_train, train, shards, seed=args.seed, min_shards=workers), n_features=X_train.shape[1],
             n_items=train.n_items, weighted=train.weights is not None, embedding_dim=args.embedding_dim,
             epochs=args.epochs, batch_size=batch_size, negatives=args.negatives,
             item_prior=train.item_counts() / train.n_users, seed=args.seed, progress=on_epoch,
-            strategy=strategy, steps_per_epoch=-(-train.n_users // batch_size),
+            strategy=strategy, steps_per_epoch=steps_per_epoch,
         )
     finally:
         shutil.rmtree(shards, ignore_errors=True)
     bar.close()
+    training_seconds = time.monotonic() - training_started  # the shards and the epochs
     if not chief:
         finish(strategy)
         say(f"worker {role.index} of {role.workers}: trained; the chief writes the version")
@@ -348,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                     "n_train_interactions": train.n_interactions,
                     "batch_size": batch_size,
                     "workers": workers,
+                    "steps_per_epoch": steps_per_epoch,
+                    "training_seconds": round(training_seconds, 2),
+                    "parameters": weights.n_parameters,
                     "negatives": min(args.negatives, train.n_items),
                     "quality": quality.__dict__,
                     "tensorflow": tf.__version__,
