@@ -1,6 +1,6 @@
-"""Mutation testing: how many deliberate small bugs in transformer/ the fast tests catch.
+"""Mutation testing: how many deliberate small bugs in transformer/ and model/ the fast tests catch.
 
-    .venv/bin/python -m scripts.mutation                 # all of transformer/ (40 to 50 min on 2 cores)
+    .venv/bin/python -m scripts.mutation                 # all of transformer/ and model/ (about an hour on 2 cores)
     .venv/bin/python -m scripts.mutation --only transformer/serving/admission.py --only transformer/serving/coalesce.py
 
 mutmut (pinned in the dev extra) mutates a copy of the working tree, so this checkout never gets
@@ -113,12 +113,13 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
     reached = sum(n for status, n in total.items() if status not in UNJUDGED)
     caught = sum(total[s] for s in CAUGHT)
     lines = [
-        "# Mutation testing of the transformer",
+        "# Mutation testing of transformer/ and model/",
         "",
         f"`python -m scripts.mutation{''.join(f' --only {p}' for p in only)}` on {time.strftime('%Y-%m-%d')} "
         f"at {commit}{' with uncommitted changes' if dirty else ''}: mutmut "
         f"{_version()}, {len(statuses)} mutants in {seconds / 60:.1f} min. Each mutant is one small change "
-        "(an operator, a constant, a condition, an argument); the fast tests (pyproject.toml, "
+        "(an operator, a constant, a condition, an argument) in `transformer/` or `model/` (less what "
+        "`do_not_mutate` in pyproject.toml leaves out, with its reason); the fast tests (pyproject.toml, "
         "`[tool.mutmut]`, without the tests marked `heavy`) ran against it. *Caught* is killed (a test "
         "failed) plus timed out (the tests ran far longer than without the mutant). *No fast test* means only "
         "the heavy tests (servers, processes, training) reach that code.",

@@ -358,3 +358,106 @@ def test_the_tasks_that_touch_the_store_mount_its_volume(compiled):
         (mount,) = mounts
         assert mount["mountPath"] == STORE_MOUNT
         assert STORE_CLAIM in json.dumps(mount)
+
+
+# -- the store as the release steps read it (small bundles, made in milliseconds) ---------------------
+
+def test_the_served_version_is_the_newest_whose_bundle_verifies(tmp_path):
+    from small_bundle import new_version, write
+
+    from model.release import served_version_dir
+
+    store = tmp_path / "store"
+    assert served_version_dir(store, "embedder") is None
+    for number in (1, 2, 3):
+        write(new_version(store, number))
+    assert served_version_dir(store, "embedder") == store / "embedder" / "3"
+    (store / "embedder" / "3" / "assets.extra" / "transformer-bundle" / "fitted.npz").write_bytes(b"altered")
+    assert served_version_dir(store, "embedder") == store / "embedder" / "2"  # what the transformer serves too
+
+
+def test_a_candidate_is_one_version_published_with_its_fused_twin_and_retired_together(tmp_path):
+    from small_bundle import new_version, write
+
+    from model.release import candidate_dir, publish_candidate, retire_version
+
+    candidate = tmp_path / "candidate"
+    write(new_version(candidate / "models", 5))
+    version_folder(candidate / "models" / "embedder-fused" / "5")
+    assert candidate_dir(candidate, "embedder") == candidate / "models" / "embedder" / "5"
+    assert candidate_dir(candidate, "embedder", fused=True) == candidate / "models" / "embedder-fused" / "5"
+    store = tmp_path / "store"
+    assert publish_candidate(candidate, store, "embedder") == 5
+    assert (store / "embedder" / "5" / "fingerprint.pb").is_file()
+    assert (store / "embedder-fused" / "5" / "saved_model.pb").is_file()
+    assert [p.parent.name for p in retire_version(store, "embedder", 5)] == ["embedder", "embedder-fused"]
+    assert next_version(store, "embedder") == 6
+    write(new_version(candidate / "models", 6))
+    with pytest.raises(ValueError, match=r"holds versions \[5, 6\]"):
+        candidate_dir(candidate, "embedder")
+
+
+# -- waiting for a version through HTTP --------------------------------------------------------------
+
+@pytest.fixture
+def transformer_answers():
+    """A loopback HTTP server answering predict requests as scripted: (status, x-model-version) in turn."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    script, received = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            status, version = script.pop(0) if len(script) > 1 else script[0]
+            body = b'{"predictions": []}' if status == 200 else b'{"error": "no version"}'
+            self.send_response(status)
+            if version:
+                self.send_header("x-model-version", version)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/models/embedder:predict", script, received
+    server.shutdown()
+
+
+def test_the_wait_ends_when_the_transformer_answers_with_the_version(transformer_answers):
+    from model.rollout import served_version, wait_until_served
+
+    url, script, received = transformer_answers
+    script += [(503, None), (200, "1"), (200, "2")]
+    clock = iter(range(100))
+    seconds = wait_until_served(url, 2, [0.5, 1.5], timeout=60, sleep=lambda s: None, clock=lambda: next(clock))
+    assert seconds == 3 and received == [{"instances": [[0.5, 1.5]]}] * 3
+    assert served_version(url, [0.0]) == (2, "HTTP 200 from version 2")
+
+
+def test_the_wait_gives_up_with_the_last_answer(transformer_answers):
+    from model.rollout import served_version, wait_until_served
+
+    url, script, _ = transformer_answers
+    script += [(503, None)]
+    clock = iter(range(100))
+    with pytest.raises(RolloutFailed, match=r"did not answer with version 2 within 5s; last: HTTP 503: .*no version"):
+        wait_until_served(url, 2, [0.0], timeout=5, sleep=lambda s: None, clock=lambda: next(clock))
+    version, what = served_version("http://127.0.0.1:9/v1/models/embedder:predict", [0.0], timeout=1)
+    assert version is None and what.startswith("ConnectError")
+
+
+def test_loopback_workers_get_one_cluster_and_their_own_task():
+    from model.distributed import loopback_configs
+
+    configs = [json.loads(c) for c in loopback_configs(3)]
+    (cluster,) = {json.dumps(c["cluster"]) for c in configs}
+    workers = json.loads(cluster)["worker"]
+    assert len(set(workers)) == 3 and all(w.startswith("127.0.0.1:") for w in workers)
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+    assert [role_from_environment({"TF_CONFIG": json.dumps(c)}).index for c in configs] == [0, 1, 2]

@@ -192,13 +192,31 @@ def test_the_training_scale_report_comes_from_real_runs(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    manifest = json.loads(next((tmp_path / "work").glob("*/build/models/embedder/1/assets.extra/"
+    manifest = json.loads(next((tmp_path / "work").glob("*/*/build/models/embedder/1/assets.extra/"
                                                            "transformer-bundle/manifest.json")).read_text())
     row = report.read_text().strip().splitlines()[-1].split("|")
     assert row[1].strip() == "400" and row[2].strip() == "30"
     assert row[4].strip() == f"{manifest['training']['n_train_interactions']:,}"
     assert int(row[3].replace(",", "")) > int(row[4].replace(",", ""))  # all users' interactions, from the files
     assert row[-2].strip() == f"{manifest['training']['quality']['popularity_recall_at_k']:.3f}"
+
+
+def test_the_training_scale_report_compares_worker_counts(tmp_path):
+    report = tmp_path / "workers.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.training_scale", "--sizes", "400x30x5", "--train-args",
+         "--epochs 2 --no-fused", "--workers", "1,2", "--work", str(tmp_path / "work"), "--report", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in report.read_text().strip().splitlines()[-2:]]
+    for row, workers in zip(rows, (1, 2)):
+        manifest = json.loads(next((tmp_path / "work").glob(f"*/workers-{workers}/build/models/embedder/1/"
+                                                            "assets.extra/transformer-bundle/manifest.json")).read_text())
+        training = manifest["training"]
+        assert training["workers"] == workers and row[-4].strip() == str(workers)
+        assert row[-3].strip() == f"{training['training_seconds'] / (training['steps_per_epoch'] * 2):.3f}"
+        assert row[-2].strip() == f"{training['parameters'] * 4 / 1e6:.1f}"
 
 
 @pytest.mark.parametrize("module", ["model.train", "model.fuse", "scripts.demo", "scripts.localstack",
