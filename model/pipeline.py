@@ -174,16 +174,13 @@ def run_local(args: argparse.Namespace) -> int:
     """Run the pipeline with KFP's SubprocessRunner in this Python (which has the project installed)."""
     from kfp import local
 
-    from model.gate import Thresholds
-
     work = (args.workdir or args.model_store.parent / "pipeline-runs").resolve()
     work.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "outputs"),
                workspace_root=str(work / "workspace"), raise_on_error=True)
-    Thresholds(args.min_lift_over_popularity, args.max_drop_from_served)  # bad thresholds fail here, not in a task
     started = time.monotonic()
     try:
-        run = retrain(
+        retrain(
             users_uri=str(args.data.resolve()), interactions_uri=str(args.interactions.resolve()),
             model_store=str(args.model_store.resolve()), model_name=args.model_name, epochs=args.epochs,
             embedding_dim=args.embedding_dim, seed=args.seed, top_k=args.top_k, min_score=args.min_score,
@@ -197,7 +194,8 @@ def run_local(args: argparse.Namespace) -> int:
         print("nothing was published when the gate or the checks failed; the task logs above have the details",
               file=sys.stderr)
         return 1
-    print(f"pipeline done in {time.monotonic() - started:.0f}s: {run.output if hasattr(run, 'output') else ''}".rstrip(": "))
+    print(f"pipeline done in {time.monotonic() - started:.0f}s: version published into {args.model_store}"
+          + (f" and served by {args.transformer_url}" if args.transformer_url else ""))
     return 0
 
 
@@ -249,6 +247,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"{flag} {path}: no such file")
         if args.model_store.exists() and not args.model_store.is_dir():
             parser.error(f"--model-store {args.model_store} is not a folder")
+        from model.gate import Thresholds
+
+        try:  # here, not in the evaluate task after training
+            Thresholds(args.min_lift_over_popularity, args.max_drop_from_served)
+        except ValueError as exc:
+            parser.error(str(exc).replace("min_lift_over_popularity", "--min-lift-over-popularity")
+                         .replace("max_drop_from_served", "--max-drop-from-served"))
     return args
 
 

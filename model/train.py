@@ -37,7 +37,9 @@ import numpy as np
 
 from model.csv_input import DataError, load_one_file, load_two_files, write_two_files
 from model.data import UserData
-from model.distributed import TF_CONFIG, ClusterConfigError, finish, role_from_environment, run_local_workers
+from model.distributed import (
+    TF_CONFIG, ClusterConfigError, cluster_strategy, finish, role_from_environment, run_local_workers,
+)
 from model.progress import progress
 from model.quality import Quality, popularity_top, recall_at_k
 from model.synthetic import make_synthetic
@@ -238,8 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     # Before any other TensorFlow op: the strategy sets up this worker's collective runtime.
     strategy = None
     if role is not None:
-        from model.distributed import cluster_strategy
-
         strategy = cluster_strategy()
         say(f"worker {role.index} of {role.workers}" + (" (chief: writes the version)" if role.is_chief else ""))
 

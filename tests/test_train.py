@@ -48,7 +48,7 @@ def test_train_reports_a_bad_csv_without_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["model.train", "model.synthetic", "model.standin", "transformer", "scripts.localstack",
-                                    "scripts.demo", "scripts.training_scale"])
+                                    "scripts.demo", "scripts.training_scale", "model.pipeline"])
 def test_every_command_explains_itself(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -220,7 +220,7 @@ def test_the_training_scale_report_compares_worker_counts(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["model.train", "model.fuse", "scripts.demo", "scripts.localstack",
-                                    "scripts.benchmark"])
+                                    "scripts.benchmark", "model.pipeline"])
 def test_command_line_tools_do_not_import_kserve(module):
     # Importing kserve parses sys.argv with the model server's parser: the demo's
     # `--predictor local` then died as an "ambiguous option" once training had run.
