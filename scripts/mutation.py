@@ -98,7 +98,28 @@ def equivalence(name: str, diff_text: str, explained: list[dict]) -> str | None:
     return None
 
 
-def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float, only: list[str]) -> None:
+def save_run(path: Path, statuses: dict[str, str], diffs: dict[str, str], seconds: float, only: list[str]) -> None:
+    """One run's outcome, to write a report later from several runs (``--report-from``)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    path.write_text(json.dumps({"commit": commit, "date": time.strftime("%Y-%m-%d"), "seconds": seconds,
+                                "only": only, "statuses": statuses, "diffs": diffs}))
+
+
+def combined(paths: list[Path]) -> tuple[dict[str, str], dict[str, str], float, list[dict]]:
+    """The statuses and diffs of saved runs over different files (a mutant in two runs: the later one counts)."""
+    statuses, diffs, seconds, runs = {}, {}, 0.0, []
+    for path in paths:
+        run = json.loads(path.read_text())
+        statuses.update(run["statuses"])
+        diffs = {name: text for name, text in diffs.items() if name not in run["statuses"]} | run["diffs"]
+        seconds += run["seconds"]
+        runs.append(run)
+    return statuses, diffs, seconds, runs
+
+
+def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float, only: list[str],
+                 runs: list[dict] | None = None) -> None:
     explained = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else []
     reasons = {name: equivalence(name, text, explained) for name, text in diffs.items()}
     statuses = {name: "equivalent" if reasons.get(name) else status for name, status in statuses.items()}
@@ -112,12 +133,19 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
     total = Counter(statuses.values())
     reached = sum(n for status, n in total.items() if status not in UNJUDGED)
     caught = sum(total[s] for s in CAUGHT)
+    if runs:  # several saved runs, each over its own files
+        ran = "; ".join(f"`python -m scripts.mutation{''.join(f' --only {p}' for p in run['only'])}` on {run['date']} "
+                        f"at {run['commit']} ({len(run['statuses'])} mutants, {run['seconds'] / 60:.1f} min)"
+                        for run in runs)
+        ran = f"{ran}, combined: mutmut {_version()}, {len(statuses)} mutants"
+    else:
+        ran = (f"`python -m scripts.mutation{''.join(f' --only {p}' for p in only)}` on {time.strftime('%Y-%m-%d')} "
+               f"at {commit}{' with uncommitted changes' if dirty else ''}: mutmut "
+               f"{_version()}, {len(statuses)} mutants in {seconds / 60:.1f} min")
     lines = [
         "# Mutation testing of transformer/ and model/",
         "",
-        f"`python -m scripts.mutation{''.join(f' --only {p}' for p in only)}` on {time.strftime('%Y-%m-%d')} "
-        f"at {commit}{' with uncommitted changes' if dirty else ''}: mutmut "
-        f"{_version()}, {len(statuses)} mutants in {seconds / 60:.1f} min. Each mutant is one small change "
+        f"{ran}. Each mutant is one small change "
         "(an operator, a constant, a condition, an argument) in `transformer/` or `model/` (less what "
         "`do_not_mutate` in pyproject.toml leaves out, with its reason); the fast tests (pyproject.toml, "
         "`[tool.mutmut]`, without the tests marked `heavy`) ran against it. *Caught* is killed (a test "
@@ -177,7 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="mutate only this file (repeatable), e.g. transformer/serving/admission.py")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     parser.add_argument("--keep", action="store_true", help="keep the working copy (its path is printed)")
+    parser.add_argument("--save", type=Path, metavar="FILE", help="also save the run's outcome to FILE (JSON)")
+    parser.add_argument("--report-from", type=Path, nargs="+", metavar="FILE",
+                        help="run nothing: write the report from runs saved with --save (over different files)")
     args = parser.parse_args(argv)
+    if args.report_from:
+        statuses, diffs, seconds, runs = combined(args.report_from)
+        write_report(statuses, diffs, seconds, [], runs)
+        print(f"wrote {REPORT.relative_to(ROOT)} from {len(runs)} runs")
+        return 0
     missing = [path for path in args.only if not (ROOT / path).is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)} (give paths like transformer/serving/admission.py)")
@@ -203,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.jobs) as pool:  # one `mutmut show` process each: about a second
             diffs = dict(zip(survivors, pool.map(lambda name: diff(workdir, name), survivors)))
         write_report(statuses, diffs, time.monotonic() - started, args.only)
+        if args.save:
+            save_run(args.save, statuses, diffs, time.monotonic() - started, args.only)
         print(f"wrote {REPORT.relative_to(ROOT)}")
         return 0
     finally:
