@@ -53,3 +53,63 @@ def test_a_terminal_gets_tqdm_a_log_gets_lines_and_disable_gets_nothing():
         bar.update(2)
         bar.set_postfix(loss=1)
     assert bar.n == 2 and log.getvalue() == ""
+
+
+def test_scaled_amounts_change_prefix_at_a_thousand_and_stop_at_giga():
+    bar = LogProgress(total=None, desc="d", unit="B", file=io.StringIO(), unit_scale=True, clock=Clock())
+    assert [bar._amount(v) for v in (0, 999, 1000, 999_999, 1_000_000, 2.5e9, 7.5e12)] == \
+        ["0", "999", "1.0k", "1000.0k", "1.0M", "2.5G", "7500.0G"]
+    plain = LogProgress(total=None, desc="d", unit="B", file=io.StringIO(), clock=Clock())
+    assert plain._amount(2_500_000) == "2.5e+06" and plain.unit_scale is False
+
+
+def test_a_line_without_a_total_and_with_several_postfix_values():
+    clock, log = Clock(), io.StringIO()
+    bar = LogProgress(total=None, desc="reading", unit="rows", file=log, every=5.0, clock=clock)
+    assert bar._line() == "reading: 0 rows 0s"
+    bar.set_postfix(loss=0.5, lr="3e-3")
+    bar.update()
+    bar.update()
+    clock.now += 5.0  # exactly the interval: a line
+    bar.update(3)
+    assert log.getvalue().splitlines() == ["reading: 5 rows (loss=0.5, lr=3e-3) 5s"]
+
+
+def test_the_silent_bar_counts_what_it_is_given():
+    bar = progress(total=None, desc="x", unit="it", disable=True)
+    bar.update()
+    bar.update(2)
+    assert bar.n == 3
+
+
+def test_a_terminal_bar_gets_the_total_and_description_and_a_file_without_isatty_gets_lines():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = progress(total=7, desc="epochs", unit="epoch", file=Terminal(), leave=False)
+    assert (terminal.total, terminal.desc, terminal.unit, terminal.leave) == (7, "epochs", "epoch", False)
+    terminal.close()
+
+    class Pipe:  # a file-like object without isatty
+        def __init__(self):
+            self.text = []
+
+        def write(self, text):
+            self.text.append(text)
+
+        def flush(self):
+            pass
+
+    pipe = Pipe()
+    lines = progress(total=2, desc="x", unit="it", file=pipe, unit_scale=True)
+    assert isinstance(lines, LogProgress) and lines.unit_scale is True
+    lines.close()
+    assert "".join(pipe.text).startswith("x: 0/2 it")
+
+
+def test_without_a_file_the_lines_go_to_standard_error(capsys):
+    bar = progress(total=1, desc="x", unit="it")
+    bar.close()
+    captured = capsys.readouterr()
+    assert captured.err.startswith("x: 0/1 it") and captured.out == ""

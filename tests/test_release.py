@@ -461,3 +461,257 @@ def test_loopback_workers_get_one_cluster_and_their_own_task():
     assert len(set(workers)) == 3 and all(w.startswith("127.0.0.1:") for w in workers)
     assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
     assert [role_from_environment({"TF_CONFIG": json.dumps(c)}).index for c in configs] == [0, 1, 2]
+
+
+def test_the_gate_report_in_full():
+    result = Evaluation(k=5, n_users=300, candidate=3, candidate_recall=0.16, popularity_recall=0.15, served=2,
+                        served_recall=0.43, segment_agreement=0.5, known_segment_agreement=0.25)
+    result.reasons = reasons_to_fail(result)
+    assert result.markdown() == (
+        "# Quality gate: version 3 fails\n"
+        "\n"
+        "On 300 held-out users (the candidate's split), best 5 items, ids compared as text.\n"
+        "\n"
+        "| | recall@k | segments' agreement (ARI) |\n"
+        "| --- | ---: | ---: |\n"
+        "| candidate (version 3) | 0.1600 | 0.2500 with known labels |\n"
+        "| served (version 2) | 0.4300 | 0.5000 with the candidate |\n"
+        "| popularity baseline | 0.1500 | |\n"
+        "\n"
+        "Thresholds: beat popularity by 10%; lose at most 10% of the served version's recall.\n"
+        "\n"
+        "Fails because:\n"
+        "- recall@5 0.1600 does not beat the popularity baseline 0.1500 by 10% (needs > 0.1650): the features did "
+        "not teach the model which items users take; check the interactions (user ids matched to the right users?)\n"
+        "- recall@5 0.1600 is below the served version 2's 0.4300 by more than 10% (needs >= 0.3870)\n")
+    assert result.metrics() == {"candidate_recall_at_5": 0.16, "popularity_recall_at_5": 0.15,
+                                "served_recall_at_5": 0.43, "segment_agreement_with_served": 0.5,
+                                "segment_agreement_with_known_labels": 0.25, "held_out_users": 300.0, "passed": 0.0}
+    first = Evaluation(k=10, n_users=9, candidate=1, candidate_recall=0.5, popularity_recall=0.25)
+    assert first.passed and first.markdown().splitlines()[0] == "# Quality gate: version 1 passes"
+    assert "| served (version none) | n/a | n/a with the candidate |" in first.markdown()
+    assert first.markdown().endswith("recall.\n")  # no reasons
+    assert set(first.metrics()) == {"candidate_recall_at_10", "popularity_recall_at_10", "held_out_users", "passed"}
+
+
+def test_the_gate_passes_a_candidate_exactly_at_its_thresholds():
+    at_the_drop = measured(0.25, 0.125, served=0.5, thresholds=Thresholds(0.5, 0.5))  # 0.25 >= 0.5 * (1 - 0.5)
+    assert reasons_to_fail(at_the_drop) == []
+    at_the_lift = measured(0.1875, 0.125, thresholds=Thresholds(0.5, 0.5))  # needs more than 0.125 * 1.5
+    assert len(reasons_to_fail(at_the_lift)) == 1
+
+
+def test_threshold_messages_name_the_value():
+    with pytest.raises(ValueError) as low:
+        Thresholds(-0.5, 0.1)
+    assert str(low.value) == "min_lift_over_popularity must be >= 0, got -0.5"
+    with pytest.raises(ValueError) as high:
+        Thresholds(0.1, 1.5)
+    assert str(high.value) == "max_drop_from_served must be within [0, 1), got 1.5"
+
+
+def test_publish_names_its_staging_folder_and_adds_versions_beside_others(tmp_path, monkeypatch):
+    import re
+
+    store = tmp_path / "store"
+    renames = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((str(a), str(b))), real_rename(a, b)))
+    publish({"embedder": version_folder(tmp_path / "a")}, store, 3)
+    publish({"embedder": version_folder(tmp_path / "b")}, store, 4)  # its folder exists already
+    assert [re.fullmatch(rf"{store}/embedder/\.staging-{v}-[0-9a-f]{{8}}", a) is not None for (a, _), v in
+            zip(renames, (3, 4))] == [True, True]
+    assert [b for _, b in renames] == [f"{store}/embedder/3", f"{store}/embedder/4"]
+    with pytest.raises(PublishError) as taken:
+        publish({"embedder": version_folder(tmp_path / "c"), "embedder-fused": version_folder(tmp_path / "d")}, store, 4)
+    assert str(taken.value) == (f"version 4 exists already in the store ({store}/embedder/4): versions are never "
+                                "overwritten; train again to get the next free number")
+
+
+def test_a_copy_failing_before_it_starts_reports_its_own_error(tmp_path, monkeypatch):
+    import shutil
+
+    def refused(source, target):
+        raise PermissionError(f"cannot write {target}")
+
+    monkeypatch.setattr(shutil, "copytree", refused)
+    with pytest.raises(PermissionError, match="cannot write"):
+        publish({"embedder": version_folder(tmp_path / "e")}, tmp_path / "store", 1)
+
+
+def test_a_retired_folder_is_named_by_version_and_time(tmp_path):
+    import re
+
+    version_folder(tmp_path / "store" / "embedder" / "7")
+    (moved,) = retire(tmp_path / "store", ["embedder"], 7)
+    assert re.fullmatch(r"\.retired-7-\d{8}T\d{6}", moved.name), moved.name
+
+
+def test_the_next_version_counts_both_models_and_every_option_but_segments_0_is_passed(tmp_path):
+    store = tmp_path / "store"
+    version_folder(store / "embedder" / "5")
+    version_folder(store / "embedder-fused" / "2")
+    assert next_version(store, "embedder") == 6
+    version_folder(store / "embedder-fused" / "9")
+    assert next_version(store, "embedder") == 10
+    argv = training_argv("u", "i", "o", "h", "embedder", 1, {"seed": 0, "segments": 0, "epochs": 0})
+    assert argv[-4:] == ["--seed", "0", "--epochs", "0"]
+    with pytest.raises(ValueError) as unknown:
+        training_argv("u", "i", "o", "h", "embedder", 1, {"out": "x"})
+    assert str(unknown.value) == ("'out' is not a training option the pipeline passes on: epochs, embedding_dim, "
+                                  "segments, top_k, min_score, seed, test_fraction, user_column, item_column, "
+                                  "weight_column, distributed_workers")
+
+
+def test_tf_config_messages_say_what_to_change():
+    with pytest.raises(ClusterConfigError) as bad:
+        role_from_environment({"TF_CONFIG": "[]"})
+    assert str(bad.value).startswith("TF_CONFIG is not a cluster and task description (")
+    assert str(bad.value).endswith('expected {"cluster": {"worker": ["host:port", ...]}, '
+                                   '"task": {"type": "worker", "index": 0}}')
+    with pytest.raises(ClusterConfigError) as extra:
+        role_from_environment(tf_config({"worker": ["a:1"], "ps": ["p:1"], "evaluator": ["e:1"]}, "worker", 0))
+    assert str(extra.value) == ("TF_CONFIG names evaluator, ps tasks; training here uses only chief and worker tasks "
+                                "(MultiWorkerMirroredStrategy): remove them from the TFJob")
+    assert role_from_environment(tf_config({"chief": ["c:1"]}, "chief", 0)) == Role(workers=1, index=0, task="chief")
+    with pytest.raises(ClusterConfigError, match="task evaluator 0"):
+        role_from_environment(tf_config({"worker": ["a:1"]}, "evaluator", 0))
+
+
+def test_recall_leaves_out_users_without_interactions_and_is_nan_without_any():
+    data, _ = from_pairs(np.zeros((3, 1)), ("f",), np.array([0, 2]), np.array([1, 0]),
+                         item_ids=np.array([10, 11], dtype=np.int64))
+    top = np.array([[1], [1], [1]], dtype=np.int32)
+    assert recall_at_k(top, data) == 0.5  # user 1 has no interactions and does not count
+    assert catalogue_indices(np.array([[11, 12]]), data).dtype == np.int64
+    assert catalogue_indices(np.array([[11, 12]]), data).tolist() == [[1, -1]]
+    none, _ = from_pairs(np.zeros((2, 1)), ("f",), np.array([], dtype=np.int64), np.array([], dtype=np.int64),
+                         item_ids=np.array([10, 11], dtype=np.int64))
+    assert np.isnan(recall_at_k(np.zeros((2, 1), dtype=np.int64), none))
+
+
+def test_a_fresh_deployment_and_a_not_ready_service_say_what_they_wait_for():
+    from kubernetes import client
+
+    from model.rollout import conditions, deployment_pending, rollout_pending, spec_components
+
+    fresh = client.V1Deployment(metadata=client.V1ObjectMeta(name="d", generation=1),
+                                spec=client.V1DeploymentSpec(replicas=None, selector=client.V1LabelSelector(),
+                                                             template=client.V1PodTemplateSpec()),
+                                status=client.V1DeploymentStatus())
+    assert deployment_pending("d", fresh) == "deployment d: generation 1 not yet seen by its controller"
+    fresh.status.observed_generation = 1
+    assert deployment_pending("d", fresh) == "deployment d: 0 of 1 replicas updated, 0 available"
+    fresh.status.updated_replicas = fresh.status.available_replicas = fresh.status.replicas = 1
+    assert deployment_pending("d", fresh) is None
+    fresh.metadata.generation = None
+    fresh.status.observed_generation = None
+    assert deployment_pending("d", fresh) is None  # nothing to wait for
+    fresh.spec.replicas = 0
+    fresh.status.updated_replicas = fresh.status.available_replicas = fresh.status.replicas = None
+    assert deployment_pending("d", fresh) is None  # scaled to zero
+
+    from test_cluster_wait import isvc
+
+    service = isvc(2, 2, ready="False")
+    service["status"]["conditions"][0].update(reason="MinimumReplicasUnavailable", message="0/1 available")
+    deployments = {c: client.V1Deployment(metadata=client.V1ObjectMeta(generation=1), spec=fresh.spec,
+                                          status=client.V1DeploymentStatus(observed_generation=1))
+                   for c in ("predictor", "transformer")}
+    for d in deployments.values():
+        d.spec = client.V1DeploymentSpec(replicas=1, selector=client.V1LabelSelector(),
+                                         template=client.V1PodTemplateSpec())
+        d.status.updated_replicas = d.status.available_replicas = d.status.replicas = 1
+    assert rollout_pending(service, deployments) == (
+        "not Ready: PredictorReady: MinimumReplicasUnavailable 0/1 available; Ready:")
+    service["status"]["conditions"] = []
+    assert rollout_pending(service, deployments) == "not Ready: no conditions yet"
+    del service["status"]["conditions"]
+    assert conditions(service) == {} and conditions({}) == {}
+    assert spec_components({"spec": {}}) == ["predictor"]
+    assert spec_components({"spec": {"predictor": {}, "transformer": {}}}) == ["predictor"]
+
+
+def test_the_rollout_reads_its_own_service_and_says_each_step():
+    cluster = FakeCluster()
+    cluster.isvc["metadata"]["namespace"] = "shop"
+    asked = []
+    get, read = cluster.get_namespaced_custom_object, cluster.read_namespaced_deployment
+    cluster.get_namespaced_custom_object = lambda g, v, ns, p, name: (asked.append((ns, name)), get(
+        g, v, "embedder", p, "embedder"))[1]
+    cluster.read_namespaced_deployment = lambda name, ns: (asked.append((ns, name)), read(name, "embedder"))[1]
+    cluster.patch_namespaced_custom_object = (lambda patch: lambda g, v, ns, p, name, body: (
+        asked.append((ns, name)), patch(g, v, "embedder", p, "embedder", body)))(cluster.patch_namespaced_custom_object)
+    said = []
+    target = ClusterTarget(namespace="shop", name="recs")
+    line = rollout_on_cluster(target, 2, [0.0], custom=cluster, apps=cluster, timeout=600, sleep=cluster.sleep,
+                              clock=cluster.clock, smoke=lambda: 1.25, say=said.append)
+    assert set(asked) == {("shop", "recs"), ("shop", "recs-predictor"), ("shop", "recs-transformer")}
+    assert line == ("shop/recs serves version 2: rolled out and answered through "
+                    "http://recs-transformer.shop.svc.cluster.local/v1/models/embedder:predict (1.2s)")
+    assert said[0] == ("shop/recs: rolling out version 2 (annotation embedder.example.com/model-store=2 on "
+                       "predictor, transformer)")
+    assert said[1:] and all(line.startswith("[") and "shop/recs: " in line for line in said[1:])
+    assert len(said[1:]) == len(set(said[1:]))  # each state said once
+
+
+def test_a_failed_rollout_says_it_rolls_back_and_whether_that_finished():
+    cluster = FakeCluster(roll=False)
+    said = []
+    with pytest.raises(RolloutFailed) as failed:
+        rollout_on_cluster(ClusterTarget(), 2, [0.0], custom=cluster, apps=cluster, timeout=30, sleep=cluster.sleep,
+                           clock=cluster.clock, smoke=lambda: 0.0, say=said.append)
+    assert str(failed.value).endswith("; the rollback did not finish either: deployment embedder-predictor: "
+                                      "1 of 1 replicas updated, 1 available, 1 old still running")
+    assert ("embedder/embedder: the rollout did not finish within 30s: deployment embedder-predictor: 1 of 1 replicas "
+            "updated, 1 available, 1 old still running; rolling back") in said
+
+
+def test_the_rollout_polls_every_three_seconds_until_its_timeout_counted_from_its_start():
+    from model.rollout import wait_rolled_out
+
+    cluster = FakeCluster(roll=False)
+    cluster.now = 1000.0
+    slept = []
+    cluster.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", "embedder", "inferenceservices",
+                                           "embedder", {"spec": {"predictor": {"annotations": {"a": "b"}}}})
+
+    def sleep(seconds):
+        slept.append(seconds)
+        cluster.sleep(seconds)
+
+    pending, isvc = wait_rolled_out("embedder", "embedder", 9, custom=cluster, apps=cluster, sleep=sleep,
+                                    clock=cluster.clock, say=lambda line: None)
+    assert slept == [3, 3, 3] and pending.startswith("deployment embedder-predictor")
+    assert isvc["metadata"]["generation"] == 2
+
+
+def test_the_default_smoke_test_asks_the_service_over_http(transformer_answers):
+    url, script, received = transformer_answers
+    script += [(200, "1"), (200, "2")]
+    base = url.rsplit("/v1/", 1)[0]
+    cluster = FakeCluster()
+    line = rollout_on_cluster(ClusterTarget(service_url=base), 2, [3.0], custom=cluster, apps=cluster,
+                              sleep=cluster.sleep, clock=cluster.clock, say=lambda line: None, smoke_timeout=60)
+    assert line.startswith(f"embedder/embedder serves version 2: rolled out and answered through {url}")
+    assert received == [{"instances": [[3.0]]}] * 2
+
+
+def test_waiting_for_a_version_sleeps_half_a_second_and_times_from_its_start(transformer_answers):
+    from model.rollout import served_version, wait_until_served
+
+    url, script, _ = transformer_answers
+    script += [(200, "1")]
+    now, slept = [500.0], []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    with pytest.raises(RolloutFailed, match="within 2s; last: HTTP 200 from version 1"):
+        wait_until_served(url, 2, [0.0], timeout=2, sleep=sleep, clock=lambda: now[0])
+    assert slept == [0.5, 0.5, 0.5, 0.5]
+    script[:] = [(200, "v2")]
+    assert served_version(url, [0.0]) == (None, "HTTP 200 from version v2")
+    script[:] = [(200, None)]
+    assert served_version(url, [0.0]) == (None, "HTTP 200 from version None")

@@ -151,3 +151,189 @@ def test_subset_and_pairs_keep_each_users_items():
     part = data.subset(np.array([3, 1]))
     assert [part.items_of(u).tolist() for u in range(2)] == [[0, 2], [1]]
     assert part.weights.tolist() == [3.0, 1.0, 4.0] and part.features.tolist() == [[6, 7], [2, 3]]
+
+
+# -- what the mutation run showed untested: chunk boundaries, weights, text ids, exact messages ---------------
+
+def write_text(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of two rows, so that every read crosses chunk boundaries."""
+    import model.csv_input as csv_input
+
+    monkeypatch.setattr(csv_input, "USER_CHUNK", 2)
+    monkeypatch.setattr(csv_input, "INTERACTION_CHUNK", 2)
+
+
+def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, small_chunks):
+    users = write_text(tmp_path / "users.csv", "user_id,a,segment\nu1,1,x\nu2,2,y\nu3,3,x\nu4,4,y\nu5,5,x\n")
+    events = write_text(tmp_path / "events.csv", "user_id,item_id,weight,source\n"
+                        "u1,10,1.5,web\nghost,10,9,web\nu2,11,2,app\nu3,10,1,web\nghost,12,1,web\nu1,11,0.5,web\n"
+                        "u1,10,2,web\n")
+    data, summary = load_two_files(users, events, weight_column="weight", skip_unknown_users=True)
+    assert summary.interactions == 7 and summary.interactions_of_unknown_users_skipped == 2
+    assert summary.repeated_interactions_merged == 1 and summary.ignored_columns == ("source",)
+    assert data.item_ids.tolist() == [10, 11] and data.item_ids.dtype == np.int64  # the ghost's item 12 is gone
+    assert data.indices.dtype == np.int32 and data.weights.dtype == np.float32
+    assert [data.items_of(u).tolist() for u in range(5)] == [[0, 1], [1], [0], [], []]
+    np.testing.assert_array_equal(data.weights, np.array([3.5, 0.5, 2.0, 1.0], dtype=np.float32))
+    assert data.segments.tolist() == [0, 1, 0, 1, 0]
+    assert summary.describe() == (
+        "read 5 users, 7 interactions, 2 distinct items\n"
+        "  1 repeated (user, item) rows merged into one (weights summed)\n"
+        "  2 interactions of users not in the users file skipped\n"
+        "  2 users without interactions kept (they train the scaler only)\n"
+        "  columns not used: source")
+    bad = write_text(tmp_path / "bad.csv", "user_id,a\nu1,1\nu2,2\nu3,3\nu4,x\n")
+    with pytest.raises(DataError) as late:
+        load_two_files(bad, events)
+    assert str(late.value) == f"{bad}:5: column 'a' must be a number, got 'x'"
+    with pytest.raises(DataError) as ghost:
+        load_two_files(users, events)
+    assert str(ghost.value) == (f"{events}:3: column 'user_id': user 'ghost' is not in users.csv; add the user, or "
+                                "skip such rows with --skip-unknown-users (they are counted)")
+    with pytest.raises(DataError) as no_id:
+        load_two_files(write_text(tmp_path / "ids.csv", "user_id,a\nu1,1\nu2,2\n,3\n"), events,
+                       skip_unknown_users=True)
+    assert str(no_id.value) == f"{tmp_path / 'ids.csv'}:4: column 'user_id' is missing"
+
+
+def test_a_user_with_one_interaction_is_kept_when_users_without_any_are_dropped(tmp_path):
+    users = write_text(tmp_path / "users.csv", "user_id,a\nu1,1\nu2,2\nu3,3\n")
+    events = write_text(tmp_path / "events.csv", "user_id,item_id\nu1,p\nu1,q\nu2,q\n")
+    data, summary = load_two_files(users, events, drop_users_without_interactions=True)
+    assert data.user_ids.tolist() == ["u1", "u2"] and summary.users_without_interactions_dropped == 1
+    assert summary.describe().splitlines()[-1] == "  1 users without interactions dropped"
+    one, _ = load_one_file(write_text(tmp_path / "one.csv", "a,items\n1,p q\n2,q\n3,\n"),
+                           drop_users_without_interactions=True)
+    assert one.n_users == 2 and one.counts().tolist() == [2, 1]
+
+
+def test_text_ids_that_look_like_missing_values_stay_ids(tmp_path):
+    users = write_text(tmp_path / "users.csv", "user_id,a\nNA,1\nnull,2\n")
+    events = write_text(tmp_path / "events.csv", "user_id,item_id\nNA,NaN\nnull,None\nNA,n/a\n")
+    data, _ = load_two_files(users, events)
+    assert data.user_ids.tolist() == ["NA", "null"]
+    assert data.item_ids.tolist() == ["NaN", "None", "n/a"] and data.item_ids.dtype.kind == "U"
+    assert [data.item_ids[data.items_of(u)].tolist() for u in range(2)] == [["NaN", "n/a"], ["None"]]
+
+
+def test_written_files_have_the_id_first_weights_only_when_there_are_some_and_no_index(tmp_path):
+    import pandas as pd
+
+    data = make_synthetic(n_users=20, n_items=8, seed=2)
+    users, events = write_two_files(data, tmp_path / "u.csv", tmp_path / "e.csv")
+    assert pd.read_csv(users).columns[0] == "user_id" and list(pd.read_csv(events).columns) == ["user_id", "item_id"]
+    plain, _ = from_pairs(data.features[:2], data.feature_names, np.array([0, 1]), np.array([0, 1]),
+                          item_ids=np.array([5, 6]))
+    write_two_files(plain, tmp_path / "u2.csv", tmp_path / "e2.csv")
+    assert pd.read_csv(tmp_path / "u2.csv")["user_id"].tolist() == [0, 1]  # no ids: their row numbers
+    weighted, _ = from_pairs(data.features[:2], data.feature_names, np.array([0, 1]), np.array([0, 1]),
+                             item_ids=np.array([5, 6]), weights=np.array([2.0, 0.5]))
+    write_two_files(weighted, tmp_path / "u3.csv", tmp_path / "e3.csv")
+    assert (tmp_path / "e3.csv").read_text().splitlines() == ["user_id,item_id,weight", "0,5,2.0", "1,6,0.5"]
+    one = write_one_file(plain, tmp_path / "one.csv")
+    assert one.read_text().splitlines()[0] == ",".join([*data.feature_names, "items"])
+
+
+def test_the_messages_of_files_that_cannot_be_read(tmp_path):
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(DataError) as gone:
+        load_one_file(missing)
+    assert str(gone.value) == f"{missing}: no such file"
+    only_special = write_text(tmp_path / "special.csv", "user_id,segment,items\nu1,a,1 2\n")
+    with pytest.raises(DataError) as no_features:
+        load_one_file(only_special)
+    assert str(no_features.value) == f"{only_special}: no feature columns besides items, segment, user_id"
+    no_items = write_text(tmp_path / "noitems.csv", "a\n1\n")
+    with pytest.raises(DataError) as items:
+        load_one_file(no_items)
+    assert str(items.value) == (f"{no_items}: no 'items' column; add one with the item ids each user interacted "
+                                "with, separated by spaces (e.g. \"3 17 42\"), or give the interactions as a second "
+                                "file with --interactions")
+    users = write_text(tmp_path / "users.csv", "id,a\nu1,1\n")
+    events = write_text(tmp_path / "events.csv", "user,item\nu1,p\n")
+    with pytest.raises(DataError) as no_user_column:
+        load_two_files(users, events)
+    assert str(no_user_column.value) == (f"{users}: no 'user_id' column; the users file needs an id column that the "
+                                         "interactions file refers to (name it with --user-column)")
+    with pytest.raises(DataError) as columns:
+        load_two_files(users, events, user_column="id", weight_column="w")
+    assert str(columns.value) == (f"{events}: no 'id', 'item_id', 'w' column; its columns are user, item (name the id, "
+                                  "item and weight columns with --user-column, --item-column and --weight-column)")
+
+
+def test_one_file_ids_are_read_as_user_ids_and_the_progress_line_names_the_file(tmp_path, capsys):
+    path = write_text(tmp_path / "one.csv", "user_id,a,items\nu7,1,p q\nu9,2,q\n")
+    data, _ = load_one_file(path, progress=True)
+    assert data.user_ids.tolist() == ["u7", "u9"] and data.feature_names == ("a",)
+    err = capsys.readouterr().err
+    assert err.startswith("reading one.csv: ") and f"/{path.stat().st_size}.0" not in err and " B " in err
+
+
+def test_the_sparse_layouts_checks_each_say_what_is_wrong():
+    from model.data import UserData
+
+    ok = dict(features=np.zeros((2, 1)), feature_names=("a",), indptr=np.array([0, 1, 2]), indices=np.array([0, 1]),
+              item_ids=np.array([7, 8]))
+    cases = [
+        (dict(features=np.zeros((2, 2))), "features must have shape (n_users, 1), got (2, 2)"),
+        (dict(features=np.zeros(2)), "features must have shape (n_users, 1), got (2,)"),
+        (dict(indptr=np.array([1, 1, 2])), "indptr must have 3 offsets from 0 to 2"),
+        (dict(indptr=np.array([0, 1, 1])), "indptr must have 3 offsets from 0 to 2"),
+        (dict(indptr=np.array([0, 2])), "indptr must have 3 offsets from 0 to 2"),
+        (dict(indices=np.array([0, 2])), "item indices must lie in [0, 2)"),
+        (dict(indices=np.array([-1, 1])), "item indices must lie in [0, 2)"),
+        (dict(weights=np.ones(3)), "3 weights for 2 interactions"),
+        (dict(segments=np.zeros(3)), "3 segment labels for 2 users"),
+        (dict(user_ids=np.array(["a"])), "1 user ids for 2 users"),
+        (dict(features=np.array([[np.inf], [0.0]])), "features contain NaN or infinite values"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError) as refused:
+            UserData(**{**ok, **change})
+        assert str(refused.value) == message, change
+    data = UserData(**ok, segments=np.array([3, 4]), user_ids=np.array(["x", "y"]))
+    part = data.subset([1])
+    assert part.segments.tolist() == [4] and part.user_ids.tolist() == ["y"] and part.indices.tolist() == [1]
+    assert data.user_of_each_interaction().dtype == np.int64
+
+
+def test_pairs_keep_their_labels_and_merge_weights_in_float32():
+    features = np.zeros((2, 1))
+    data, merged = from_pairs(features, ("a",), np.array([1, 0, 1]), np.array([0, 1, 0]), item_ids=np.array([4, 5]),
+                              weights=np.array([1.25, 2.0, 0.5]), segments=np.array([1, 0]))
+    assert merged == 1 and data.segments.tolist() == [1, 0]
+    assert data.weights.dtype == np.float32 and data.weights.tolist() == [2.0, 1.75]
+    empty, _ = from_pairs(features, ("a",), np.array([], dtype=np.int64), np.array([], dtype=np.int64),
+                          item_ids=np.array([4, 5]), weights=np.array([]))
+    assert empty.weights.dtype == np.float32 and empty.weights.size == 0
+
+
+def test_the_synthetic_data_is_exactly_what_the_reports_were_measured_on():
+    """The README's and the benchmarks' figures come from this generator: a change to it changes all of them."""
+    import hashlib
+
+    def digest(data):
+        h = hashlib.sha256()
+        # Features rounded: the last bits of exp and log may differ between platforms' maths libraries.
+        for array in (np.round(data.features, 4), data.indptr, data.indices, data.segments, data.item_ids.astype(str)):
+            h.update(np.ascontiguousarray(array).tobytes())
+        h.update(repr(data.feature_names).encode())
+        return h.hexdigest()[:16]
+
+    default = make_synthetic()
+    assert (default.n_users, default.n_items, default.features.shape[1]) == (6000, 200, 12)
+    assert digest(default) == SYNTHETIC_DIGESTS["default"]
+    assert digest(make_synthetic(n_users=300, n_items=40, seed=5, per_user=6.0)) == SYNTHETIC_DIGESTS["small"]
+    prefixed = make_synthetic(n_users=50, n_items=10, seed=1, item_prefix="sku-")
+    assert prefixed.item_ids[:2].tolist() == ["sku-00000", "sku-00001"] and prefixed.segments is not None
+    assert make_synthetic(n_users=50, n_items=10).item_ids.dtype == np.int64
+
+
+# Recorded from the generator as committed (tests/test_training_data.py); change them only with the reports.
+SYNTHETIC_DIGESTS = {"default": "101cc39ab5216f38", "small": "84e66ff4db19fb72"}
