@@ -89,11 +89,15 @@ def function_of(name: str) -> str:
 
 
 def equivalence(name: str, diff_text: str, explained: list[dict]) -> str | None:
-    """The reason this survivor is equivalent, if one was given for it."""
+    """The reason this survivor is equivalent, if one was given for it: an entry names the module, a piece of
+    the mutant's changed line (``contains``; with ``"exact": true``, the whole line) and optionally the
+    ``function``, for a piece too common to name one mutant alone."""
     for entry in explained:
-        if entry["module"] == module_of(name) and any(line[1:].strip() == entry["contains"].strip()
-                                                       or entry["contains"] in line
-                                                       for line in diff_text.splitlines() if line.startswith("+")):
+        if entry["module"] != module_of(name) or entry.get("function", function_of(name)) != function_of(name):
+            continue
+        added = [line[1:].strip() for line in diff_text.splitlines() if line.startswith("+")]
+        wanted = entry["contains"].strip()
+        if any(line == wanted or (not entry.get("exact") and wanted in line) for line in added):
             return entry["reason"]
     return None
 

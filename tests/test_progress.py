@@ -99,13 +99,13 @@ def test_a_terminal_bar_gets_the_total_and_description_and_a_file_without_isatty
             self.text.append(text)
 
         def flush(self):
-            pass
+            self.text.append("<flush>")
 
     pipe = Pipe()
     lines = progress(total=2, desc="x", unit="it", file=pipe, unit_scale=True)
     assert isinstance(lines, LogProgress) and lines.unit_scale is True
     lines.close()
-    assert "".join(pipe.text).startswith("x: 0/2 it")
+    assert "".join(pipe.text).startswith("x: 0/2 it") and pipe.text[-1] == "<flush>"  # a log sees each line at once
 
 
 def test_without_a_file_the_lines_go_to_standard_error(capsys):

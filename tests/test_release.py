@@ -206,12 +206,14 @@ class FakeCluster:
         self.polls_since_patch = 0
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        assert (namespace, name) == ("embedder", "embedder"), (namespace, name)
         generation = self.isvc["metadata"]["generation"]
         reconciled = self.polls_since_patch >= self.reconcile_after or not self.patches
         self.isvc["status"]["observedGeneration"] = generation if reconciled else generation - 1
         return json.loads(json.dumps(self.isvc))
 
     def read_namespaced_deployment(self, name, namespace):
+        assert namespace == "embedder" and name in ("embedder-predictor", "embedder-transformer"), (namespace, name)
         generation = len(self.patches) + 1
         step = self.polls_since_patch - self.reconcile_after
         if not self.patches or (self.roll and step >= self.roll_steps):
@@ -255,8 +257,9 @@ def test_a_failed_smoke_rolls_back_the_annotations_and_retires_the_version():
     def smoke():
         raise RolloutFailed("http://embedder-transformer.embedder.svc.cluster.local/... did not answer with version 2")
 
-    with pytest.raises(RolloutFailed, match="smoke test through the Service failed.*rolled back"):
+    with pytest.raises(RolloutFailed, match="smoke test through the Service failed") as failed:
         rollout(cluster, smoke, retire=lambda: retired.append(cluster.isvc["metadata"]["generation"]))
+    assert str(failed.value).endswith("did not answer with version 2; rolled back")
     assert retired == [2]  # before the annotations went back
     assert cluster.patches[-1] == {"spec": {"predictor": {"annotations": {VERSION_ANNOTATION: "1"}},
                                             "transformer": {"annotations": {VERSION_ANNOTATION: None}}}}
@@ -410,8 +413,8 @@ def transformer_answers():
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            status, version = script.pop(0) if len(script) > 1 else script[0]
-            body = b'{"predictions": []}' if status == 200 else b'{"error": "no version"}'
+            status, version, *text = script.pop(0) if len(script) > 1 else script[0]
+            body = text[0].encode() if text else b'{"predictions": []}' if status == 200 else b'{"error": "no version"}'
             self.send_response(status)
             if version:
                 self.send_header("x-model-version", version)
@@ -434,7 +437,7 @@ def test_the_wait_ends_when_the_transformer_answers_with_the_version(transformer
 
     url, script, received = transformer_answers
     script += [(503, None), (200, "1"), (200, "2")]
-    clock = iter(range(100))
+    clock = iter(range(100, 200))
     seconds = wait_until_served(url, 2, [0.5, 1.5], timeout=60, sleep=lambda s: None, clock=lambda: next(clock))
     assert seconds == 3 and received == [{"instances": [[0.5, 1.5]]}] * 3
     assert served_version(url, [0.0]) == (2, "HTTP 200 from version 2")
@@ -639,7 +642,8 @@ def test_the_rollout_reads_its_own_service_and_says_each_step():
     get, read = cluster.get_namespaced_custom_object, cluster.read_namespaced_deployment
     cluster.get_namespaced_custom_object = lambda g, v, ns, p, name: (asked.append((ns, name)), get(
         g, v, "embedder", p, "embedder"))[1]
-    cluster.read_namespaced_deployment = lambda name, ns: (asked.append((ns, name)), read(name, "embedder"))[1]
+    cluster.read_namespaced_deployment = lambda name, ns: (asked.append((ns, name)), read(
+        name.replace("recs", "embedder"), "embedder"))[1]
     cluster.patch_namespaced_custom_object = (lambda patch: lambda g, v, ns, p, name, body: (
         asked.append((ns, name)), patch(g, v, "embedder", p, "embedder", body)))(cluster.patch_namespaced_custom_object)
     said = []
@@ -652,7 +656,8 @@ def test_the_rollout_reads_its_own_service_and_says_each_step():
     assert said[0] == ("shop/recs: rolling out version 2 (annotation embedder.example.com/model-store=2 on "
                        "predictor, transformer)")
     assert said[1:] and all(line.startswith("[") and "shop/recs: " in line for line in said[1:])
-    assert len(said[1:]) == len(set(said[1:]))  # each state said once
+    states = [line.split("] ", 1)[1] for line in said[1:]]
+    assert len(states) == len(set(states))  # each state said once, however long it lasts
 
 
 def test_a_failed_rollout_says_it_rolls_back_and_whether_that_finished():
@@ -715,3 +720,44 @@ def test_waiting_for_a_version_sleeps_half_a_second_and_times_from_its_start(tra
     assert served_version(url, [0.0]) == (None, "HTTP 200 from version v2")
     script[:] = [(200, None)]
     assert served_version(url, [0.0]) == (None, "HTTP 200 from version None")
+
+
+def test_the_default_smoke_test_uses_its_own_timeout_and_the_rollouts_clock(transformer_answers):
+    url, script, received = transformer_answers
+    script += [(200, "1")]
+    cluster = FakeCluster()
+    with pytest.raises(RolloutFailed, match="did not answer with version 2 within 1s"):
+        rollout_on_cluster(ClusterTarget(service_url=url.rsplit("/v1/", 1)[0]), 2, [0.0], custom=cluster, apps=cluster,
+                           sleep=cluster.sleep, clock=cluster.clock, say=lambda line: None, smoke_timeout=1)
+    assert len(received) == 3  # at 0, 0.5 and 1 second of the rollout's own clock
+
+
+def test_without_clients_given_the_rollout_makes_its_own(monkeypatch, capsys):
+    import model.rollout as rollout_module
+
+    cluster = FakeCluster()
+    monkeypatch.setattr(rollout_module, "custom_objects", lambda: cluster)
+    monkeypatch.setattr(rollout_module, "apps_api", lambda: cluster)
+    said = []
+    line = rollout_on_cluster(ClusterTarget(), 2, [0.0], sleep=cluster.sleep, clock=cluster.clock,
+                              smoke=lambda: 0.0, say=said.append)
+    assert line.startswith("embedder/embedder serves version 2") and len(said) > 1
+    assert capsys.readouterr().out == ""  # every line went to the given say
+
+
+def test_a_long_refusal_is_cut_to_300_characters(transformer_answers):
+    from model.rollout import served_version
+
+    url, script, _ = transformer_answers
+    script += [(503, None, "x" * 299 + "yz")]
+    _, what = served_version(url, [0.0])
+    assert what == "HTTP 503: " + "x" * 299 + "y"
+
+
+def test_publish_names_every_taken_folder(tmp_path):
+    store = tmp_path / "store"
+    for model in ("embedder", "embedder-fused"):
+        version_folder(store / model / "2")
+    with pytest.raises(PublishError) as taken:
+        publish({"embedder": version_folder(tmp_path / "e"), "embedder-fused": version_folder(tmp_path / "f")}, store, 2)
+    assert f"({store}/embedder/2, {store}/embedder-fused/2)" in str(taken.value)

@@ -172,7 +172,7 @@ def small_chunks(monkeypatch):
 def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, small_chunks):
     users = write_text(tmp_path / "users.csv", "user_id,a,segment\nu1,1,x\nu2,2,y\nu3,3,x\nu4,4,y\nu5,5,x\n")
     events = write_text(tmp_path / "events.csv", "user_id,item_id,weight,source\n"
-                        "u1,10,1.5,web\nghost,10,9,web\nu2,11,2,app\nu3,10,1,web\nghost,12,1,web\nu1,11,0.5,web\n"
+                        "u1,10,1.5,web\nu2,11,2,app\nghost,10,9,web\nghost,12,1,web\nu3,10,1,web\nu1,11,0.5,web\n"
                         "u1,10,2,web\n")
     data, summary = load_two_files(users, events, weight_column="weight", skip_unknown_users=True)
     assert summary.interactions == 7 and summary.interactions_of_unknown_users_skipped == 2
@@ -182,6 +182,7 @@ def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, sma
     assert [data.items_of(u).tolist() for u in range(5)] == [[0, 1], [1], [0], [], []]
     np.testing.assert_array_equal(data.weights, np.array([3.5, 0.5, 2.0, 1.0], dtype=np.float32))
     assert data.segments.tolist() == [0, 1, 0, 1, 0]
+    assert data.user_ids.dtype.kind == "U"
     assert summary.describe() == (
         "read 5 users, 7 interactions, 2 distinct items\n"
         "  1 repeated (user, item) rows merged into one (weights summed)\n"
@@ -194,8 +195,12 @@ def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, sma
     assert str(late.value) == f"{bad}:5: column 'a' must be a number, got 'x'"
     with pytest.raises(DataError) as ghost:
         load_two_files(users, events)
-    assert str(ghost.value) == (f"{events}:3: column 'user_id': user 'ghost' is not in users.csv; add the user, or "
+    assert str(ghost.value) == (f"{events}:4: column 'user_id': user 'ghost' is not in users.csv; add the user, or "
                                 "skip such rows with --skip-unknown-users (they are counted)")
+    ghosts = write_text(tmp_path / "ghosts.csv", "user_id,item_id\nghost,1\nghost,2\n")
+    with pytest.raises(DataError) as nothing:
+        load_two_files(users, ghosts, skip_unknown_users=True)
+    assert str(nothing.value) == f"{ghosts}: no interactions; training needs items that users interacted with"
     with pytest.raises(DataError) as no_id:
         load_two_files(write_text(tmp_path / "ids.csv", "user_id,a\nu1,1\nu2,2\n,3\n"), events,
                        skip_unknown_users=True)
@@ -337,3 +342,36 @@ def test_the_synthetic_data_is_exactly_what_the_reports_were_measured_on():
 
 # Recorded from the generator as committed (tests/test_training_data.py); change them only with the reports.
 SYNTHETIC_DIGESTS = {"default": "101cc39ab5216f38", "small": "84e66ff4db19fb72"}
+
+
+def test_progress_of_a_read_is_shown_only_when_asked_and_in_scaled_bytes(tmp_path, capsys, small_chunks):
+    rows = "".join(f"u{i},{i}\n" for i in range(300))
+    users = write_text(tmp_path / "users.csv", "user_id,a\n" + rows)
+    events = write_text(tmp_path / "events.csv", "user_id,item_id\n" + "".join(f"u{i},{i % 7}\n" for i in range(300)))
+    load_two_files(users, events)
+    assert capsys.readouterr().err == ""
+    load_two_files(users, events, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    size = users.stat().st_size
+    assert lines[0].startswith(f"reading users.csv: {size / 1000:.1f}k/{size / 1000:.1f}k B"), lines
+    assert lines[1].startswith("reading events.csv: ") and len(lines) == 2
+
+
+def test_the_one_file_form_keeps_users_without_items_unless_asked_and_names_an_empty_file(tmp_path, capsys):
+    data, summary = load_one_file(write_text(tmp_path / "one.csv", "a,items\n1,p q\n2,\n"))
+    assert data.n_users == 2 and summary.users_without_interactions == 1 and capsys.readouterr().err == ""
+    empty = write_text(tmp_path / "none.csv", "a,items\n1,\n2,\n")
+    with pytest.raises(DataError) as nothing:
+        load_one_file(empty)
+    assert str(nothing.value) == f"{empty}: no interactions; training needs items that users interacted with"
+
+
+def test_the_summary_lists_every_unused_column():
+    from model.csv_input import ReadSummary
+
+    assert ReadSummary(ignored_columns=("source", "ts")).describe().splitlines()[-1] == "  columns not used: source, ts"
+
+
+def test_a_small_catalogue_caps_each_users_items_at_half_of_it():
+    data = make_synthetic(n_users=40, n_items=6, seed=3, per_user=12.0)
+    assert data.counts().max() == 3  # at most max(3, 6 // 2) draws each (repeats merged)
