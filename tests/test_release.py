@@ -660,7 +660,7 @@ def test_the_rollout_reads_its_own_service_and_says_each_step():
     assert len(states) == len(set(states))  # each state said once, however long it lasts
 
 
-def test_a_failed_rollout_says_it_rolls_back_and_whether_that_finished():
+def test_a_failed_rollout_says_it_rolls_back_and_whether_that_finished(capsys):
     cluster = FakeCluster(roll=False)
     said = []
     with pytest.raises(RolloutFailed) as failed:
@@ -670,6 +670,8 @@ def test_a_failed_rollout_says_it_rolls_back_and_whether_that_finished():
                                       "1 of 1 replicas updated, 1 available, 1 old still running")
     assert ("embedder/embedder: the rollout did not finish within 30s: deployment embedder-predictor: 1 of 1 replicas "
             "updated, 1 available, 1 old still running; rolling back") in said
+    rollback = said[said.index(next(line for line in said if line.endswith("rolling back"))) + 1:]
+    assert rollback and capsys.readouterr().out == ""  # the rollback's wait is said too, to the same say
 
 
 def test_the_rollout_polls_every_three_seconds_until_its_timeout_counted_from_its_start():
@@ -761,3 +763,19 @@ def test_publish_names_every_taken_folder(tmp_path):
     with pytest.raises(PublishError) as taken:
         publish({"embedder": version_folder(tmp_path / "e"), "embedder-fused": version_folder(tmp_path / "f")}, store, 2)
     assert f"({store}/embedder/2, {store}/embedder-fused/2)" in str(taken.value)
+
+
+def test_a_transformer_that_never_answers_is_given_up_on_after_the_timeout():
+    import socket
+
+    from model.rollout import served_version
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # connections are accepted by the kernel, never answered
+    try:
+        version, what = served_version(f"http://127.0.0.1:{silent.getsockname()[1]}/v1/models/embedder:predict",
+                                       [0.0], timeout=0.2)
+    finally:
+        silent.close()
+    assert version is None and what.startswith("ReadTimeout")

@@ -172,10 +172,10 @@ def small_chunks(monkeypatch):
 def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, small_chunks):
     users = write_text(tmp_path / "users.csv", "user_id,a,segment\nu1,1,x\nu2,2,y\nu3,3,x\nu4,4,y\nu5,5,x\n")
     events = write_text(tmp_path / "events.csv", "user_id,item_id,weight,source\n"
-                        "u1,10,1.5,web\nu2,11,2,app\nghost,10,9,web\nghost,12,1,web\nu3,10,1,web\nu1,11,0.5,web\n"
-                        "u1,10,2,web\n")
+                        "u1,10,1.5,web\nu2,11,2,app\nghost,10,9,web\nghost,12,1,web\nu3,10,1,web\nghost,11,1,web\n"
+                        "u1,11,0.5,web\nu1,10,2,web\n")
     data, summary = load_two_files(users, events, weight_column="weight", skip_unknown_users=True)
-    assert summary.interactions == 7 and summary.interactions_of_unknown_users_skipped == 2
+    assert summary.interactions == 8 and summary.interactions_of_unknown_users_skipped == 3
     assert summary.repeated_interactions_merged == 1 and summary.ignored_columns == ("source",)
     assert data.item_ids.tolist() == [10, 11] and data.item_ids.dtype == np.int64  # the ghost's item 12 is gone
     assert data.indices.dtype == np.int32 and data.weights.dtype == np.float32
@@ -184,9 +184,9 @@ def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, sma
     assert data.segments.tolist() == [0, 1, 0, 1, 0]
     assert data.user_ids.dtype.kind == "U"
     assert summary.describe() == (
-        "read 5 users, 7 interactions, 2 distinct items\n"
+        "read 5 users, 8 interactions, 2 distinct items\n"
         "  1 repeated (user, item) rows merged into one (weights summed)\n"
-        "  2 interactions of users not in the users file skipped\n"
+        "  3 interactions of users not in the users file skipped\n"
         "  2 users without interactions kept (they train the scaler only)\n"
         "  columns not used: source")
     bad = write_text(tmp_path / "bad.csv", "user_id,a\nu1,1\nu2,2\nu3,3\nu4,x\n")
@@ -373,5 +373,5 @@ def test_the_summary_lists_every_unused_column():
 
 
 def test_a_small_catalogue_caps_each_users_items_at_half_of_it():
-    data = make_synthetic(n_users=40, n_items=6, seed=3, per_user=12.0)
+    data = make_synthetic(n_users=400, n_items=6, seed=3, per_user=12.0)
     assert data.counts().max() == 3  # at most max(3, 6 // 2) draws each (repeats merged)
