@@ -80,7 +80,8 @@ def diff(workdir: Path, name: str) -> str:
 def module_of(name: str) -> str:
     """``transformer.serving.admission.xǁAdmissionǁenter__mutmut_6`` -> ``transformer/serving/admission.py``."""
     dotted = name.split(".x")[0] if ".x" in name else name.rsplit(".", 1)[0]
-    return dotted.replace(".", "/") + ".py"
+    path = dotted.replace(".", "/")
+    return f"{path}/__init__.py" if (ROOT / path).is_dir() else f"{path}.py"  # a package's own functions
 
 
 def function_of(name: str) -> str:

@@ -553,9 +553,11 @@ def test_a_paced_client_that_left_during_its_wait_is_not_admitted():
             admission.leave(0.01)  # room came during its wait: it would be admitted, were it still there
             return False
 
-        with pytest.raises(Refused, match="closed the connection while its request waited") as caught:
+        with pytest.raises(Refused) as caught:
             await admission.admit(None, "a", gone)
         assert (caught.value.status, caught.value.cause) == (499, "client_disconnected")
+        assert str(caught.value) == ("the client closed the connection while its request waited; nothing was computed "
+                                     "for it")
         assert asked == ["gone"] and (admission.requests, admission.waiting) == (0, 0)
 
         async def there():
@@ -569,3 +571,21 @@ def test_a_paced_client_that_left_during_its_wait_is_not_admitted():
         assert asked == ["gone", "there"] and admission.requests == 1
 
     contextvars.copy_context().run(asyncio.run, scenario())
+
+
+def test_what_admission_remembers_of_refused_clients_and_when_it_paces_them(monkeypatch):
+    import transformer.serving.admission as admission_module
+
+    admission = Admission(max_requests=1, min_requests=1)
+    admission.refusal(None)
+    assert None not in admission._told  # a request without a known client is told, not remembered
+    monkeypatch.setattr(admission_module, "MAX_TOLD", 2)
+    for client in ("a", "b", "c"):
+        admission.refusal(client)
+    assert set(admission._told) == {"a", "b"}  # at most MAX_TOLD at once
+    never = Admission(max_requests=1, min_requests=1, early_retry_wait=0.0)
+    never.refusal("a")
+    assert never.came_back_early("a") and not never.paces("a")  # a wait of 0: refused at once, never paced
+    no_room = Admission(max_requests=1, min_requests=1, max_waiting=0)  # accepted: nobody waits
+    no_room.refusal("a")
+    assert no_room.came_back_early("a") and not no_room.paces("a")

@@ -176,3 +176,20 @@ def test_response_shape_and_float32_values():
 def test_a_model_of_one_feature_reads_rows_by_name_and_as_lists():
     X = parse_instances({"instances": [{"a": 1.5}, [2], {"a": -3}]}, ("a",), 10)
     assert X.shape == (3, 1) and X.tolist() == [[1.5], [2.0], [-3.0]]
+
+
+def test_well_formed_rows_take_the_fast_parse_and_anything_else_the_checked_one():
+    """The two parses give the same matrix; the fast one must be what well-formed rows get (it is the one
+    measured), up to the float32 range's edge, integers and floats mixed, rows as lists or by name."""
+    from transformer.protocols.v1 import FLOAT32_MAX, _plain_rows
+
+    names = ("a", "b")
+    for rows in ([[1, 2.5], [3.0, -4]], [{"a": 1, "b": 2.5}, {"b": -4, "a": 3.0}], [[FLOAT32_MAX, -FLOAT32_MAX]],
+                 [[0, 0]]):
+        fast = _plain_rows(rows, names)
+        assert fast is not None, rows
+        np.testing.assert_array_equal(fast, parse_instances({"instances": rows}, names, 100))
+        assert fast.dtype == np.float64 and fast.shape == (len(rows), 2)
+    for rows in ([[1, True]], [[1]], [{"a": 1}], [{"a": 1, "c": 2}], [[1, "2"]], [(1, 2)], [[1, 2 * FLOAT32_MAX]],
+                 [[1, float("nan")]], [[1, 10 ** 400]]):
+        assert _plain_rows(rows, names) is None, rows

@@ -415,7 +415,15 @@ def test_grpc_failures_map_to_statuses_without_retrying(reply, contract, status,
     error = grpc_outcome(script, predict(contract), retries=retries)
     assert (error.status, error.cause, str(error)) == (status, cause, message)
     assert isinstance(error, VersionNotServed) == (cause == "version_not_served")
+    if isinstance(error, VersionNotServed):
+        assert error.version == 3  # the retry on another version reads it
     assert len(script.seen) == 1 and retries == []
+
+
+def test_a_grpc_answer_missing_an_output_names_every_output_it_has():
+    reply = grpc_answer(ids=tensor([[1, 2], [3, 4]], pb.DT_INT64), extra=tensor([[1.0]]), more=tensor([[2.0]]))
+    error = grpc_outcome(Script(reply), predict(CONTRACT), retries=[])
+    assert str(error) == "the predictor's answer has no output 'scores' (it has: extra, ids, more)"
 
 
 def test_grpc_unavailable_is_retried_within_the_policy_then_answered():
@@ -659,3 +667,23 @@ def test_floats_in_the_repeated_field_are_read_from_their_wire_bytes_exactly(dty
     none = pb.TensorProto(dtype=dtype)
     none.tensor_shape.dim.extend([pb.TensorShapeProto.Dim(size=2)])
     assert tensor_array(none).tolist() == [0.0, 0.0]
+
+
+def test_tensors_without_values_and_long_packed_runs_keep_their_types():
+    for dtype, numpy_type in ((pb.DT_FLOAT, "<f4"), (pb.DT_DOUBLE, "<f8"), (pb.DT_INT32, "<i4"), (pb.DT_INT64, "<i8")):
+        none = pb.TensorProto(dtype=dtype)
+        none.tensor_shape.dim.extend([pb.TensorShapeProto.Dim(size=2)])
+        assert tensor_array(none).dtype == np.dtype(numpy_type)
+        empty = pb.TensorProto(dtype=dtype)
+        empty.tensor_shape.dim.extend([pb.TensorShapeProto.Dim(size=0), pb.TensorShapeProto.Dim(size=3)])
+        assert tensor_array(empty).dtype == np.dtype(numpy_type) and tensor_array(empty).shape == (0, 3)
+    small = pb.TensorProto(dtype=pb.DT_INT32)
+    small.tensor_shape.dim.extend([pb.TensorShapeProto.Dim(size=3)])
+    small.int_val.extend([7, -1, 2])
+    assert tensor_array(small).dtype == np.dtype("<i4") and tensor_array(small).tolist() == [7, -1, 2]
+    # 4,096 floats: a 16,384-byte run, whose length takes three bytes (0x80 0x80 0x01) to say
+    values = np.arange(4096, dtype="<f4") / 7
+    long = pb.TensorProto(dtype=pb.DT_FLOAT)
+    long.tensor_shape.dim.extend([pb.TensorShapeProto.Dim(size=4096)])
+    long.float_val.extend(values.tolist())
+    assert tensor_array(long).tolist() == values.tolist()

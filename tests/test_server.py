@@ -317,3 +317,201 @@ def test_the_fast_path_asks_a_paced_client_whether_it_is_still_there_without_los
             [p["segment"] for p in offline(ROWS[:1])]
     finally:
         client.__exit__(None, None, None)
+
+
+# -- the fast path's ASGI pieces, driven as uvicorn drives them -----------------------------------------------
+
+def messages(*items):
+    queue = list(items)
+
+    async def receive():
+        return queue.pop(0)
+
+    return receive
+
+
+def collect(generator):
+    import asyncio
+
+    async def run():
+        return [chunk async for chunk in generator]
+
+    return asyncio.run(run())
+
+
+def test_the_body_is_read_in_the_chunks_asgi_delivers_and_a_disconnect_stops_it():
+    from starlette.requests import ClientDisconnect
+
+    from transformer.serving.rest import _chunks
+
+    assert collect(_chunks(messages({"type": "http.request", "body": b"ab", "more_body": True},
+                                    {"type": "http.request", "more_body": True},
+                                    {"type": "http.request", "body": b"c"}))) == [b"ab", b"", b"c"]
+    assert collect(_chunks(messages({"type": "http.request", "body": b"x"}, {"type": "http.request", "body": b"y"}))) \
+        == [b"x"]
+    assert collect(_chunks(messages({"type": "http.request"}))) == [b""]
+    with pytest.raises(ClientDisconnect):
+        collect(_chunks(messages({"type": "http.request", "body": b"a", "more_body": True}, {"type": "http.disconnect"})))
+
+
+def test_a_streamed_body_is_refused_once_its_chunks_pass_the_limit():
+    import asyncio
+
+    from transformer.protocols.v1 import RequestError
+    from transformer.serving.rest import read_body
+
+    async def chunks():
+        for part in (b"x" * 6, b"y" * 6):
+            yield part
+
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(read_body(None, chunks(), 10))
+    assert (refused.value.status, refused.value.cause) == (413, "body_too_large")
+    assert str(refused.value) == "the body is more than 10 bytes; send fewer rows per request"
+    assert asyncio.run(read_body("12", chunks(), 12)) == b"x" * 6 + b"y" * 6
+
+
+def test_looking_ahead_for_a_disconnect_loses_no_message():
+    import asyncio
+
+    from transformer.serving.rest import _LookAhead
+
+    first, second = {"type": "http.request", "body": b"a", "more_body": True}, {"type": "http.request", "body": b"b"}
+
+    async def scenario():
+        ahead = _LookAhead(messages(first, second))
+        assert await ahead.connected() is True
+        assert [await ahead(), await ahead()] == [first, second]
+        gone = _LookAhead(messages({"type": "http.disconnect"}))
+        assert await gone.connected() is False
+        assert await gone() == {"type": "http.disconnect"}
+
+    asyncio.run(scenario())
+
+
+def test_only_the_two_predict_paths_of_one_model_name_are_routed_fast():
+    from transformer.serving.rest import FastPath, decode_v1, decode_v2
+
+    fast = FastPath(app=None, dataplane=None, max_body_bytes=1)
+    assert fast.route("/v1/models/embedder:predict") == ("embedder", decode_v1)
+    assert fast.route("/v2/models/embedder/infer") == ("embedder", decode_v2)
+    for path in ("/v1/models/a/b:predict", "/v1/models/:predict", "/x/models/embedder:predict",
+                 "/v2/models/embedder/ready", "/v1/models/embedder"):
+        assert fast.route(path) is None, path
+
+
+def test_install_refuses_an_unknown_path_and_defaults_to_the_fast_one():
+    from transformer.serving.rest import FastPath, ShedWhenFull
+
+    with pytest.raises(ValueError) as unknown:
+        install(FastAPI(), None, None, "embedder", 10, predict_path="slow")
+    assert str(unknown.value) == "predict_path must be one of fast, kserve, got 'slow'"
+    app, model = FastAPI(), object()
+    install(app, None, model, "embedder", 10)
+    assert isinstance(app.build_middleware_stack(), FastPath)
+    (shed,) = [m for m in app.user_middleware if m.cls is ShedWhenFull]
+    assert shed.kwargs == {"model": model, "model_name": "embedder"}
+
+
+def test_shedding_tells_each_client_its_wait_and_lets_a_client_back_early_through_to_be_paced():
+    import asyncio
+    from types import SimpleNamespace
+
+    from transformer.serving.rest import ShedWhenFull
+
+    admission = Admission(max_requests=1, min_requests=1)
+    admission.requests = 1  # full
+    passed, sent = [], []
+
+    async def app(scope, receive, send):
+        passed.append(scope["client"])
+
+    async def send(message):
+        sent.append(message)
+
+    shed = ShedWhenFull(app, SimpleNamespace(admission=admission, metrics=None), "embedder")
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/embedder:predict", "headers": [],
+             "client": ("10.0.0.7", 4100)}
+    asyncio.run(shed(scope, messages(), send))
+    assert sent[0]["status"] == 503 and passed == []
+    assert ("10.0.0.7", 4100) in admission._told  # told its wait
+    asyncio.run(shed(scope, messages(), send))  # back before it: through, to be paced by the edge
+    assert passed == [("10.0.0.7", 4100)] and len(sent) == 2
+
+
+class RecordingAdmission(Admission):
+    """Admission that records who each request said it came from, and whether its client was still there."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.seen = []
+
+    async def admit(self, timeout_header, client=None, connected=None):
+        self.seen.append((client, None if connected is None else await connected()))
+        await super().admit(timeout_header, client, connected)
+
+
+def stub_server():
+    """A dataplane and model as respond() uses them: the model's admission, and an answer for any payload."""
+    from types import SimpleNamespace
+
+    class Plane:
+        def __init__(self, model):
+            self.model_registry = SimpleNamespace(get_model=lambda name: model if name == "embedder" else None)
+            self.payloads = []
+
+        async def infer(self, name, payload, headers):
+            self.payloads.append(payload)
+            return {"predictions": []}, {"x-model-version": "4"}
+
+    model = SimpleNamespace(admission=RecordingAdmission(), metrics=None)
+    return Plane(model), model
+
+
+def run_asgi(app, scope, *received):
+    import asyncio
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, messages(*received), send))
+    return sent
+
+
+def test_the_fast_path_hands_admission_its_client_and_whether_it_is_still_there():
+    from transformer.serving.rest import FastPath
+
+    plane, model = stub_server()
+    fast = FastPath(app=None, dataplane=plane, max_body_bytes=1000)
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/embedder:predict", "client": ("10.1.1.1", 80),
+             "headers": [(b"content-type", b"application/json")], "query_string": b""}
+    sent = run_asgi(fast, scope, {"type": "http.request", "body": b'{"instances": [[1, 2]]}'})
+    assert sent[0]["status"] == 200
+    assert model.admission.seen == [(("10.1.1.1", 80), True)]
+    assert plane.payloads and model.admission.requests == 0  # the request left admission
+
+
+def test_a_client_gone_before_its_body_is_a_499_with_the_reason(caplog):
+    import orjson as json_lib
+
+    from transformer.serving.rest import FastPath
+
+    plane, model = stub_server()
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/embedder:predict", "client": ("10.1.1.2", 81),
+             "headers": [], "query_string": b""}
+    sent = run_asgi(FastPath(app=None, dataplane=plane, max_body_bytes=1000), scope, {"type": "http.disconnect"},
+                    {"type": "http.disconnect"})
+    assert sent[0]["status"] == 499 and plane.payloads == []
+    assert json_lib.loads(sent[1]["body"]) == {"error": "the client closed the connection before its body was read"}
+
+
+def test_the_kserve_route_hands_admission_its_client_too():
+    plane, model = stub_server()
+    app = FastAPI()
+    install(app, plane, model, "embedder", 1000, predict_path="kserve")
+    with TestClient(app) as client:
+        answer = client.post("/v1/models/embedder:predict", json={"instances": [[1, 2]]})
+    assert answer.status_code == 200
+    assert model.admission.seen == [(("testclient", 50000), None)]  # FastAPI's route cannot tell
