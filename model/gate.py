@@ -22,11 +22,15 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.data import UserData
 from model.quality import recall_at_k_of_ids
+
+if TYPE_CHECKING:
+    from transformer.pipeline import Ranked
 
 BATCH_ROWS = 4096
 
@@ -50,23 +54,29 @@ class VersionAnswers:
     top_ids: np.ndarray  # (n, k) the k best items by their own ids, best first (before the minimum score)
 
 
-def answers_of(version_dir: str | Path, raw: np.ndarray, k: int) -> VersionAnswers:
-    """What a model version answers for raw feature rows: its bundle's steps around its SavedModel."""
+def ranked_offline(version_dir: str | Path, raw: np.ndarray) -> tuple[int, Ranked]:
+    """(version, what the transformer answers for raw feature rows): the version's bundle steps around its
+    SavedModel, called directly, in batches of BATCH_ROWS."""
     import tensorflow as tf
 
-    from transformer.pipeline import Pipeline
+    from transformer.pipeline import Pipeline, Ranked
     from transformer.store.bundle import load_bundle
 
     pipeline = Pipeline(load_bundle(version_dir))
     signature = tf.saved_model.load(str(version_dir)).signatures[pipeline.contract.signature]
-    segments, top = [], []
+    parts = []
     for start in range(0, raw.shape[0], BATCH_ROWS):
         scaled = pipeline.scale(raw[start:start + BATCH_ROWS])
-        outputs = {name: value.numpy() for name, value in signature(**{pipeline.spec.input_name: tf.constant(scaled)}).items()}
-        ranked = pipeline.rank(outputs)
-        segments.append(ranked.labels)
-        top.append(ranked.item_ids[:, :k])
-    return VersionAnswers(pipeline.version, np.concatenate(segments), np.concatenate(top))
+        outputs = signature(**{pipeline.spec.input_name: tf.constant(scaled)})
+        parts.append(pipeline.rank({name: value.numpy() for name, value in outputs.items()}))
+    return pipeline.version, Ranked(*(np.concatenate([getattr(p, f) for p in parts])
+                                      for f in ("labels", "distances", "item_ids", "item_scores", "keep")))
+
+
+def answers_of(version_dir: str | Path, raw: np.ndarray, k: int) -> VersionAnswers:
+    """A model version's segments and k best items (before the minimum score) for raw feature rows."""
+    version, ranked = ranked_offline(version_dir, raw)
+    return VersionAnswers(version, ranked.labels, ranked.item_ids[:, :k])
 
 
 @dataclass

@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     "n_train_interactions": train.n_interactions,
                     "batch_size": batch_size,
                     "workers": workers,
+                    "epochs": args.epochs,
                     "steps_per_epoch": steps_per_epoch,
                     "training_seconds": round(training_seconds, 2),
                     "parameters": weights.n_parameters,

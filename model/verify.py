@@ -54,13 +54,9 @@ def fused_differences(version_dir: str | Path, fused_dir: str | Path, raw: np.nd
     """Where the fused model answers ``raw`` differently from the bundle's steps around the SavedModel."""
     import tensorflow as tf
 
-    from transformer.pipeline import Pipeline
-    from transformer.store.bundle import load_bundle
+    from model.gate import ranked_offline
 
-    pipeline = Pipeline(load_bundle(version_dir))
-    signature = tf.saved_model.load(str(version_dir)).signatures[pipeline.contract.signature]
-    ranked = pipeline.rank({k: v.numpy() for k, v in signature(
-        **{pipeline.spec.input_name: tf.constant(pipeline.scale(raw))}).items()})
+    _, ranked = ranked_offline(version_dir, raw)
     fused = {k: v.numpy() for k, v in
              tf.saved_model.load(str(fused_dir)).signatures["serving_float64"](features=tf.constant(raw)).items()}
     problems = []

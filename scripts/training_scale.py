@@ -37,12 +37,6 @@ def run_measured(argv: list[str], log: Path) -> tuple[int, float, float]:
     return child.returncode, time.monotonic() - started, usage.ru_maxrss / 2**20
 
 
-def _option(argv_text: str, flag: str, default):
-    """The value of ``flag`` in a command line given as one string (``default`` when absent)."""
-    words = argv_text.split()
-    return words[words.index(flag) + 1] if flag in words[:-1] else default
-
-
 def parse_size(text: str) -> tuple[int, int, float]:
     users, items, per_user = text.lower().split("x")
     return int(users), int(items), float(per_user)
@@ -95,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "*/assets.extra/transformer-bundle/manifest.json")).read_text())
         training, quality = manifest["training"], manifest["training"]["quality"]
         size_mb = sum(f.stat().st_size for f in (work / "data").iterdir()) / 1e6
-        per_step = training["training_seconds"] / (training["steps_per_epoch"] * int(_option(args.train_args, "--epochs", 25)))
+        per_step = training["training_seconds"] / (training["steps_per_epoch"] * training["epochs"])
         rows.append((users, items, written, training["n_train_interactions"], size_mb, training["batch_size"], seconds, peak,
                      quality["adjusted_rand_index"], quality["recall_at_k"], quality["popularity_recall_at_k"],
                      (n_workers, per_step, training["parameters"] * 4 / 1e6)))
