@@ -178,7 +178,7 @@ def run_local(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "outputs"),
                workspace_root=str(work / "workspace"), raise_on_error=True)
-    started = time.monotonic()
+    started, began = time.monotonic(), time.time()
     try:
         retrain(
             users_uri=str(args.data.resolve()), interactions_uri=str(args.interactions.resolve()),
@@ -190,7 +190,7 @@ def run_local(args: argparse.Namespace) -> int:
             rollout_mode="local" if args.transformer_url else "none", transformer_url=args.transformer_url or "",
             rollout_timeout_seconds=args.rollout_timeout)
     except RuntimeError as exc:
-        print(f"error: the pipeline failed: {failure_reason(work) or exc}", file=sys.stderr)
+        print(f"error: the pipeline failed: {failure_reason(work, since=began) or exc}", file=sys.stderr)
         print("nothing was published when the gate or the checks failed; the task logs above have the details",
               file=sys.stderr)
         return 1
@@ -199,9 +199,11 @@ def run_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def failure_reason(work: Path) -> str | None:
-    """The reasons of the newest failing report (the gate's or the checks'), from the run's outputs."""
-    for report in sorted((work / "outputs").glob("**/report"), key=lambda p: p.stat().st_mtime, reverse=True):
+def failure_reason(work: Path, since: float = 0.0) -> str | None:
+    """The reasons of the newest failing report (the gate's or the checks') written since ``since`` (this run's
+    start: an earlier run's report in the same folder is not this run's reason)."""
+    reports = [p for p in (work / "outputs").glob("**/report") if p.stat().st_mtime >= since]
+    for report in sorted(reports, key=lambda p: p.stat().st_mtime, reverse=True):
         lines = report.read_text().splitlines()
         if "Fails because:" in lines:
             return lines[0].lstrip("# ") + ": " + "; ".join(line[2:] for line in lines if line.startswith("- "))

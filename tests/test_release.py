@@ -779,3 +779,22 @@ def test_a_transformer_that_never_answers_is_given_up_on_after_the_timeout():
     finally:
         silent.close()
     assert version is None and what.startswith("ReadTimeout")
+
+
+def test_a_failed_runs_reason_is_its_own_report_not_an_earlier_runs(tmp_path):
+    from model.pipeline import failure_reason
+
+    old = tmp_path / "outputs" / "run-1" / "evaluate" / "report"
+    old.parent.mkdir(parents=True)
+    old.write_text("# Quality gate: version 2 fails\n\nFails because:\n- recall too low\n")
+    os.utime(old, (1000.0, 1000.0))
+    assert failure_reason(tmp_path) == "Quality gate: version 2 fails: recall too low"
+    assert failure_reason(tmp_path, since=2000.0) is None  # this run failed elsewhere (in training, say)
+    new = tmp_path / "outputs" / "run-2" / "verify" / "report"
+    new.parent.mkdir(parents=True)
+    new.write_text("# Checks of version 3: FAILED\n\n| check | result |\n\nFails because:\n- fused parity: x\n"
+                   "- ops: y\n")
+    passed = tmp_path / "outputs" / "run-2" / "evaluate" / "report"
+    passed.parent.mkdir(parents=True)
+    passed.write_text("# Quality gate: version 3 passes\n")
+    assert failure_reason(tmp_path, since=2000.0) == "Checks of version 3: FAILED: fused parity: x; ops: y"
