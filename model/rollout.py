@@ -1,14 +1,19 @@
 """Roll a published model version out, and wait until it is what clients get.
 
 On a cluster (:func:`rollout_on_cluster`, the kubernetes Python client): patch the
-InferenceService so both components roll, wait until KServe has reconciled the new generation and
+InferenceService so both components roll, wait until KServe has reconciled that spec and
 both Deployments have rolled out, smoke through the transformer's Service, and roll back when any
 of it fails. Locally (:func:`wait_until_served`): the running transformer picks a new version up
 from the store by itself; wait until its answers say that version.
 
-KServe never resets ``Ready`` when the spec changes (Ready = PredictorReady + IngressReady, and a
-rollout keeps the old pod until the new one is ready), so ``Ready`` alone says nothing about a
-redeploy: :func:`rollout_pending` has the rules ``python -m scripts.cluster wait-ready`` uses too.
+What proves that KServe reconciled a spec is the component Deployment's pod template carrying
+what the spec asks for: KServe copies each component's annotations onto it, so every annotation of
+ours (``embedder.example.com/...``) must be there with the same value before a rollout counts
+(:func:`rollout_pending`, which ``python -m scripts.cluster wait-ready`` uses too). Neither of the
+two counters KServe exposes says it: in Standard mode the InferenceService's
+``status.observedGeneration`` is copied from its first Deployment's, an unrelated counter (seen on
+KServe v0.20.0's controller, tests/test_control_plane.py), and ``Ready`` is never reset when the
+spec changes (a rollout keeps the old pod until the new one is ready).
 """
 
 from __future__ import annotations
@@ -20,8 +25,14 @@ from typing import Callable
 import numpy as np
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
-# The annotation whose change makes KServe roll both components' pods (README, "Update the model").
+# Our annotations on a component: KServe copies them onto the component Deployment's pod template, so a change
+# of one is a rollout, and the template carrying them proves KServe reconciled the spec that set them.
+ANNOTATION_PREFIX = "embedder.example.com/"
+# The model store version both components serve, set by the pipeline's rollout (README, "Update the model").
 VERSION_ANNOTATION = "embedder.example.com/model-store"
+# A digest of a component's spec and of the images it runs, set by ``python -m scripts.cluster apply``
+# (deploy.sh): a new image under the same tag changes it, so KServe rolls the pods out and keeps the change.
+REVISION_ANNOTATION = "embedder.example.com/revision"
 COMPONENTS = ("predictor", "transformer")  # KServe Standard mode: Deployment <isvc>-<component>
 
 
@@ -75,22 +86,44 @@ def deployment_pending(name: str, deployment) -> str | None:
     return None
 
 
+def ours(annotations: dict | None) -> dict[str, str]:
+    """Our annotations (:data:`ANNOTATION_PREFIX`) among ``annotations``."""
+    return {k: v for k, v in (annotations or {}).items() if k.startswith(ANNOTATION_PREFIX)}
+
+
+def component_annotations(isvc: dict, component: str) -> dict[str, str]:
+    """Our annotations on one component of the InferenceService's spec."""
+    return ours(((isvc.get("spec") or {}).get(component) or {}).get("annotations"))
+
+
+def template_pending(name: str, wanted: dict[str, str], deployment) -> str | None:
+    """Why the Deployment's pod template does not show the spec ``wanted`` came from yet (None: it does)."""
+    if deployment is None:
+        return f"deployment {name} does not exist yet"
+    template = deployment.spec.template.metadata
+    have = ours(template.annotations if template is not None else None)
+    if have == wanted:
+        return None
+    differ = sorted(set(have) | set(wanted), key=str)
+    shown = ", ".join(f"{k}={have.get(k)!s} (asked: {wanted.get(k)!s})" for k in differ if have.get(k) != wanted.get(k))
+    return f"deployment {name}: KServe has not reconciled the newest spec yet ({shown})"
+
+
 def rollout_pending(isvc: dict, deployments: dict) -> str | None:
     """What keeps a (re)deployed InferenceService from serving its newest spec (None: it does).
 
-    KServe never resets Ready when the spec changes (Ready = PredictorReady + IngressReady, PredictorReady =
-    the Deployment is Available, and a rollout keeps the old pod until the new one is ready), so Ready alone
-    says nothing about a redeploy: first the controller must have reconciled the newest generation, then
-    each component's Deployment must have rolled out, and only then does Ready mean the new pods."""
+    First KServe must have reconciled the spec: each component Deployment's pod template carries the component's
+    annotations of ours (:func:`template_pending`); then each Deployment must have rolled that template out
+    (:func:`deployment_pending`); only then does Ready mean the new pods. A spec with none of our annotations
+    (applied by hand, not with ``python -m scripts.cluster apply``) cannot be told from its predecessor: only the
+    Deployments' own rollout is waited for (:func:`unproven_components` names them)."""
     if not isvc:
         return "the InferenceService does not exist yet"
-    generation = (isvc.get("metadata") or {}).get("generation")
-    observed = (isvc.get("status") or {}).get("observedGeneration")
-    if generation is not None and observed != generation:
-        return f"KServe has not reconciled generation {generation} yet (it observed {observed})"
     name = isvc["metadata"]["name"]
     for component in spec_components(isvc):
-        why = deployment_pending(f"{name}-{component}", deployments.get(component))
+        deployment = deployments.get(component)
+        why = (template_pending(f"{name}-{component}", component_annotations(isvc, component), deployment)
+               or deployment_pending(f"{name}-{component}", deployment))
         if why:
             return why
     ready = conditions(isvc).get("Ready", {})
@@ -99,6 +132,11 @@ def rollout_pending(isvc: dict, deployments: dict) -> str | None:
                      for t, c in conditions(isvc).items() if c.get("status") != "True"]
         return "not Ready: " + ("; ".join(not_ready) or "no conditions yet")
     return None
+
+
+def unproven_components(isvc: dict) -> list[str]:
+    """The components whose spec has none of our annotations: a wait for them cannot prove KServe saw the spec."""
+    return [c for c in spec_components(isvc) if not component_annotations(isvc, c)]
 
 
 def read_state(custom, apps, namespace: str, name: str) -> tuple[dict, dict]:
@@ -243,10 +281,17 @@ def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *,
         else:
             return f"{where} serves version {version}: rolled out and answered through {target.predict_url} ({seconds:.1f}s)"
     say(f"{where}: {failure}; rolling back")
+    # The annotations are restored whatever retiring the version does: a store the task cannot write (EACCES on a
+    # hostPath volume) must not leave the InferenceService asking for the failed version.
+    retired = ""
     if retire is not None:
-        retire()
+        try:
+            retire()
+        except Exception as exc:  # noqa: BLE001  (any failure to retire is reported, after the rollback)
+            retired = f"; the version could not be retired from the model store ({type(exc).__name__}: {exc})"
+            say(f"{where}: could not retire version {version}: {exc}; restoring the annotations anyway")
     _patch(custom, target, before)
     pending, _ = wait_rolled_out(target.namespace, target.name, timeout, custom=custom, apps=apps, sleep=sleep,
                                  clock=clock, say=say)
     back = "rolled back" if pending is None else f"the rollback did not finish either: {pending}"
-    raise RolloutFailed(f"version {version} was not rolled out to {where}: {failure}; {back}")
+    raise RolloutFailed(f"version {version} was not rolled out to {where}: {failure}; {back}{retired}")
