@@ -1,8 +1,15 @@
 """Talk to the cluster with the kubernetes Python client: wait for the InferenceService, smoke-test it.
 
+    python -m scripts.cluster apply --overlay manifests/overlays/kind [--image-id IMAGE=ID ...]
     python -m scripts.cluster wait-ready   [--namespace embedder] [--timeout 600]
     python -m scripts.cluster remove-stale [--namespace embedder]
     python -m scripts.cluster smoke      [--namespace embedder] [--entry transformer|collocated|fused]
+
+``apply`` renders the overlay (``kubectl kustomize``), stamps each InferenceService component with
+``embedder.example.com/revision``, a digest of that component's spec and of the ids of the images it runs,
+and applies the result (``kubectl apply -f -``). KServe copies the stamp onto the component's Deployment,
+which is what ``wait-ready`` waits to see: a new image under the same tag is a new stamp, so KServe rolls
+the pods out (a ``kubectl rollout restart`` it would revert), and the wait cannot end on the old pods.
 
 ``smoke`` reaches the service's entry point through ``kubectl port-forward`` (the
 transformer's Service; with ``collocated`` or ``fused``, the predictor's), sends the
@@ -15,6 +22,7 @@ transformer's answers.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -24,8 +32,8 @@ from pathlib import Path
 import httpx
 
 from model.rollout import (  # noqa: F401  (rollout_pending, deployment_pending: the wait's rules, tested here)
-    COMPONENTS, GROUP, PLURAL, VERSION, apps_api, custom_objects, deployment_pending, rollout_pending,
-    spec_components, wait_rolled_out,
+    COMPONENTS, GROUP, PLURAL, REVISION_ANNOTATION, VERSION, apps_api, custom_objects, deployment_pending,
+    rollout_pending, spec_components, unproven_components, wait_rolled_out,
 )
 from scripts.localstack import ROOT, LocalStack, StackError, free_port
 
@@ -73,12 +81,79 @@ def post_fused(base_url: str, model: str, features: list[str]) -> list[tuple[int
     return answers
 
 
+def component_images(component: dict) -> list[str]:
+    """The images a component's pods run (its containers'; a predictor's model server comes from its runtime)."""
+    containers = list(component.get("containers") or [])
+    for key in ("model", "transformer-container"):
+        if isinstance(component.get(key), dict) and component[key].get("image"):
+            containers.append(component[key])
+    return sorted({c["image"] for c in containers if c.get("image")})
+
+
+def revision(isvc: dict, component: str, image_ids: dict[str, str]) -> str:
+    """A digest of what one component's pods are made of: the InferenceService's metadata that KServe copies into
+    them, the component's spec (without this stamp), and the id of each image it runs that ``image_ids`` knows."""
+    spec = {k: v for k, v in isvc["spec"][component].items()}
+    spec["annotations"] = {k: v for k, v in (spec.get("annotations") or {}).items() if k != REVISION_ANNOTATION}
+    meta = isvc.get("metadata") or {}
+    made_of = {"annotations": meta.get("annotations") or {}, "labels": meta.get("labels") or {}, "spec": spec,
+               "images": {image: image_ids.get(image, "") for image in component_images(spec)}}
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stamp_revisions(docs: list[dict], image_ids: dict[str, str]) -> list[dict]:
+    """Each InferenceService's components stamped with :func:`revision` (the documents are changed in place)."""
+    for doc in docs:
+        if doc.get("kind") != "InferenceService":
+            continue
+        for component in COMPONENTS:
+            if (doc.get("spec") or {}).get(component):
+                stamp = revision(doc, component, image_ids)
+                doc["spec"][component].setdefault("annotations", {})[REVISION_ANNOTATION] = stamp
+    return docs
+
+
+def render(overlay: Path, image_ids: dict[str, str]) -> str:
+    """The overlay as ``kubectl kustomize`` renders it, with every component stamped."""
+    import yaml
+
+    done = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: kubectl kustomize {overlay} failed: {done.stderr.strip()}")
+    docs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    return yaml.safe_dump_all(stamp_revisions(docs, image_ids), sort_keys=False)
+
+
+def apply(overlay: Path, image_ids: dict[str, str], kubectl_args: list[str] = ()) -> int:
+    """Render, stamp and apply an overlay (``kubectl apply -f -``, with ``kubectl_args`` before ``-f``)."""
+    rendered = render(overlay, image_ids)
+    done = subprocess.run(["kubectl", "apply", *kubectl_args, "-f", "-"], input=rendered, text=True)
+    return done.returncode
+
+
+def parse_image_ids(values: list[str]) -> dict[str, str]:
+    ids = {}
+    for value in values:
+        image, sep, image_id = value.partition("=")
+        if not sep or not image or not image_id:
+            raise SystemExit(f"error: --image-id takes IMAGE=ID (as the manifests name the image, and its id from "
+                             f"`docker image inspect --format '{{{{.Id}}}}' IMAGE`), got {value!r}")
+        ids[image] = image_id
+    return ids
+
+
 def wait_ready(namespace: str, name: str, timeout: float, custom=None, apps=None, sleep=time.sleep,
                clock=time.monotonic) -> int:
     """Wait until the InferenceService serves its newest spec (:func:`model.rollout.rollout_pending`)."""
     custom = custom if custom is not None else custom_objects()
     apps = apps if apps is not None else apps_api()
     pending, isvc = wait_rolled_out(namespace, name, timeout, custom=custom, apps=apps, sleep=sleep, clock=clock)
+    unproven = unproven_components(isvc) if isvc else []
+    if unproven:
+        print(f"note: {', '.join(unproven)} of {namespace}/{name} carry no embedder.example.com/ annotation, so "
+              "nothing tells KServe's reconcile of this spec from the last one: only the Deployments' own rollout "
+              "was waited for. Apply with `python -m scripts.cluster apply --overlay DIR` (as deploy.sh does) to "
+              "wait for the spec you applied.", file=sys.stderr)
     if pending is None:
         print(f"{namespace}/{name} is Ready at generation {isvc['metadata'].get('generation')}: "
               f"{isvc['status'].get('url', '')}", flush=True)
@@ -197,15 +272,24 @@ def smoke(namespace: str, name: str, entry: str = "transformer") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.cluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["wait-ready", "remove-stale", "smoke"],
-                        help="wait-ready: until the newest spec is rolled out and Ready; remove-stale: delete the "
-                             "objects of components the spec no longer has; smoke: compare answers with the local stack")
+    parser.add_argument("command", choices=["apply", "wait-ready", "remove-stale", "smoke"],
+                        help="apply: render, stamp and apply an overlay; wait-ready: until the newest spec is rolled "
+                             "out and Ready; remove-stale: delete the objects of components the spec no longer has; "
+                             "smoke: compare answers with the local stack")
+    parser.add_argument("--overlay", type=Path, help="apply: the kustomize folder (e.g. manifests/overlays/kind)")
+    parser.add_argument("--image-id", action="append", default=[], metavar="IMAGE=ID",
+                        help="apply: the id of an image the manifests name (repeatable); a new id rolls its pods")
+    parser.add_argument("--server-side", action="store_true", help="apply: kubectl apply --server-side")
     parser.add_argument("--namespace", default="embedder")
     parser.add_argument("--name", default="embedder", help="InferenceService name")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
     parser.add_argument("--entry", choices=sorted(ENTRIES), default="transformer",
                         help="the overlay deployed: transformer (kind, production), collocated or fused")
     args = parser.parse_args(argv)
+    if args.command == "apply":
+        if args.overlay is None:
+            parser.error("apply needs --overlay DIR")
+        return apply(args.overlay, parse_image_ids(args.image_id), ["--server-side"] if args.server_side else [])
     if args.command == "wait-ready":
         return wait_ready(args.namespace, args.name, args.timeout)
     if args.command == "remove-stale":

@@ -16,6 +16,7 @@ if ! ls build/models/embedder/*/assets.extra/transformer-bundle/manifest.json >/
   echo "== training (build/ is empty)"
   "$python" -m model.train
 fi
+open_store_to_image_user
 
 # Saved for the node's platform only (save_image in lib.sh says why: kind#3795). mktemp with a template
 # works on BSD and GNU.
@@ -42,14 +43,13 @@ fi
 
 overlay=${OVERLAY:-kind}
 [ -d "manifests/overlays/$overlay" ] || { echo "error: no overlay manifests/overlays/$overlay (OVERLAY=kind, collocated or fused)" >&2; exit 1; }
-echo "== applying manifests/overlays/$overlay"
-kubectl --context "kind-$KIND_CLUSTER_NAME" apply -k "manifests/overlays/$overlay"
-# A new image under the same tag: restart the pods that run it (the transformer's, or the predictor's
-# when collocated) so they run the one just loaded.
-for component in transformer predictor; do
-  kubectl --context "kind-$KIND_CLUSTER_NAME" -n "$NAMESPACE" rollout restart "deploy/embedder-$component" 2>/dev/null || true
-done
 kubectl config use-context "kind-$KIND_CLUSTER_NAME" >/dev/null
+# The images' ids go into each component's embedder.example.com/revision annotation: a new image under the same
+# tag is a new spec, so KServe rolls its pods out and keeps them (it rebuilds its Deployments from the
+# InferenceService and undoes a `kubectl rollout restart`), and wait-ready waits for exactly that spec.
+transformer_id=$("$engine" image inspect --format '{{.Id}}' "$(qualified_image "$TRANSFORMER_IMAGE")")
+echo "== applying manifests/overlays/$overlay (transformer image $transformer_id)"
+"$python" -m scripts.cluster apply --overlay "manifests/overlays/$overlay" --image-id "$TRANSFORMER_IMAGE=$transformer_id"
 # An overlay without a transformer (fused, collocated) after one with it: KServe leaves the old component's
 # Deployment running; remove what the new spec does not have, then wait for the new spec to be rolled out.
 "$python" -m scripts.cluster remove-stale --namespace "$NAMESPACE"

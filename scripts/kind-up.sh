@@ -14,8 +14,7 @@ if [ "$engine" = podman ]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
 
 # build/models: the model store (the InferenceService reads it; the retraining pipeline and the TFJob write
 # new versions into it, as uid 65532, the training image's user); build/data: their input files.
-mkdir -p build/models build/data
-chmod o+rwx build/models build/data
+open_store_to_image_user
 if kind get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER_NAME"; then
   echo "== kind cluster '$KIND_CLUSTER_NAME' exists"
 else

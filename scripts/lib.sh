@@ -11,6 +11,21 @@ need() {
   fi
 }
 
+# open_store_to_image_user: the model store's folders writable for the training image's user (uid 65532), which the
+# retraining pipeline's tasks and the TFJob's chief run as. They reach build/ through a hostPath volume, and hostPath
+# ignores fsGroup, so the folders they add entries to (publish's staging copy and rename, retire's rename, the
+# chief's temporary folder, made in its --out, the claim's root) need the permission on the host: build/ itself,
+# build/models, build/data and each model's folder, which model.train made 0755 for the host's user. The files
+# in the versions stay as they are.
+open_store_to_image_user() {
+  mkdir -p build/models build/data
+  chmod a+rwx build build/models build/data
+  for folder in build/models/*/; do
+    [ -d "$folder" ] && chmod a+rwx "$folder"
+  done
+  return 0
+}
+
 # The container engine kind runs on: docker, else podman.
 container_engine() {
   if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then

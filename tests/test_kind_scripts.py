@@ -28,6 +28,7 @@ case "$name $*" in
   "docker version --format"*) echo "${STUB_DOCKER_VERSION:-29.0.1}" ;;
   "docker image save --help") echo "      --platform stringArray   Save only the given platform(s)" ;;
   "docker image save"*|"docker save"*) ;;
+  "docker image inspect --format {{.Id}} "*) echo "sha256:${STUB_IMAGE_ID:-5e1f}" ;;
   "kind version") echo "kind ${STUB_KIND_VERSION:-v0.27.0} go1.23.4 linux/amd64" ;;
   "kubectl version --client -o json") printf '{"clientVersion": {"major": "1", "minor": "%s"}}\n' "${STUB_KUBECTL_MINOR:-32}" ;;
   "getenforce"*) echo "${STUB_SELINUX:-Disabled}" ;;
@@ -142,10 +143,15 @@ def test_deploy_saves_the_image_for_the_nodes_platform_and_waits_for_the_new_spe
     archive = lines[save].split(" -o ")[1].split()[0]
     load = index_of(lines, "kind load image-archive")
     assert lines[load] == f"kind load image-archive {archive} --name embedder" and save < load
-    apply = index_of(lines, "kubectl --context kind-embedder apply -k manifests/overlays/kind")
+    context = index_of(lines, "kubectl config use-context kind-embedder")
+    inspect = index_of(lines, "docker image inspect --format {{.Id}} docker.io/library/kserve-embedder-transformer:dev")
+    # The loaded image's id is stamped on the components (a new spec KServe keeps), not restarted into the pods.
+    apply = index_of(lines, "python -m scripts.cluster apply --overlay manifests/overlays/kind --image-id "
+                            "kserve-embedder-transformer:dev=sha256:5e1f")
     stale = index_of(lines, "python -m scripts.cluster remove-stale --namespace embedder")
     wait = index_of(lines, "python -m scripts.cluster wait-ready --namespace embedder --timeout 600")
-    assert load < apply < stale < wait  # what the previous overlay left is removed before waiting
+    assert load < inspect < apply < stale < wait and context < apply  # the previous overlay's rest goes first
+    assert not any("rollout restart" in line for line in lines)
     assert not any(line.startswith("docker save") for line in lines)
 
 
@@ -157,7 +163,8 @@ def test_deploy_without_platform_support_saves_plainly(stubs, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = calls(log)
     assert any(line.startswith("docker save -o ") for line in lines)
-    assert any(line == "kubectl --context kind-embedder apply -k manifests/overlays/fused" for line in lines)
+    assert any(line == "python -m scripts.cluster apply --overlay manifests/overlays/fused --image-id "
+               "kserve-embedder-transformer:dev=sha256:5e1f" for line in lines)
 
 
 def test_a_kubectl_too_far_from_the_nodes_kubernetes_stops_before_anything_is_created(stubs):
@@ -203,7 +210,7 @@ def test_deploy_builds_and_loads_the_training_image_beside_the_transformers(stub
     assert [s.rsplit(" ", 1)[1] for s in saves] == ["docker.io/library/kserve-embedder-transformer:dev",
                                                     "docker.io/library/kserve-embedder-training:dev"]
     loads = [i for i, line in enumerate(lines) if line.startswith("kind load image-archive")]
-    assert len(loads) == 2 and loads[-1] < index_of(lines, "kubectl --context kind-embedder apply -k")
+    assert len(loads) == 2 and loads[-1] < index_of(lines, "python -m scripts.cluster apply")
 
     log.unlink()
     result = subprocess.run(["bash", "scripts/deploy.sh"], cwd=ROOT, env={**env, "SKIP_TRAINING_IMAGE": "1"},
@@ -218,10 +225,10 @@ def test_kind_pipelines_installs_kfp_and_the_training_operator_then_the_pipeline
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = calls(log)
-    scoped = index_of(lines, "manifests/kustomize/cluster-scoped-resources?ref=2.17.3")
+    scoped = index_of(lines, "manifests/kustomize/cluster-scoped-resources?ref=2.17.0")
     crd = index_of(lines, "kubectl wait --for condition=established --timeout=60s crd/applications.app.k8s.io")
-    kfp = index_of(lines, "manifests/kustomize/env/platform-agnostic?ref=2.17.3")
-    operator = index_of(lines, "training-operator.git/manifests/overlays/standalone?ref=v1.9.3")
+    kfp = index_of(lines, "manifests/kustomize/env/platform-agnostic?ref=2.17.0")
+    operator = index_of(lines, "kubeflow/trainer.git/manifests/overlays/standalone?ref=v1.9.3")
     waits = index_of(lines, "kubectl -n kubeflow get deployments -o name")
     ours = index_of(lines, "kubectl apply -k manifests/pipeline")
     assert scoped < crd < kfp < operator < waits < ours
