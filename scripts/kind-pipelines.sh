@@ -20,7 +20,7 @@ retry 6 10 "applying KFP ($kfp/env/platform-agnostic)" \
 echo "== Kubeflow training operator $TRAINING_OPERATOR_VERSION (TFJob)"
 retry 6 10 "applying the training operator" \
   kubectl apply --server-side -k \
-  "github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref=$TRAINING_OPERATOR_VERSION" || exit 1
+  "github.com/kubeflow/trainer.git/manifests/overlays/standalone?ref=$TRAINING_OPERATOR_VERSION" || exit 1
 
 wait_for_namespace_deployments kubeflow 600s || exit 1
 echo "== manifests/pipeline (the model store for the pipeline's tasks, the rollout's RBAC)"
