@@ -1,15 +1,22 @@
-"""The cluster scripts' wait for a (re)deployed InferenceService, against recorded KServe and Deployment statuses
-served by a fake Kubernetes API (the kubernetes client's own models).
+"""The cluster scripts' wait for a (re)deployed InferenceService, against KServe and Deployment statuses served by
+a fake Kubernetes API (the kubernetes client's own models): recorded from KServe v0.20.0's own controller on a real
+control plane (tests/data/controlplane/, ``python -m tests.controlplane.record``), and a few written by hand.
 
-KServe never resets Ready when the spec changes, so a redeploy looks Ready at once: the wait must see the
-controller reconcile the new generation and each component's Deployment roll out before it trusts Ready."""
+KServe never resets Ready when the spec changes, so a redeploy looks Ready at once: the wait must see KServe copy
+the spec's annotations onto each component's Deployment and that Deployment roll out before it trusts Ready."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from model.rollout import REVISION_ANNOTATION, VERSION_ANNOTATION, rollout_pending, spec_components
 from scripts import cluster
+
+NEVER_READY = "97"  # the version KWOK holds un-Ready in the recordings (tests/controlplane/cluster.py)
 
 
 def isvc(generation: int, observed: int | None, ready: str = "True", transformer: bool = True) -> dict:
@@ -79,33 +86,90 @@ ROLLED = {"embedder-predictor": deployment("embedder-predictor", 1, 1, 1, 1, 1),
           "embedder-transformer": deployment("embedder-transformer", 1, 1, 1, 1, 1)}
 
 
-def test_a_redeploy_that_stays_ready_waits_for_the_new_generation_and_the_new_replicaset(capsys):
+# --- statuses recorded from KServe's own controller (python -m tests.controlplane.record) --------------------------
+
+RECORDED = Path(__file__).resolve().parent / "data" / "controlplane"
+SCENARIOS = ("first-deploy", "new-image", "rollout-restart", "version-rollout", "never-ready")
+
+
+def as_deployment(data: dict):
+    """A Deployment's JSON as the kubernetes client hands it to callers (its own model)."""
+    from kubernetes.client import ApiClient
+
+    return ApiClient()._ApiClient__deserialize(data, "V1Deployment")
+
+
+def recorded(scenario: str) -> list[dict]:
+    states = json.loads((RECORDED / f"{scenario}.json").read_text())
+    return [{"isvc": state["isvc"], "pods": state["pods"],
+             "deployments": {name: as_deployment(d) for name, d in state["deployments"].items()}} for state in states]
+
+
+def pending(state: dict) -> str | None:
+    """The wait's verdict on one recorded state (its Deployments by component, as read_state gives them)."""
+    return rollout_pending(state["isvc"], {name.removeprefix("embedder-"): d for name, d in state["deployments"].items()})
+
+
+def serving_what_the_spec_asks(state: dict) -> bool:
+    """Independently of the wait's rules: every live pod of each component the spec has carries that component's
+    revision and model version, and is Ready (the pods' own record, beside the statuses)."""
+    spec = state["isvc"]["spec"]
+    for component in spec_components(state["isvc"]):
+        asked = spec[component].get("annotations") or {}
+        live = [p for p in state["pods"].get(component, []) if not p["deleting"]]
+        if not live or not all(p["ready"] for p in live):
+            return False
+        if any(p["revision"] != asked.get(REVISION_ANNOTATION) or p["version"] != asked.get(VERSION_ANNOTATION)
+               for p in live):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_on_kserves_recorded_statuses_the_wait_ends_only_once_the_new_pods_serve(scenario):
+    states = recorded(scenario)
+    verdicts = [pending(s) if s["isvc"] else "no InferenceService" for s in states]
+    for index, (state, verdict) in enumerate(zip(states, verdicts)):
+        if verdict is None:
+            assert serving_what_the_spec_asks(state), f"{scenario} state {index}: the wait would end on {state['pods']}"
+    assert verdicts[-1] is None, verdicts  # every scenario ends rolled out (never-ready: once it is rolled back)
+    assert any(v is not None for v in verdicts)  # and each had something to wait for
+
+
+def test_a_recorded_redeploy_with_a_new_image_is_waited_through_every_step(capsys):
     """Ready is True throughout, as KServe reports it during a redeploy; the wait still sees every step."""
-    snapshots = [
-        {"isvc": isvc(2, 1), "deployments": ROLLED},  # the spec changed; KServe has not reconciled it
-        {"isvc": isvc(2, 2), "deployments": {  # reconciled: the transformer's Deployment has its new spec...
-            "embedder-predictor": ROLLED["embedder-predictor"],
-            "embedder-transformer": deployment("embedder-transformer", 2, 1, 1, 0, 1)}},  # ...not yet observed
-        {"isvc": isvc(2, 2), "deployments": {  # the new ReplicaSet scales up beside the old pod
-            "embedder-predictor": ROLLED["embedder-predictor"],
-            "embedder-transformer": deployment("embedder-transformer", 2, 2, 2, 1, 1)}},
-        {"isvc": isvc(2, 2), "deployments": {  # the new pod is available, the old one still terminating
-            "embedder-predictor": ROLLED["embedder-predictor"],
-            "embedder-transformer": deployment("embedder-transformer", 2, 2, 2, 1, 2)}},
-        {"isvc": isvc(2, 2), "deployments": {  # rolled out
-            "embedder-predictor": ROLLED["embedder-predictor"],
-            "embedder-transformer": deployment("embedder-transformer", 2, 2, 1, 1, 1)}},
-    ]
-    code, timeline = run(snapshots)
+    states = recorded("new-image")
+    states = states[next(i for i, s in enumerate(states) if s["isvc"]["metadata"]["generation"] == 2):]  # applied
+    code, timeline = run(states)
     out = capsys.readouterr().out
-    assert code == 0 and timeline.at == 4, out
-    assert [line.split(": ", 1)[1] for line in out.splitlines()[:-1]] == [
-        "KServe has not reconciled generation 2 yet (it observed 1)",
-        "deployment embedder-transformer: generation 2 not yet seen by its controller",
-        "deployment embedder-transformer: 1 of 1 replicas updated, 1 available, 1 old still running",
-        "deployment embedder-transformer: 1 of 1 replicas updated, 2 available, 1 old still running",
-    ]
-    assert out.splitlines()[-1] == "embedder/embedder is Ready at generation 2: http://embedder.embedder.example.com"
+    first_done = next(i for i, s in enumerate(states) if pending(s) is None)
+    assert code == 0 and timeline.at == first_done, out
+    said = [line.split(": ", 1)[1] for line in out.splitlines()[:-1]]
+    assert said[0].startswith("deployment embedder-transformer: KServe has not reconciled the newest spec yet "
+                              "(embedder.example.com/revision=")
+    assert any("1 old still running" in line for line in said), said
+    assert out.splitlines()[-1].startswith("embedder/embedder is Ready at generation 2")
+
+
+def test_after_kserve_undid_a_restart_the_old_rule_would_wait_forever():
+    """``kubectl rollout restart`` raised the Deployment's generation twice (the restart, KServe's revert), and KServe
+    copied the Deployment's observedGeneration into the InferenceService's: the counters the old wait compared."""
+    final = recorded("rollout-restart")[-1]
+    meta, status = final["isvc"]["metadata"], final["isvc"]["status"]
+    assert status["observedGeneration"] == final["deployments"]["embedder-transformer"].status.observed_generation
+    assert status["observedGeneration"] > meta["generation"]
+    template = final["deployments"]["embedder-transformer"].spec.template.metadata.annotations
+    assert "kubectl.kubernetes.io/restartedAt" not in template  # KServe dropped it
+    assert pending(final) is None
+
+
+def test_recorded_pods_that_never_turn_ready_keep_the_wait_pending_naming_the_deployment():
+    states = recorded("never-ready")
+    asked_never = [s for s in states
+                   if s["isvc"]["spec"]["predictor"]["annotations"].get(VERSION_ANNOTATION) == NEVER_READY]
+    reasons = [pending(s) for s in asked_never]
+    assert reasons and all(r and r.startswith("deployment embedder-") for r in reasons), reasons
+    assert any("1 old still running" in r for r in reasons), reasons
 
 
 def test_a_rollout_that_never_completes_times_out_naming_the_deployment(capsys):
@@ -194,3 +258,53 @@ def test_an_api_error_other_than_not_found_is_not_swallowed():
     with pytest.raises(ApiException):
         cluster.wait_ready("embedder", "embedder", 10, custom=timeline, apps=timeline, sleep=timeline.sleep,
                            clock=timeline.clock)
+
+
+# --- the revision stamp (python -m scripts.cluster apply) --------------------------------------------------------
+
+def rendered(overlay: str) -> list[dict]:
+    import subprocess
+
+    import yaml
+
+    done = subprocess.run(["kubectl", "kustomize", str(ROOT / "manifests" / "overlays" / overlay)], capture_output=True,
+                          text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def stamps(overlay: str, image_id: str) -> dict[str, str]:
+    (isvc_doc,) = [d for d in cluster.stamp_revisions(rendered(overlay), {TRANSFORMER: image_id})
+                   if d["kind"] == "InferenceService"]
+    return {c: isvc_doc["spec"][c]["annotations"][REVISION_ANNOTATION] for c in spec_components(isvc_doc)}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TRANSFORMER = "kserve-embedder-transformer:dev"
+
+
+def test_a_new_transformer_image_changes_the_stamp_of_the_component_that_runs_it_only():
+    first, again, new = stamps("kind", "sha256:1"), stamps("kind", "sha256:1"), stamps("kind", "sha256:2")
+    assert first == again and set(first) == {"predictor", "transformer"}
+    assert new["transformer"] != first["transformer"] and new["predictor"] == first["predictor"]
+    # Collocated, the transformer runs in the predictor's pod: its stamp follows the image.
+    assert stamps("collocated", "sha256:1")["predictor"] != stamps("collocated", "sha256:2")["predictor"]
+    assert stamps("fused", "sha256:1") == stamps("fused", "sha256:2")  # no transformer image at all
+
+
+def test_the_stamp_follows_the_spec_and_not_itself():
+    docs = rendered("kind")
+    (isvc_doc,) = [d for d in docs if d["kind"] == "InferenceService"]
+    before, predictor = cluster.revision(isvc_doc, "transformer", {}), cluster.revision(isvc_doc, "predictor", {})
+    isvc_doc["spec"]["transformer"]["annotations"][REVISION_ANNOTATION] = "anything"
+    assert cluster.revision(isvc_doc, "transformer", {}) == before
+    isvc_doc["spec"]["transformer"]["containers"][0]["args"].append("--max_rows=8")
+    assert cluster.revision(isvc_doc, "transformer", {}) != before
+    assert cluster.revision(isvc_doc, "predictor", {}) == predictor  # another component's spec is not its own
+    isvc_doc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] = "none"
+    assert cluster.revision(isvc_doc, "predictor", {}) != predictor  # the metadata KServe copies into every pod is
+
+
+def test_image_ids_are_given_as_image_equals_id():
+    assert cluster.parse_image_ids(["a:dev=sha256:1", "b=x=y"]) == {"a:dev": "sha256:1", "b": "x=y"}
+    with pytest.raises(SystemExit, match="--image-id takes IMAGE=ID"):
+        cluster.parse_image_ids(["a:dev"])

@@ -170,9 +170,10 @@ def test_each_worker_gets_the_command_line_without_the_workers_flag():
 # -- the cluster rollout, against a fake Kubernetes API ----------------------------------------------
 
 class FakeCluster:
-    """KServe and the Deployment controller as the API shows them: a patch makes a new generation; the
-    controller observes it after a few polls; then each Deployment rolls a new ReplicaSet (old and new pods
-    side by side) while Ready stays True all along, as KServe reports it."""
+    """KServe and the Deployment controller as the API shows them (as recorded from KServe v0.20.0's controller,
+    tests/data/controlplane/): a patch makes a new generation; after a few polls KServe copies the components'
+    annotations onto their Deployments' pod templates; then each Deployment rolls a new ReplicaSet (old and new
+    pods side by side) while Ready stays True all along, as KServe reports it."""
 
     def __init__(self, reconcile_after=2, roll_steps=3, roll=True):
         from test_cluster_wait import deployment, isvc
@@ -183,6 +184,8 @@ class FakeCluster:
         self.patches, self.polls_since_patch = [], 0
         self.reconcile_after, self.roll_steps, self.roll = reconcile_after, roll_steps, roll
         self.now, self.history = 0.0, []
+        self.templates = {c: dict(self.isvc["spec"][c].get("annotations") or {}) for c in ("predictor", "transformer")}
+        self.templates_before = self.templates
 
     def sleep(self, seconds):
         self.now += seconds
@@ -202,14 +205,13 @@ class FakeCluster:
                 else:
                     notes[key] = value
         self.isvc["metadata"]["generation"] += 1
+        self.templates_before = self.templates
+        self.templates = {c: dict(self.isvc["spec"][c].get("annotations") or {}) for c in ("predictor", "transformer")}
         self.patches.append(body)
         self.polls_since_patch = 0
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         assert (namespace, name) == ("embedder", "embedder"), (namespace, name)
-        generation = self.isvc["metadata"]["generation"]
-        reconciled = self.polls_since_patch >= self.reconcile_after or not self.patches
-        self.isvc["status"]["observedGeneration"] = generation if reconciled else generation - 1
         return json.loads(json.dumps(self.isvc))
 
     def read_namespaced_deployment(self, name, namespace):
@@ -223,7 +225,10 @@ class FakeCluster:
         else:
             state = (generation, generation, 2, 1 if step else 0, 1)  # the new pod starting beside the old
         self.history.append((name, state))
-        return self.make_deployment(name, *state)
+        made = self.make_deployment(name, *state)
+        templates = self.templates_before if step < 0 and self.patches else self.templates
+        made.spec.template.metadata.annotations = dict(templates[name.removeprefix("embedder-")])
+        return made
 
 
 def rollout(cluster, smoke, retire=None, timeout=600.0):
@@ -681,7 +686,7 @@ def test_the_rollout_polls_every_three_seconds_until_its_timeout_counted_from_it
     cluster.now = 1000.0
     slept = []
     cluster.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", "embedder", "inferenceservices",
-                                           "embedder", {"spec": {"predictor": {"annotations": {"a": "b"}}}})
+                                           "embedder", {"spec": {"predictor": {"annotations": {VERSION_ANNOTATION: "3"}}}})
 
     def sleep(seconds):
         slept.append(seconds)
