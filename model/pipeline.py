@@ -6,8 +6,8 @@
 
 Tasks, in order (each a component; its outputs show in the KFP UI):
 
-    import users, import interactions    dsl.importer: local paths, or gs:// s3:// minio:// URIs on a cluster
-    train      the next version, with the held-out users          -> candidate (Model), held-out users, metrics
+    train      the next version from the two CSV files (paths: on a cluster, on the model store's volume,
+               /mnt/model-store/data/ by default), with the held-out users -> candidate (Model), held-out, metrics
     evaluate   the quality gate against the served version        -> metrics, report (Markdown); fails the run
     verify     the transformer's bundle checks, TF Serving's ops, fused parity      -> report; fails the run
     publish    into the model store, atomically                  -> the version number
@@ -33,24 +33,31 @@ TRAINING_IMAGE = "docker.io/library/kserve-embedder-training:dev"
 STORE_CLAIM = "embedder-model-store"  # the PersistentVolumeClaim of the model store (manifests/pipeline/)
 STORE_MOUNT = "/mnt/model-store"
 CLUSTER_STORE = f"{STORE_MOUNT}/models"  # the store's <name>/<version> folders inside the claim
+# The users' files, on the same claim. Kubeflow Pipelines' launcher reads artifacts from gs://, s3://, minio:// and
+# mem:// only and returns without error when no object matches, so an importer of files nobody uploaded fails later
+# with a missing file; a path on the mounted claim is checked by the train task itself (kind: build/data/).
+CLUSTER_DATA = f"{STORE_MOUNT}/data"
+CLUSTER_USERS, CLUSTER_INTERACTIONS = f"{CLUSTER_DATA}/users.csv", f"{CLUSTER_DATA}/interactions.csv"
 
 component = dsl.component(base_image=TRAINING_IMAGE, install_kfp_package=False)
 
 
 @component
-def train(users: Input[Dataset], interactions: Input[Dataset], model_store: str, model_name: str, epochs: int,
+def train(users_path: str, interactions_path: str, model_store: str, model_name: str, epochs: int,
           embedding_dim: int, segments: int, top_k: int, min_score: float, seed: int, test_fraction: float,
           user_column: str, item_column: str, weight_column: str, distributed_workers: int,
           candidate: Output[Model], held_out: Output[Dataset], metrics: Output[Metrics]) -> int:
-    """Train the model store's next version from the users and their interactions."""
-    from model.release import train_candidate
+    """Train the model store's next version from the users and their interactions (files the task can read: on a
+    cluster, on the model store's volume)."""
+    from model.release import input_digests, train_candidate
 
     version, quality = train_candidate(
-        users.path, interactions.path, candidate.path, held_out.path, model_store, model_name,
+        users_path, interactions_path, candidate.path, held_out.path, model_store, model_name,
         dict(epochs=epochs, embedding_dim=embedding_dim, segments=segments, top_k=top_k, min_score=min_score,
              seed=seed, test_fraction=test_fraction, user_column=user_column, item_column=item_column,
              weight_column=weight_column, distributed_workers=distributed_workers))
     candidate.metadata["version"] = version
+    candidate.metadata.update(input_digests(users_path, interactions_path))  # which files it was trained on
     for name, value in quality.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(name, value)
@@ -135,16 +142,14 @@ def mount_store(task) -> None:
 @dsl.pipeline(name="embedder-retrain",
               description="Retrain the user embedding model and its scikit-learn steps, gate the candidate against "
                           "the served version, check it, publish it into the model store and roll it out.")
-def retrain(users_uri: str, interactions_uri: str, model_store: str = CLUSTER_STORE, model_name: str = "embedder",
+def retrain(users_path: str = CLUSTER_USERS, interactions_path: str = CLUSTER_INTERACTIONS,
+            model_store: str = CLUSTER_STORE, model_name: str = "embedder",
             epochs: int = 25, embedding_dim: int = 32, segments: int = 0, top_k: int = 10, min_score: float = 0.3,
             seed: int = 0, test_fraction: float = 0.2, user_column: str = "user_id", item_column: str = "item_id",
             weight_column: str = "", distributed_workers: int = 1, min_lift_over_popularity: float = 0.10,
             max_drop_from_served: float = 0.10, rollout_mode: str = "cluster", transformer_url: str = "",
             namespace: str = "embedder", isvc_name: str = "embedder", rollout_timeout_seconds: float = 600.0):
-    users = dsl.importer(artifact_uri=users_uri, artifact_class=Dataset, reimport=True).set_display_name("import users")
-    interactions = dsl.importer(artifact_uri=interactions_uri, artifact_class=Dataset,
-                                reimport=True).set_display_name("import interactions")
-    trained = train(users=users.output, interactions=interactions.output, model_store=model_store,
+    trained = train(users_path=users_path, interactions_path=interactions_path, model_store=model_store,
                     model_name=model_name, epochs=epochs, embedding_dim=embedding_dim, segments=segments, top_k=top_k,
                     min_score=min_score, seed=seed, test_fraction=test_fraction, user_column=user_column,
                     item_column=item_column, weight_column=weight_column, distributed_workers=distributed_workers)
@@ -181,7 +186,7 @@ def run_local(args: argparse.Namespace) -> int:
     started, began = time.monotonic(), time.time()
     try:
         retrain(
-            users_uri=str(args.data.resolve()), interactions_uri=str(args.interactions.resolve()),
+            users_path=str(args.data.resolve()), interactions_path=str(args.interactions.resolve()),
             model_store=str(args.model_store.resolve()), model_name=args.model_name, epochs=args.epochs,
             embedding_dim=args.embedding_dim, seed=args.seed, top_k=args.top_k, min_score=args.min_score,
             distributed_workers=args.distributed_workers, user_column=args.user_column, item_column=args.item_column,

@@ -69,11 +69,38 @@ def training_argv(users: str, interactions: str, out: str, held_out: str, name: 
     return argv
 
 
+class InputMissing(FileNotFoundError):
+    """A training input is not where the pipeline was told to read it."""
+
+
+def input_digests(users: str, interactions: str) -> dict[str, str]:
+    """Where each training input was read from and its sha256: the candidate's lineage in the KFP UI."""
+    import hashlib
+
+    found = {}
+    for name, path in (("users", users), ("interactions", interactions)):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        found[name], found[f"{name}_sha256"] = str(path), digest.hexdigest()
+    return found
+
+
 def train_candidate(users: str, interactions: str, candidate: str | Path, held_out: str | Path, store: str | Path,
                     name: str, options: dict) -> tuple[int, dict]:
-    """Train the next version of ``name`` into the candidate folder; (its version, its training quality)."""
+    """Train the next version of ``name`` into the candidate folder; (its version, its training quality).
+
+    Raises:
+        InputMissing: a file is not there (on a cluster: not on the model store's volume).
+    """
     from model.train import main as train
 
+    for what, path in (("users", users), ("interactions", interactions)):
+        if not Path(path).is_file():
+            raise InputMissing(f"the {what} file {path} does not exist: on a cluster, copy it onto the model store's "
+                               f"volume (kind: build/data/ on the host, /mnt/model-store/data/ in the tasks) or give "
+                               f"the pipeline's {what}_path parameter where it is")
     version = next_version(store, name)
     code = train(training_argv(str(users), str(interactions), str(candidate), str(held_out), name, version, options))
     if code != 0:

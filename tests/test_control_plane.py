@@ -201,6 +201,29 @@ def test_the_pipelines_rollout_waits_for_both_components_to_serve_the_version(co
         assert all(ready(p) for p in pods(cp, component))
 
 
+def test_the_pipelines_role_is_all_its_rollout_needs(control_plane):
+    """manifests/pipeline's Role, bound to KFP's run service account: the rollout task, impersonating it, patches
+    and waits; anything more (deleting the InferenceService) is forbidden."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    cp = control_plane
+    cp.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}}])
+    cp.kubectl("apply", "-k", str(ROOT / "manifests" / "pipeline"))
+    runner = config.new_client_from_config(config_file=str(cp.kubeconfig))
+    runner.set_default_header("Impersonate-User", "system:serviceaccount:kubeflow:pipeline-runner")
+    custom, apps = client.CustomObjectsApi(runner), client.AppsV1Api(runner)
+    line = rollout.rollout_on_cluster(rollout.ClusterTarget(), 6, [0.0], custom=custom, apps=apps, timeout=120,
+                                      smoke=lambda: 0.0, say=lambda _: None)
+    assert "serves version 6" in line
+    with pytest.raises(ApiException) as denied:
+        custom.delete_namespaced_custom_object(rollout.GROUP, rollout.VERSION, NAMESPACE, rollout.PLURAL, NAME)
+    assert denied.value.status == 403
+    patched = rollout.rollout_on_cluster(rollout.ClusterTarget(), 5, [0.0], custom=custom, apps=apps, timeout=120,
+                                         smoke=lambda: 0.0, say=lambda _: None)
+    assert "serves version 5" in patched
+
+
 def test_a_rollout_whose_pods_never_turn_ready_times_out_naming_the_deployment_and_rolls_back(control_plane, api):
     cp = control_plane
     custom, apps = api

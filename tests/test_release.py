@@ -311,7 +311,7 @@ def compiled(tmp_path_factory):
 
 def test_the_compiled_pipeline_runs_its_tasks_in_order(compiled):
     tasks = compiled["root"]["dag"]["tasks"]
-    assert set(tasks) == {"importer", "importer-2", "train", "evaluate", "verify", "publish", "rollout"}
+    assert set(tasks) == {"train", "evaluate", "verify", "publish", "rollout"}
 
     def upstream(task):
         spec = tasks[task]
@@ -322,7 +322,9 @@ def test_the_compiled_pipeline_runs_its_tasks_in_order(compiled):
                 after.add(producer)
         return after
 
-    assert upstream("train") == {"importer", "importer-2"}
+    assert upstream("train") == set()
+    assert {n: a["componentInputParameter"] for n, a in tasks["train"]["inputs"]["parameters"].items()
+            if n.endswith("_path")} == {"users_path": "users_path", "interactions_path": "interactions_path"}
     assert upstream("evaluate") == {"train"}
     assert upstream("verify") == {"train", "evaluate"}
     assert upstream("publish") == {"train", "verify"}
@@ -334,8 +336,11 @@ def test_the_compiled_pipeline_runs_its_tasks_in_order(compiled):
 
 def test_the_compiled_pipeline_has_its_parameters_with_defaults(compiled):
     parameters = compiled["root"]["inputDefinitions"]["parameters"]
-    assert {"users_uri", "interactions_uri"} <= {n for n, p in parameters.items() if "defaultValue" not in p}
     defaults = {n: p.get("defaultValue") for n, p in parameters.items()}
+    # The users' files are read from the model store's claim, which the train task mounts (no importer: KFP's
+    # launcher cannot read a volume, and finds nothing without error where no one uploaded the files).
+    assert defaults["users_path"] == "/mnt/model-store/data/users.csv"
+    assert defaults["interactions_path"] == "/mnt/model-store/data/interactions.csv"
     assert defaults["model_store"] == "/mnt/model-store/models"
     assert defaults["min_lift_over_popularity"] == 0.1 and defaults["max_drop_from_served"] == 0.1
     assert defaults["rollout_mode"] == "cluster" and defaults["epochs"] == 25
@@ -352,8 +357,7 @@ def test_every_component_runs_the_training_image_without_installing_anything(com
     for name, container in containers.items():
         assert container["image"] == TRAINING_IMAGE, name
         assert "pip install" not in " ".join(container["command"]), name
-    importers = [e["importer"] for e in executors.values() if "importer" in e]
-    assert len(importers) == 2
+    assert not [e for e in executors.values() if "importer" in e]
 
 
 def test_the_tasks_that_touch_the_store_mount_its_volume(compiled):
@@ -803,3 +807,28 @@ def test_a_failed_runs_reason_is_its_own_report_not_an_earlier_runs(tmp_path):
     passed.parent.mkdir(parents=True)
     passed.write_text("# Quality gate: version 3 passes\n")
     assert failure_reason(tmp_path, since=2000.0) == "Checks of version 3: FAILED: fused parity: x; ops: y"
+
+
+def test_training_refuses_an_input_that_is_not_there_saying_where_to_put_it(tmp_path):
+    from model.release import InputMissing, train_candidate
+
+    users = tmp_path / "users.csv"
+    users.write_text("user_id,a\n1,2\n")
+    with pytest.raises(InputMissing, match=r"the interactions file /mnt/model-store/data/interactions.csv does not "
+                                           r"exist: on a cluster, copy it onto the model store's volume"):
+        train_candidate(str(users), "/mnt/model-store/data/interactions.csv", tmp_path / "c", tmp_path / "h",
+                        tmp_path / "store", "embedder", {})
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_candidate_records_which_files_it_was_trained_on(tmp_path):
+    import hashlib
+
+    from model.release import input_digests
+
+    users, interactions = tmp_path / "u.csv", tmp_path / "i.csv"
+    users.write_bytes(b"user_id\n1\n")
+    interactions.write_bytes(b"user_id,item_id\n1,2\n" * 100_000)  # read in blocks
+    assert input_digests(str(users), str(interactions)) == {
+        "users": str(users), "users_sha256": hashlib.sha256(users.read_bytes()).hexdigest(),
+        "interactions": str(interactions), "interactions_sha256": hashlib.sha256(interactions.read_bytes()).hexdigest()}
