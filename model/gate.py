@@ -11,6 +11,10 @@ different catalogues are judged alike. The candidate passes when
   on the same kind of data moves recall by a few percent (the demo's synthetic data with seeds 0-4:
   recall@10 from 0.412 to 0.429, 4% apart), a broken training far more.
 
+Before anything is scored, the candidate's interface (features by name and order, top-k, segment count, item
+id type: :mod:`model.contract`) must be the served version's: a candidate its clients could not call fails
+with the differences named, and the served version is not asked to answer rows it cannot read.
+
 The segments' agreement (adjusted Rand index of the two versions' segments on the same users, and of
 the candidate's with known labels when the data has them) is reported, not gated: a retrained KMeans
 may split users differently and still be right.
@@ -91,6 +95,7 @@ class Evaluation:
     segment_agreement: float | None = None  # ARI of the two versions' segments
     known_segment_agreement: float | None = None  # ARI of the candidate's segments with known labels
     thresholds: Thresholds = field(default_factory=Thresholds)
+    interface_changes: list[str] = field(default_factory=list)  # what a served version's client would find changed
     reasons: list[str] = field(default_factory=list)  # why the candidate fails; empty: it passes
 
     @property
@@ -128,6 +133,9 @@ class Evaluation:
             f"Thresholds: beat popularity by {t.min_lift_over_popularity:.0%}; lose at most "
             f"{t.max_drop_from_served:.0%} of the served version's recall.",
         ]
+        if self.interface_changes:
+            lines += ["", f"The candidate's interface differs from version {self.served}'s (not scored against it):",
+                      *[f"  - {c}" for c in self.interface_changes]]
         if self.reasons:
             lines += ["", "Fails because:", *[f"- {r}" for r in self.reasons]]
         return "\n".join(lines) + "\n"
@@ -155,14 +163,23 @@ def evaluate(candidate_dir: str | Path, served_dir: str | Path | None, held_out:
     held-out users; ``popularity_ids``: the training users' most chosen items, best first."""
     from sklearn.metrics import adjusted_rand_score
 
+    from model.contract import Interface, differences
+    from transformer.store.bundle import load_bundle
+
+    changes = []
+    if served_dir is not None:
+        changes = differences(Interface.of(load_bundle(served_dir)), Interface.of(load_bundle(candidate_dir)))
     candidate = answers_of(candidate_dir, held_out.features, k)
-    served = answers_of(served_dir, held_out.features, k) if served_dir is not None else None
+    served = answers_of(served_dir, held_out.features, k) if served_dir is not None and not changes else None
     # Every list is cut to the shortest (a version ranks at most its rules' top-k): recall@k of equals.
     k = min(k, len(popularity_ids), candidate.top_ids.shape[1], *([served.top_ids.shape[1]] if served else []))
     popularity = np.broadcast_to(np.asarray(popularity_ids[:k], dtype=object), (held_out.n_users, k))
     result = Evaluation(k=k, n_users=held_out.n_users, candidate=candidate.version,
                         candidate_recall=recall_at_k_of_ids(candidate.top_ids[:, :k], held_out),
-                        popularity_recall=recall_at_k_of_ids(popularity, held_out), thresholds=thresholds)
+                        popularity_recall=recall_at_k_of_ids(popularity, held_out), thresholds=thresholds,
+                        interface_changes=changes)
+    if changes:
+        result.served = load_bundle(served_dir).version
     if held_out.segments is not None:
         result.known_segment_agreement = float(adjusted_rand_score(held_out.segments, candidate.segments))
     if served is not None:
@@ -177,6 +194,11 @@ def reasons_to_fail(result: Evaluation) -> list[str]:
     """Why the measured candidate fails its thresholds (empty: it passes)."""
     t, k, recall = result.thresholds, result.k, result.candidate_recall
     reasons = []
+    if result.interface_changes:
+        reasons.append(
+            f"its interface is not version {result.served}'s, so every client of that version would break ("
+            + "; ".join(result.interface_changes) + "): keep the features, top-k and segments, or publish it as a "
+            "new model served beside this one (run-local --model-name NEW --new-model; the pipeline's model_name)")
     floor = result.popularity_recall * (1 + t.min_lift_over_popularity)
     if not recall > floor:
         reasons.append(

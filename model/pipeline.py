@@ -215,6 +215,24 @@ def failure_reason(work: Path, since: float = 0.0) -> str | None:
     return None
 
 
+def store_problem(store: Path, name: str, new_model: bool) -> str | None:
+    """Why ``store`` is not the model store to publish ``name`` into (None: it is). A model's own folder given as
+    the store would get a nested ``<name>/<name>/1`` that nothing serves, while the rollout saw the old version
+    answer and called it a success."""
+    from transformer.store.bundle import model_versions
+
+    if model_versions(store):
+        return (f"--model-store {store} is the folder of one model (it holds version folders "
+                f"{', '.join(map(str, model_versions(store)))}): pass the store that holds it, {store.parent}")
+    if new_model or (store / name).is_dir():
+        return None
+    held = sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")) if store.is_dir() else []
+    return (f"--model-store {store} holds no model {name!r} ("
+            + (f"it holds {', '.join(held)}" if held else "it is empty or does not exist")
+            + "): pass the store whose <model>/<version>/ folders the transformer serves (build/models for the local "
+              f"stack), or add --new-model to start {name!r} there")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -232,7 +250,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--transformer-url", help="the running transformer (e.g. http://127.0.0.1:8080): wait until "
                      "it answers with the new version; without it, the run ends once the version is published")
     run.add_argument("--workdir", type=Path, help="the runs' outputs (default: pipeline-runs/ beside the store)")
-    run.add_argument("--model-name", default="embedder")
+    run.add_argument("--model-name", default="embedder",
+                     help="the model's folder in the store: a new name publishes a new model beside the served one")
+    run.add_argument("--new-model", action="store_true",
+                     help="the store holds no --model-name folder yet: start it (a first model, or a deliberate "
+                          "interface change served beside the old one)")
     run.add_argument("--epochs", type=int, default=25)
     run.add_argument("--embedding-dim", type=int, default=32)
     run.add_argument("--top-k", type=int, default=10)
@@ -254,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"{flag} {path}: no such file")
         if args.model_store.exists() and not args.model_store.is_dir():
             parser.error(f"--model-store {args.model_store} is not a folder")
+        problem = store_problem(args.model_store, args.model_name, args.new_model)
+        if problem:
+            parser.error(problem)
         from model.gate import Thresholds
 
         try:  # here, not in the evaluate task after training

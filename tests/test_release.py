@@ -832,3 +832,73 @@ def test_the_candidate_records_which_files_it_was_trained_on(tmp_path):
     assert input_digests(str(users), str(interactions)) == {
         "users": str(users), "users_sha256": hashlib.sha256(users.read_bytes()).hexdigest(),
         "interactions": str(interactions), "interactions_sha256": hashlib.sha256(interactions.read_bytes()).hexdigest()}
+
+
+# -- the interface a version's clients rely on -------------------------------------------------------------------
+
+def interface(features=("a", "b", "c"), top_k=10, n_segments=4, ids="integer"):
+    from model.contract import Interface
+
+    return Interface(tuple(features), top_k, n_segments, ids)
+
+
+def test_an_unchanged_interface_has_no_differences():
+    from model.contract import differences
+
+    assert differences(interface(), interface()) == []
+
+
+@pytest.mark.parametrize("candidate, said", [
+    (dict(features=("a", "x", "c")), "features: the candidate no longer has 'b'; adds 'x'"),
+    (dict(features=("a", "b", "c", "d")), "features: the candidate adds 'd'; 4 features instead of 3"),
+    (dict(features=("a", "b")), "features: the candidate no longer has 'c'; 2 features instead of 3"),
+    (dict(features=("b", "a", "c")), "features: the candidate orders them ['b', 'a', 'c'] instead of ['a', 'b', 'c']"),
+    (dict(top_k=5), "top_k: answers hold at most 5 items instead of 10"),
+    (dict(n_segments=6), "segments: 6 instead of 4"),
+    (dict(ids="text"), "item ids: text instead of integer"),
+])
+def test_each_change_a_client_would_meet_is_named(candidate, said):
+    from model.contract import differences
+
+    assert differences(interface(), interface(**candidate)) == [said]
+
+
+def test_a_bundles_interface_is_read_from_it(tmp_path):
+    from small_bundle import new_version, write
+
+    from model.contract import Interface
+    from transformer.store.bundle import load_bundle
+
+    folder = new_version(tmp_path)
+    write(folder)
+    assert Interface.of(load_bundle(folder)) == Interface(("a", "b"), 2, 2, "text")
+    other = new_version(tmp_path, 5)
+    write(other, item_ids=[7, 8, 9])
+    assert Interface.of(load_bundle(other)).item_id_type == "integer"
+
+
+def test_an_interface_change_fails_the_gate_naming_it_and_the_way_to_change_on_purpose():
+    result = Evaluation(k=10, n_users=100, candidate=2, candidate_recall=0.9, popularity_recall=0.1, served=1,
+                        interface_changes=["features: the candidate no longer has 'app_share'; adds 'mobile_share'"])
+    (reason,) = reasons_to_fail(result)
+    assert reason.startswith("its interface is not version 1's, so every client of that version would break "
+                             "(features: the candidate no longer has 'app_share'; adds 'mobile_share')")
+    assert "--model-name NEW --new-model" in reason
+    report = result.markdown()
+    assert "The candidate's interface differs from version 1's (not scored against it):" in report
+    assert "  - features: the candidate no longer has 'app_share'" in report
+
+
+def test_run_local_refuses_a_store_that_is_one_models_folder_or_lacks_the_model(tmp_path):
+    from model.pipeline import store_problem
+
+    (tmp_path / "models" / "embedder" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "other").mkdir()
+    assert store_problem(tmp_path / "models", "embedder", False) is None
+    assert store_problem(tmp_path / "models" / "embedder", "embedder", False) == (
+        f"--model-store {tmp_path}/models/embedder is the folder of one model (it holds version folders 1): pass the "
+        f"store that holds it, {tmp_path}/models")
+    assert store_problem(tmp_path / "models", "embedder-v2", False).startswith(
+        f"--model-store {tmp_path}/models holds no model 'embedder-v2' (it holds embedder, other): pass the store")
+    assert store_problem(tmp_path / "models", "embedder-v2", True) is None
+    assert "it is empty or does not exist" in store_problem(tmp_path / "nothing", "embedder", False)

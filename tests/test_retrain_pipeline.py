@@ -79,6 +79,39 @@ def test_a_candidate_trained_on_shuffled_interactions_fails_the_gate_and_nothing
     assert answer.status_code == 200 and answer.headers["x-model-version"] == serving
 
 
+def test_a_renamed_feature_is_refused_by_the_gate_and_published_only_as_a_new_model(served, data_files, tmp_path):
+    """A retrain with one column renamed would answer every existing client 400: the gate refuses it, naming the
+    change; published on purpose under a new model name, it serves beside the old model, whose clients keep their
+    answers."""
+    build, stack = served
+    users, interactions, _ = data_files
+    table = pd.read_csv(users)
+    old_name = [c for c in table.columns if c not in ("user_id", "segment")][0]
+    renamed = tmp_path / "renamed.csv"
+    table.rename(columns={old_name: "renamed_feature"}).to_csv(renamed, index=False)
+    before = versions_in(build / "models")
+    url = f"{stack.transformer_url}/v1/models/{MODEL_NAME}:predict"
+    row = make_synthetic(n_users=1, n_items=60, seed=3).features.tolist()
+    answer = httpx.post(url, json={"instances": row}, timeout=10)
+
+    result = run_local("--data", str(renamed), "--interactions", str(interactions), "--model-store",
+                       str(build / "models"), "--transformer-url", stack.transformer_url)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "its interface is not version" in result.stderr, result.stderr[-2000:]
+    assert f"features: the candidate no longer has {old_name!r}; adds 'renamed_feature'" in result.stderr
+    assert versions_in(build / "models") == before
+    again = httpx.post(url, json={"instances": row}, timeout=10)
+    assert again.status_code == 200 and again.json() == answer.json()
+
+    result = run_local("--data", str(renamed), "--interactions", str(interactions), "--model-store",
+                       str(build / "models"), "--model-name", "embedder-v2", "--new-model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (build / "models" / "embedder-v2" / "1" / "saved_model.pb").exists()
+    assert versions_in(build / "models") == before  # the old model is untouched
+    again = httpx.post(url, json={"instances": row}, timeout=10)
+    assert again.status_code == 200 and again.json() == answer.json()
+
+
 def test_run_local_trains_gates_publishes_and_serves_the_new_version_under_traffic(served, data_files, raw_users,
                                                                                   capsys):
     build, stack = served
