@@ -1,4 +1,4 @@
-"""Talk to the cluster with the kubernetes Python client: wait for the InferenceService, smoke-test it.
+"""Talk to the cluster with the kubernetes Python client: apply an overlay, wait for the InferenceService, smoke-test it.
 
     python -m scripts.cluster apply --overlay manifests/overlays/kind [--image-id IMAGE=ID ...]
     python -m scripts.cluster wait-ready   [--namespace embedder] [--timeout 600]

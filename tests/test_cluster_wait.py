@@ -282,6 +282,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRANSFORMER = "kserve-embedder-transformer:dev"
 
 
+@pytest.mark.heavy  # renders the overlays with kubectl kustomize (a process)
 def test_a_new_transformer_image_changes_the_stamp_of_the_component_that_runs_it_only():
     first, again, new = stamps("kind", "sha256:1"), stamps("kind", "sha256:1"), stamps("kind", "sha256:2")
     assert first == again and set(first) == {"predictor", "transformer"}
@@ -291,6 +292,7 @@ def test_a_new_transformer_image_changes_the_stamp_of_the_component_that_runs_it
     assert stamps("fused", "sha256:1") == stamps("fused", "sha256:2")  # no transformer image at all
 
 
+@pytest.mark.heavy  # renders the overlays with kubectl kustomize (a process)
 def test_the_stamp_follows_the_spec_and_not_itself():
     docs = rendered("kind")
     (isvc_doc,) = [d for d in docs if d["kind"] == "InferenceService"]

@@ -188,7 +188,12 @@ def build(versions: Versions | None = None, say=print) -> Path:
     return BIN
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m tests.controlplane.build", description=__doc__.split("\n\n")[0],
+                            epilog="Versions: scripts/versions.env (CONTROL_PLANE_*). Log: build/controlplane/build.log."
+                            ).parse_args(argv)
     try:
         build()
     except BuildUnavailable as exc:
