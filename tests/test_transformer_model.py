@@ -16,7 +16,7 @@ from conftest import latency_logged, metric_value
 from small_bundle import ROWS, TFServing, new_version, offline, transformer, write
 
 from transformer.serving.admission import Admission
-from transformer.store.bundle import BundleError, bundle_dir
+from transformer.store.bundle import MANIFEST_FILE, BundleError, bundle_dir, sha256_of
 from transformer.model import EmbedderTransformer
 from transformer.predictor import PredictorError, VersionNotServed
 
@@ -37,11 +37,17 @@ def same(got: list[dict], expected: list[dict]) -> None:
         assert [i["score"] for i in g["items"]] == [i["score"] for i in e["items"]]  # float32, exactly
 
 
+def names(tmp_path, version: int) -> dict[str, str]:
+    """The headers an answer of ``version`` carries: its number and its manifest's sha256."""
+    manifest = bundle_dir(tmp_path / "embedder" / str(version)) / MANIFEST_FILE
+    return {"x-model-version": str(version), "x-model-manifest-sha256": sha256_of(manifest)}
+
+
 def test_a_v1_request_is_answered_as_offline_and_names_its_version(tmp_path):
     model = transformer(tmp_path, 4)
     answer, headers = call(model, {"instances": ROWS.tolist()})
     same(answer["predictions"], offline(ROWS))
-    assert headers == {"x-model-version": "4"}
+    assert headers == names(tmp_path, 4)
     assert model._predictor.calls == [(4, 5)]
 
 
@@ -62,7 +68,7 @@ def test_a_v2_request_is_answered_with_fused_modes_tensors(tmp_path):
     expected = offline(ROWS)
     assert tensors["segment"] == [p["segment"] for p in expected]
     assert tensors["item_ids"] == [i for p in expected for i in ([j["id"] for j in p["items"]] + [""] * 2)[:2]]
-    assert headers == {"x-model-version": "4"}
+    assert headers == names(tmp_path, 4)
     assert model.get_input_types() == [{"name": "features", "datatype": "FP64", "shape": [-1, 2]}]
     assert [o["datatype"] for o in model.get_output_types()] == ["INT64", "FP32", "BYTES", "FP32"]
 
@@ -82,7 +88,7 @@ def test_a_request_whose_version_tf_serving_dropped_is_answered_once_more_by_the
     with caplog.at_level("INFO"):
         answer, headers = asyncio.run(go())
     same(answer["predictions"], offline(ROWS[:2]))
-    assert headers == {"x-model-version": "3"} and tf_serving.calls == [(4, 2), (3, 2)]
+    assert headers == names(tmp_path, 3) and tf_serving.calls == [(4, 2), (3, 2)]
     assert latency_logged(caplog) == ["again"]  # KServe logs the answered try only
 
 

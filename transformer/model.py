@@ -48,6 +48,9 @@ from transformer.store.versions import ModelVersions, NoServableVersion, ServedV
 log = logging.getLogger("transformer")
 
 VERSION_HEADER = "x-model-version"
+# The sha256 of the answering version's manifest.json, which lists every file's digest: what a rollout checks,
+# since one version number can name two trainings (a store given wrongly, a version retired and made again).
+MANIFEST_HEADER = "x-model-manifest-sha256"
 
 # Set for the one retry of a request whose version TF Serving stopped serving: the version to avoid.
 _avoid_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("avoid_version", default=None)
@@ -252,6 +255,7 @@ class EmbedderTransformer(kserve.Model):
         served = batch.served
         if response_headers is not None:
             response_headers[VERSION_HEADER] = str(served.version)
+            response_headers[MANIFEST_HEADER] = served.pipeline.bundle.manifest_sha256
         ranked = await self._compute(served.pipeline.rank, len(next(iter(batch.data.values()))), batch.data)
         served.metrics.observe_segments(ranked.labels)
         return batch.codec.answer(ranked, self.name, served.version)

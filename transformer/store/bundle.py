@@ -118,6 +118,9 @@ class Bundle:
     manifest: dict
     scaler: Any = None
     segments: Any = None
+    # The manifest file's sha256: it lists every file's digest, so it names the whole artifact. Answers carry it
+    # (x-model-manifest-sha256) and a rollout waits for it: a version number alone can name two trainings.
+    manifest_sha256: str = ""
 
     @property
     def n_segments(self) -> int:
@@ -233,14 +236,23 @@ def write_bundle(
 
 def read_manifest(directory: str | Path, trusted: Collection[str] | None = None) -> dict:
     """The manifest, parsed; with ``trusted`` digests, only a manifest whose sha256 is one of them."""
+    return read_manifest_and_digest(directory, trusted)[0]
+
+
+def read_manifest_and_digest(directory: str | Path, trusted: Collection[str] | None = None) -> tuple[dict, str]:
+    """The manifest, parsed, and the sha256 of the very bytes parsed (:func:`read_manifest`)."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise BundleError(
             f"no {MANIFEST_FILE} in {directory}: this model version has no transformer bundle; "
             "train it with `python -m model.train`, which writes both into one version folder"
         )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path} is not readable ({exc}); re-run training") from exc
+    digest = hashlib.sha256(raw).hexdigest()
     if trusted:
-        digest = sha256_of(path)
         if digest not in trusted:
             raise BundleError(
                 f"{path} has sha256 {digest}, which is not among the trusted manifest digests "
@@ -248,15 +260,16 @@ def read_manifest(directory: str | Path, trusted: Collection[str] | None = None)
                 "digest that training printed for this version to the trusted set"
             )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        manifest = json.loads(raw)
+    except ValueError as exc:
         raise BundleError(f"{path} is not readable JSON ({exc}); re-run training") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise BundleError(
-            f"{path} has format_version {manifest.get('format_version')!r}, this transformer "
+            f"{path} has format_version {found!r}, this transformer "
             f"reads {FORMAT_VERSION}; re-run training with this version of the project"
         )
-    return manifest
+    return manifest, digest
 
 
 def verify_files(directory: str | Path, manifest: dict) -> None:
@@ -350,7 +363,7 @@ def load_bundle(version_dir: str | Path, *, estimators: bool = False,
             "--model_base_path with the folder that holds the numeric version folders"
         )
     directory = bundle_dir(version_dir)
-    manifest = read_manifest(directory, trusted)
+    manifest, manifest_sha256 = read_manifest_and_digest(directory, trusted)
     verify_files(directory, manifest)
     version = check_model(version_dir, manifest)
     check_versions(manifest)
@@ -397,4 +410,5 @@ def load_bundle(version_dir: str | Path, *, estimators: bool = False,
         manifest=manifest,
         scaler=scaler,
         segments=segments,
+        manifest_sha256=manifest_sha256,
     )
