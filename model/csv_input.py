@@ -51,9 +51,15 @@ class ReadSummary:
     users_without_interactions: int = 0
     users_without_interactions_dropped: int = 0
     ignored_columns: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
+    left_out: tuple[tuple[str, str], ...] = ()  # (column of the users file, why it is not a feature)
 
     def describe(self) -> str:
         lines = [f"read {self.users} users, {self.interactions} interactions, {self.items} distinct items"]
+        if self.features:
+            lines.append(f"  features ({len(self.features)}, in this order): {', '.join(self.features)}")
+        if self.left_out:
+            lines.append("  not features: " + "; ".join(f"{column}: {why}" for column, why in self.left_out))
         if self.repeated_interactions_merged:
             lines.append(f"  {self.repeated_interactions_merged} repeated (user, item) rows merged into one "
                          "(weights summed)")
@@ -113,7 +119,7 @@ def _column(text) -> np.ndarray:
         return exact
 
 
-def _numbers(path: Path, chunk, columns: list[str], first_line: int) -> np.ndarray:
+def _numbers(path: Path, chunk, columns: list[str], first_line: int, feature_hint: bool = False) -> np.ndarray:
     """The columns as float64 (rows, len(columns)); a missing, non-numeric or infinite value stops with its place."""
     values = np.column_stack([_column(chunk[c]) for c in columns]) if len(chunk) else np.empty((0, len(columns)))
     bad = ~np.isfinite(values)
@@ -125,8 +131,43 @@ def _numbers(path: Path, chunk, columns: list[str], first_line: int) -> np.ndarr
             what = f"must be finite, got {text!r}"
         except ValueError:
             what = "is missing" if not text.strip() else f"must be a number, got {text!r}"
-        raise DataError(f"{path}:{first_line + row}: column '{columns[col]}' {what}")
+        hint = ""
+        if feature_hint and what.startswith("must be a number"):
+            hint = (f"; if '{columns[col]}' is not a feature, leave it out with --exclude-columns {columns[col]} "
+                    "(or name the features with --features)")
+        raise DataError(f"{path}:{first_line + row}: column '{columns[col]}' {what}{hint}")
     return values
+
+
+def feature_columns(path: Path, header: list[str], roles: dict[str, str], features, exclude) -> tuple[
+        tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The feature columns of a users file, and every other column with the reason it is not one.
+
+    ``roles``: the columns with a job of their own ({column: what it is}, e.g. the user id), never features.
+    ``features``: the columns to use, in the model's order (empty: every column without a role, in file order,
+    less ``exclude``). Every column named must be in the file: a typo is an error, not a silently different model.
+    """
+    features, exclude = list(features or ()), list(exclude or ())
+    for flag, named in (("--features", features), ("--exclude-columns", exclude)):
+        missing = [c for c in named if c not in header]
+        if missing:
+            raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} ({flag}); its columns are "
+                            f"{', '.join(header)}")
+    taken = [c for c in features if c in roles]
+    if taken:
+        raise DataError(f"{path}: {', '.join(f'{c!r} is the {roles[c]}' for c in taken)}, not a feature: leave it "
+                        "out of --features")
+    left_out = [(c, roles[c]) for c in header if c in roles]
+    if features:
+        left_out += [(c, "not in --features") for c in header if c not in roles and c not in features]
+        chosen = tuple(features)
+    else:
+        left_out += [(c, "--exclude-columns") for c in header if c in exclude and c not in roles]
+        chosen = tuple(c for c in header if c not in roles and c not in exclude)
+    if not chosen:
+        raise DataError(f"{path}: no feature columns besides " + "; ".join(f"{c}: {why}" for c, why in left_out))
+    order = {c: i for i, c in enumerate(header)}
+    return chosen, tuple(sorted(left_out, key=lambda item: order[item[0]]))
 
 
 class Catalogue:
@@ -160,24 +201,26 @@ class Catalogue:
 class _Users:
     features: np.ndarray
     feature_names: tuple[str, ...]
+    left_out: tuple[tuple[str, str], ...]
     ids: np.ndarray | None
     labels: list[str] | None
     extra: dict[str, list]  # other text columns read alongside (the one-file form's items)
 
 
-def _read_users(path: Path, *, id_column: str | None, label_column: str | None, text_columns: tuple[str, ...],
-                progress: bool) -> _Users:
+def _read_users(path: Path, *, id_column: str | None, label_column: str | None, text_columns: dict[str, str],
+                features, exclude, progress: bool) -> _Users:
     header = _header(path)
-    special = {c for c in (id_column, label_column, *text_columns) if c}
-    feature_names = tuple(c for c in header if c not in special)
-    if not feature_names:
-        raise DataError(f"{path}: no feature columns besides {', '.join(sorted(special & set(header)))}")
+    roles = {**{c: why for c, why in text_columns.items()},
+             **({label_column: "known segment label (--label-column)"} if label_column else {}),
+             **({id_column: "user id (--user-column)"} if id_column else {})}
+    feature_names, left_out = feature_columns(path, header, {c: r for c, r in roles.items() if c in header},
+                                              features, exclude)
     has_id, has_label = id_column in header, label_column is not None and label_column in header
     columns = [*feature_names, *([id_column] if has_id else []), *([label_column] if has_label else []),
                *text_columns]
     blocks, ids, labels, extra = [], [], [], {c: [] for c in text_columns}
     for first_line, chunk in _chunks(path, columns, USER_CHUNK, progress):
-        blocks.append(_numbers(path, chunk, list(feature_names), first_line))
+        blocks.append(_numbers(path, chunk, list(feature_names), first_line, feature_hint=True))
         if has_id:
             ids.append(chunk[id_column].to_numpy(str))
         if has_label:
@@ -199,7 +242,7 @@ def _read_users(path: Path, *, id_column: str | None, label_column: str | None, 
         empty = np.flatnonzero(np.char.str_len(user_ids.astype(str)) == 0) if user_ids.size else []
         if len(empty):
             raise DataError(f"{path}:{int(empty[0]) + 2}: column '{id_column}' is missing")
-    return _Users(np.concatenate(blocks), feature_names, user_ids, labels if has_label else None, extra)
+    return _Users(np.concatenate(blocks), feature_names, left_out, user_ids, labels if has_label else None, extra)
 
 
 def _finish(users: _Users, user_rows: np.ndarray, provisional: np.ndarray, catalogue: Catalogue,
@@ -214,6 +257,7 @@ def _finish(users: _Users, user_rows: np.ndarray, provisional: np.ndarray, catal
     data, merged = from_pairs(users.features, users.feature_names, user_rows, remap[provisional], item_ids,
                               weights=weights, segments=segments, user_ids=users.ids)
     summary.users, summary.items = data.n_users, data.n_items
+    summary.features, summary.left_out = users.feature_names, users.left_out
     summary.repeated_interactions_merged = merged
     empty = np.flatnonzero(data.counts() == 0)
     summary.users_without_interactions = int(empty.size)
@@ -226,10 +270,11 @@ def _finish(users: _Users, user_rows: np.ndarray, provisional: np.ndarray, catal
 
 def load_one_file(path: str | Path, *, items_column: str = "items", label_column: str | None = "segment",
                   user_column: str | None = "user_id", drop_users_without_interactions: bool = False,
-                  progress: bool = False) -> tuple[UserData, ReadSummary]:
+                  features=(), exclude=(), progress: bool = False) -> tuple[UserData, ReadSummary]:
     """Users with their items in one CSV: numeric feature columns, ``items_column`` holding the item ids of
     each user separated by spaces (``"3 17 42"`` or ``"sku-3 sku-17"``), optionally ``label_column`` (a known
-    segment, used only to report agreement) and ``user_column`` (an id, not a feature).
+    segment, used only to report agreement) and ``user_column`` (an id, not a feature). ``features`` and
+    ``exclude`` choose the feature columns (:func:`feature_columns`).
 
     Raises:
         DataError: with the line number and column of the first bad value.
@@ -239,7 +284,8 @@ def load_one_file(path: str | Path, *, items_column: str = "items", label_column
         raise DataError(f"{path}: no '{items_column}' column; add one with the item ids each user interacted "
                         "with, separated by spaces (e.g. \"3 17 42\"), or give the interactions as a second file "
                         "with --interactions")
-    users = _read_users(path, id_column=user_column, label_column=label_column, text_columns=(items_column,),
+    users = _read_users(path, id_column=user_column, label_column=label_column,
+                        text_columns={items_column: "item ids (--items-column)"}, features=features, exclude=exclude,
                         progress=progress)
     tokens = [cell.split() for cell in users.extra[items_column]]
     counts = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
@@ -255,11 +301,11 @@ def load_one_file(path: str | Path, *, items_column: str = "items", label_column
 def load_two_files(users_path: str | Path, interactions_path: str | Path, *, user_column: str = "user_id",
                    item_column: str = "item_id", weight_column: str | None = None,
                    label_column: str | None = "segment", skip_unknown_users: bool = False,
-                   drop_users_without_interactions: bool = False,
+                   drop_users_without_interactions: bool = False, features=(), exclude=(),
                    progress: bool = False) -> tuple[UserData, ReadSummary]:
     """Users from one CSV (``user_column``, numeric features, optionally ``label_column``) and their
     interactions from another (one row per interaction: ``user_column``, ``item_column``, optionally a
-    positive ``weight_column``).
+    positive ``weight_column``). ``features`` and ``exclude`` choose the feature columns (:func:`feature_columns`).
 
     Raises:
         DataError: with file, line and column of the first bad value, a repeated user id, or an interaction
@@ -278,8 +324,8 @@ def load_two_files(users_path: str | Path, interactions_path: str | Path, *, use
         raise DataError(f"{interactions_path}: no {', '.join(repr(c) for c in missing)} column; its columns are "
                         f"{', '.join(header)} (name the id, item and weight columns with --user-column, "
                         "--item-column and --weight-column)")
-    users = _read_users(users_path, id_column=user_column, label_column=label_column, text_columns=(),
-                        progress=progress)
+    users = _read_users(users_path, id_column=user_column, label_column=label_column, text_columns={},
+                        features=features, exclude=exclude, progress=progress)
     summary = ReadSummary(ignored_columns=tuple(c for c in header if c not in wanted))
     index = pd.Index(users.ids)
     catalogue = Catalogue()

@@ -40,6 +40,7 @@ from model.data import UserData
 from model.distributed import (
     TF_CONFIG, ClusterConfigError, cluster_strategy, finish, role_from_environment, run_local_workers,
 )
+from model.options import HelpFormatter, add_options, from_args, problems
 from model.progress import progress
 from model.quality import Quality, popularity_top, recall_at_k
 from model.synthetic import make_synthetic
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m model.train",
         description=__doc__.split("\n\n")[0],
         epilog="Example: python -m model.train --data users.csv --segments 5 --top-k 20",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, help="CSV of users: numeric feature columns, optionally a user id "
@@ -59,42 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "'items' column of space-separated item ids. Without --data, synthetic users are generated.")
     data.add_argument("--interactions", type=Path, help="CSV of interactions, one row per (user, item): the user "
                       "id column, the item id column, optionally a weight column; other columns are ignored")
-    data.add_argument("--user-column", default="user_id", help="user id column (in both files)")
-    data.add_argument("--item-column", default="item_id", help="item id column of --interactions; ids may be "
-                      "any strings or non-negative integers, and answers carry them")
-    data.add_argument("--weight-column", help="positive weight column of --interactions (default: all 1)")
     data.add_argument("--items-column", default="items", help="the one-file form's column of item ids")
-    data.add_argument("--label-column", default="segment", help="name of the optional label column in --data")
-    data.add_argument("--skip-unknown-users", action="store_true", help="skip (and count) interactions whose "
-                      "user is not in --data, instead of stopping at the first")
-    data.add_argument("--drop-users-without-interactions", action="store_true", help="leave out users with no "
-                      "interaction (counted either way; kept, they train the scaler and the segments)")
-    data.add_argument("--users", type=int, default=6000, help="synthetic users to generate")
-    data.add_argument("--items", type=int, default=200, help="synthetic catalogue size")
-    data.add_argument("--seed", type=int, default=0, help="seed for data, split and training")
-    data.add_argument("--test-fraction", type=float, default=0.2, help="share of users held out for the quality report")
-
-    fit = parser.add_argument_group("model")
-    fit.add_argument("--embedding-dim", type=int, default=32)
-    fit.add_argument("--epochs", type=int, default=25)
-    fit.add_argument("--batch-size", type=int, default=0, help="users per training step (default: a twentieth "
-                     "of the training users, as a power of two from 128 to 2048)")
-    fit.add_argument("--negatives", type=int, default=2048, help="items drawn per step to estimate the loss "
-                     "over the catalogue; catalogues up to this size use every item (the exact loss)")
-    fit.add_argument("--kmeans-sample", type=int, default=100_000, help="training users the segments are "
-                     "fitted on at most (a random sample)")
-    fit.add_argument("--segments", type=int, help="KMeans clusters (default: the number of known labels, else 6)")
-    fit.add_argument("--n-quantiles", type=int, default=1000, help="QuantileTransformer quantiles (capped at the user count)")
-
-    rules = parser.add_argument_group("rules")
-    rules.add_argument("--top-k", type=int, default=10, help="items returned per user at most")
-    rules.add_argument("--candidates", type=int, default=0,
-                       help="best items the model's 'candidates' signature returns (at least --top-k); "
-                            "raise it to allow a larger top-k later without retraining")
-    rules.add_argument("--min-score", type=float, default=0.3, help="items scoring below this are not returned")
+    data.add_argument("--users", type=int, default=6000, help="synthetic users to generate (without --data)")
+    data.add_argument("--items", type=int, default=200, help="synthetic catalogue size (without --data)")
+    add_options(parser, {"data": data})
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("build"), help="build folder (models/ and bundle/ go inside)")
+    out.add_argument("--out", type=Path, default=Path("build"), help="build folder: the version goes into its "
+                     "models/<name>/<version>/ and models/<name>-fused/<version>/")
     out.add_argument("--model-name", default="embedder", help="model name on TF Serving")
     out.add_argument("--version", type=int, help="model version to write (default: the next free one); "
                      "an existing version is never overwritten")
@@ -102,32 +75,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--held-out", type=Path, metavar="DIR", help="also write the held-out users to DIR "
                      "(users.csv and interactions.csv, the two-file form) with the popularity baseline's items "
                      "(popularity.json): what the quality gate (model/gate.py) judges versions on")
-    out.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    scale = parser.add_argument_group("several workers (model/distributed.py)")
-    scale.add_argument("--distributed-workers", type=int, default=1, metavar="N",
-                       help="train on N worker processes on this machine (tf.distribute.MultiWorkerMirroredStrategy "
-                            "over loopback); on a cluster, the training operator starts the workers and sets "
-                            "TF_CONFIG instead (manifests/training/)")
+    out.add_argument("--quiet", action="store_true", help="no progress bars and no summary; errors are still "
+                     "printed, and the version written is in the build folder")
     args = parser.parse_args(argv)
-    if args.distributed_workers < 1:
-        parser.error("--distributed-workers must be at least 1")
     if args.distributed_workers > 1 and os.environ.get(TF_CONFIG):
         parser.error(f"--distributed-workers starts its own workers; this process already has {TF_CONFIG} "
                      "(it is one worker of a cluster): leave one of the two out")
-    if not 0.0 < args.test_fraction < 1.0:
-        parser.error("--test-fraction must be between 0 and 1")
-    if args.top_k < 1:
-        parser.error("--top-k must be at least 1")
-    if not 0.0 <= args.min_score <= 1.0:
-        parser.error("--min-score must be within [0, 1] (scores are probabilities)")
+    for problem in problems(from_args(args)):
+        parser.error(problem)
     for flag, path in (("--data", args.data), ("--interactions", args.interactions)):
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
     if args.interactions is not None and args.data is None:
         parser.error("--interactions needs --data, the users file its user ids refer to")
-    if args.batch_size < 0 or args.negatives < 1 or args.kmeans_sample < 1 or args.epochs < 1:
-        parser.error("--epochs, --negatives and --kmeans-sample must be at least 1, --batch-size at least 0")
+    if args.data is None and (args.features or args.exclude_columns):
+        parser.error("--features and --exclude-columns choose columns of --data; synthetic users have their own")
     if args.version is not None:
         if args.version < 1:
             parser.error("--version must be at least 1")
@@ -157,12 +119,13 @@ def read_data(args: argparse.Namespace) -> tuple[UserData, str]:
         data, summary = load_two_files(
             args.data, args.interactions, user_column=args.user_column, item_column=args.item_column,
             weight_column=args.weight_column, label_column=args.label_column,
-            skip_unknown_users=args.skip_unknown_users,
+            skip_unknown_users=args.skip_unknown_users, features=args.features, exclude=args.exclude_columns,
             drop_users_without_interactions=args.drop_users_without_interactions, progress=progress)
         source = f"{args.data} + {args.interactions}"
     elif args.data is not None:
         data, summary = load_one_file(
             args.data, items_column=args.items_column, label_column=args.label_column, user_column=args.user_column,
+            features=args.features, exclude=args.exclude_columns,
             drop_users_without_interactions=args.drop_users_without_interactions, progress=progress)
         source = str(args.data)
     else:

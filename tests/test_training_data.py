@@ -185,6 +185,8 @@ def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, sma
     assert data.user_ids.dtype.kind == "U"
     assert summary.describe() == (
         "read 5 users, 8 interactions, 2 distinct items\n"
+        "  features (1, in this order): a\n"
+        "  not features: user_id: user id (--user-column); segment: known segment label (--label-column)\n"
         "  1 repeated (user, item) rows merged into one (weights summed)\n"
         "  3 interactions of users not in the users file skipped\n"
         "  2 users without interactions kept (they train the scaler only)\n"
@@ -192,7 +194,8 @@ def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, sma
     bad = write_text(tmp_path / "bad.csv", "user_id,a\nu1,1\nu2,2\nu3,3\nu4,x\n")
     with pytest.raises(DataError) as late:
         load_two_files(bad, events)
-    assert str(late.value) == f"{bad}:5: column 'a' must be a number, got 'x'"
+    assert str(late.value) == (f"{bad}:5: column 'a' must be a number, got 'x'; if 'a' is not a feature, leave it out "
+                               "with --exclude-columns a (or name the features with --features)")
     with pytest.raises(DataError) as ghost:
         load_two_files(users, events)
     assert str(ghost.value) == (f"{events}:4: column 'user_id': user 'ghost' is not in users.csv; add the user, or "
@@ -253,7 +256,8 @@ def test_the_messages_of_files_that_cannot_be_read(tmp_path):
     only_special = write_text(tmp_path / "special.csv", "user_id,segment,items\nu1,a,1 2\n")
     with pytest.raises(DataError) as no_features:
         load_one_file(only_special)
-    assert str(no_features.value) == f"{only_special}: no feature columns besides items, segment, user_id"
+    assert str(no_features.value) == (f"{only_special}: no feature columns besides user_id: user id (--user-column); "
+                                      "segment: known segment label (--label-column); items: item ids (--items-column)")
     no_items = write_text(tmp_path / "noitems.csv", "a\n1\n")
     with pytest.raises(DataError) as items:
         load_one_file(no_items)
@@ -375,3 +379,74 @@ def test_the_summary_lists_every_unused_column():
 def test_a_small_catalogue_caps_each_users_items_at_half_of_it():
     data = make_synthetic(n_users=400, n_items=6, seed=3, per_user=12.0)
     assert data.counts().max() == 3  # at most max(3, 6 // 2) draws each (repeats merged)
+
+
+# -- choosing the feature columns (--features, --exclude-columns) ---------------------------------------------------
+
+CUSTOMERS = ("customer,country,app_share,visits_7d,churned,basket_eur\n"
+             "c1,DE,0.5,3,0,20.5\nc2,FR,0.1,7,1,3.0\nc3,DE,0.9,1,0,11.0\n")
+ORDERS = "customer,product\nc1,P-001\nc2,P-002\nc3,P-001\n"
+
+
+def customers(tmp_path):
+    users, events = write_text(tmp_path / "customers.csv", CUSTOMERS), write_text(tmp_path / "orders.csv", ORDERS)
+    return users, events
+
+
+def test_features_are_the_named_columns_in_the_named_order_and_the_rest_are_said(tmp_path):
+    users, events = customers(tmp_path)
+    data, summary = load_two_files(users, events, user_column="customer", item_column="product",
+                                   features=["visits_7d", "basket_eur", "app_share"])
+    assert data.feature_names == ("visits_7d", "basket_eur", "app_share")  # the model's order, not the file's
+    np.testing.assert_array_equal(data.features[0], [3.0, 20.5, 0.5])
+    assert summary.features == data.feature_names
+    assert summary.left_out == (("customer", "user id (--user-column)"), ("country", "not in --features"),
+                                ("churned", "not in --features"))
+    assert summary.describe().splitlines()[1:3] == [
+        "  features (3, in this order): visits_7d, basket_eur, app_share",
+        "  not features: customer: user id (--user-column); country: not in --features; churned: not in --features"]
+
+
+def test_excluded_columns_are_left_out_and_a_text_column_says_how_to_leave_it_out(tmp_path):
+    users, events = customers(tmp_path)
+    with pytest.raises(DataError) as text:
+        load_two_files(users, events, user_column="customer", item_column="product")
+    assert str(text.value) == (f"{users}:2: column 'country' must be a number, got 'DE'; if 'country' is not a "
+                               "feature, leave it out with --exclude-columns country (or name the features with "
+                               "--features)")
+    # A target column not named like the label would be a feature (leakage): the summary shows it, and this drops it.
+    data, summary = load_two_files(users, events, user_column="customer", item_column="product",
+                                   exclude=["country", "churned"])
+    assert data.feature_names == ("app_share", "visits_7d", "basket_eur")
+    assert summary.left_out == (("customer", "user id (--user-column)"), ("country", "--exclude-columns"),
+                                ("churned", "--exclude-columns"))
+    one = write_text(tmp_path / "one.csv", "a,b,tag,items\n1,2,x,p q\n3,4,y,q\n")
+    data, summary = load_one_file(one, exclude=["tag"])
+    assert data.feature_names == ("a", "b") and ("items", "item ids (--items-column)") in summary.left_out
+
+
+@pytest.mark.parametrize("features, exclude, message", [
+    (["visits_7d", "mobile_share"], [], "no column 'mobile_share' (--features); its columns are customer, country, "
+                                        "app_share, visits_7d, churned, basket_eur"),
+    ([], ["county"], "no column 'county' (--exclude-columns); its columns are customer, country"),
+    (["customer", "visits_7d"], [], "'customer' is the user id (--user-column), not a feature: leave it out of "
+                                    "--features"),
+    ([], ["app_share", "visits_7d", "basket_eur", "country", "churned"], "no feature columns besides customer: user "
+                                                                          "id (--user-column); country: --exclude"),
+])
+def test_a_column_named_wrongly_is_an_error_that_lists_the_files_columns(tmp_path, features, exclude, message):
+    users, events = customers(tmp_path)
+    with pytest.raises(DataError) as wrong:
+        load_two_files(users, events, user_column="customer", item_column="product", features=features,
+                       exclude=exclude)
+    assert str(wrong.value).startswith(f"{users}: {message}")
+
+
+def test_a_label_column_is_never_a_feature(tmp_path):
+    labelled = write_text(tmp_path / "users.csv", "user_id,a,tier\nu1,1,gold\nu2,2,silver\n")
+    events = write_text(tmp_path / "events.csv", "user_id,item_id\nu1,p\nu2,q\n")
+    with pytest.raises(DataError, match="'tier' is the known segment label \\(--label-column\\), not a feature"):
+        load_two_files(labelled, events, label_column="tier", features=["a", "tier"])
+    data, summary = load_two_files(labelled, events, label_column="tier")
+    assert data.feature_names == ("a",) and data.segments.tolist() == [0, 1]
+    assert ("tier", "known segment label (--label-column)") in summary.left_out
