@@ -54,5 +54,9 @@ fi
 # its dependencies: it requires the `tensorflow` distribution, which would install a second copy of
 # TensorFlow beside tensorflow-cpu (the same version, the same `tensorflow` module).
 .venv/bin/python -m pip install --quiet --progress-bar off --no-deps 'tensorflow-serving-api==2.21.0'
+# KServe's storage initializer (the code that downloads a storageUri into /mnt/models), for the tests that read a
+# published bucket the way a pod does. Its S3 path needs only boto3 (the pipeline extra): without its other
+# dependencies (the Google, Azure, Hugging Face and OCI clients, for storage kinds the project does not use).
+.venv/bin/python -m pip install --quiet --progress-bar off --no-deps 'kserve-storage==0.21.0'
 rm -f .venv/.installed-*
 touch "$stamp"
