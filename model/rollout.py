@@ -188,35 +188,58 @@ def probe_row(feature_min, feature_max) -> list[float]:
     return [float(v) for v in (np.asarray(feature_min, dtype=np.float64) + np.asarray(feature_max, dtype=np.float64)) / 2]
 
 
-def served_version(predict_url: str, row: list[float], *, timeout: float = 10.0) -> tuple[int | None, str]:
-    """Send one row to a transformer's v1 predict URL: (the x-model-version that answered, or None; what happened)."""
+VERSION_HEADER, MANIFEST_HEADER = "x-model-version", "x-model-manifest-sha256"  # transformer/model.py's
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one probe request found: the version and manifest sha256 that answered (None: no answer), and how."""
+
+    version: int | None
+    manifest_sha256: str | None
+    what: str
+
+    def is_of(self, version: int, manifest_sha256: str | None) -> bool:
+        return self.version == version and (manifest_sha256 is None or self.manifest_sha256 == manifest_sha256)
+
+
+def served_version(predict_url: str, row: list[float], *, timeout: float = 10.0) -> Answer:
+    """Send one row to a transformer's v1 predict URL: which version (and which artifact: its manifest's sha256)
+    answered."""
     import httpx
 
     try:
         response = httpx.post(predict_url, json={"instances": [row]}, timeout=timeout)
     except httpx.HTTPError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        return Answer(None, None, f"{type(exc).__name__}: {exc}")
     if response.status_code != 200:
-        return None, f"HTTP {response.status_code}: {response.text[:300]}"
-    version = response.headers.get("x-model-version")
-    return (int(version) if version and version.isdigit() else None), f"HTTP 200 from version {version}"
+        return Answer(None, None, f"HTTP {response.status_code}: {response.text[:300]}")
+    version, digest = response.headers.get(VERSION_HEADER), response.headers.get(MANIFEST_HEADER)
+    return Answer(int(version) if version and version.isdigit() else None, digest,
+                  f"HTTP 200 from version {version} (manifest sha256 {digest or 'not given'})")
 
 
 def wait_until_served(predict_url: str, version: int, row: list[float], *, timeout: float = 120.0,
-                      sleep=time.sleep, clock=time.monotonic) -> float:
-    """Wait until the transformer at ``predict_url`` answers with ``version``; the seconds it took.
+                      manifest_sha256: str | None = None, sleep=time.sleep, clock=time.monotonic) -> float:
+    """Wait until the transformer at ``predict_url`` answers with ``version`` (and, when given, the artifact whose
+    manifest has that sha256: one number can name two trainings, as when the version went into another store than
+    the one served); the seconds it took.
 
     Raises:
         RolloutFailed: it did not within ``timeout`` (with its last answer).
     """
     started = clock()
+    wanted = f"version {version}" + (f" (manifest sha256 {manifest_sha256})" if manifest_sha256 else "")
     while True:
-        got, what = served_version(predict_url, row)
-        if got == version:
+        answer = served_version(predict_url, row)
+        if answer.is_of(version, manifest_sha256):
             return clock() - started
         if clock() - started >= timeout:
-            raise RolloutFailed(f"{predict_url} did not answer with version {version} within {timeout:.0f}s; "
-                                f"last: {what}")
+            other = (answer.version == version and manifest_sha256 is not None)
+            raise RolloutFailed(
+                f"{predict_url} did not answer with {wanted} within {timeout:.0f}s; last: {answer.what}"
+                + ("; that is another artifact under the same number: the transformer does not serve what was "
+                   "published (is the store it reads the one the version went into?)" if other else ""))
         sleep(0.5)
 
 
@@ -248,13 +271,13 @@ def _patch(custom, target: ClusterTarget, values: dict[str, str | None]) -> None
 
 def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *, custom=None, apps=None,
                        retire: Callable[[], None] | None = None, timeout: float = 600.0, smoke_timeout: float = 120.0,
-                       sleep=time.sleep, clock=time.monotonic, smoke=None,
+                       manifest_sha256: str | None = None, sleep=time.sleep, clock=time.monotonic, smoke=None,
                        say=lambda line: print(line, flush=True)) -> str:
     """Roll ``version`` out to ``target`` and check that clients get it; roll back if not.
 
     Patches the version annotation of both components (KServe then rolls both Deployments), waits for
     the rollout (:func:`wait_rolled_out`), then sends ``row`` through the transformer's Service until it
-    answers with ``version``. On a failure it calls ``retire`` (which takes the version out of the model
+    answers with ``version`` (and the artifact whose manifest has ``manifest_sha256``, when given). On a failure it calls ``retire`` (which takes the version out of the model
     store, so that no pod serves it again), restores the annotations, and waits for that rollout too.
 
     Returns: a line saying what was rolled out. Raises: RolloutFailed, after the rollback.
@@ -262,7 +285,7 @@ def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *,
     custom = custom if custom is not None else custom_objects()
     apps = apps if apps is not None else apps_api()
     smoke = smoke or (lambda: wait_until_served(target.predict_url, version, row, timeout=smoke_timeout,
-                                                sleep=sleep, clock=clock))
+                                                manifest_sha256=manifest_sha256, sleep=sleep, clock=clock))
     where = f"{target.namespace}/{target.name}"
     isvc, _ = read_state(custom, apps, target.namespace, target.name)
     if not isvc:

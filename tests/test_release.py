@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from model.gate import Evaluation, Thresholds, reasons_to_fail
 from model.publish import PublishError, publish, retire
 from model.quality import catalogue_indices, recall_at_k, recall_at_k_of_ids
 from model.release import next_version, training_argv
-from model.rollout import VERSION_ANNOTATION, ClusterTarget, RolloutFailed, probe_row, rollout_on_cluster
+from model.rollout import VERSION_ANNOTATION, Answer, ClusterTarget, RolloutFailed, probe_row, rollout_on_cluster
 from model.train import without_workers_flag
 
 
@@ -335,6 +336,8 @@ def test_the_compiled_pipeline_runs_its_tasks_in_order(compiled):
 
 
 def test_the_compiled_pipeline_has_its_parameters_with_defaults(compiled):
+    from model.options import defaults as training_defaults
+
     parameters = compiled["root"]["inputDefinitions"]["parameters"]
     defaults = {n: p.get("defaultValue") for n, p in parameters.items()}
     # The users' files are read from the model store's claim, which the train task mounts (no importer: KFP's
@@ -343,9 +346,14 @@ def test_the_compiled_pipeline_has_its_parameters_with_defaults(compiled):
     assert defaults["interactions_path"] == "/mnt/model-store/data/interactions.csv"
     assert defaults["model_store"] == "/mnt/model-store/models"
     assert defaults["min_lift_over_popularity"] == 0.1 and defaults["max_drop_from_served"] == 0.1
-    assert defaults["rollout_mode"] == "cluster" and defaults["epochs"] == 25
+    assert defaults["rollout_mode"] == "cluster"
+    assert (defaults["namespace"], defaults["isvc_name"], defaults["store_claim"]) == ("embedder", "embedder",
+                                                                                      "embedder-model-store")
+    # model.train's options, defined once (model/options.py), are one JSON object: every one of them, at its default.
+    assert parameters["training"]["parameterType"] == "STRUCT"
+    assert defaults["training"] == training_defaults() and defaults["training"]["epochs"] == 25
     train_inputs = compiled["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
-    assert train_inputs["epochs"]["componentInputParameter"] == "epochs"
+    assert train_inputs["training"]["componentInputParameter"] == "training"
 
 
 def test_every_component_runs_the_training_image_without_installing_anything(compiled):
@@ -361,7 +369,7 @@ def test_every_component_runs_the_training_image_without_installing_anything(com
 
 
 def test_the_tasks_that_touch_the_store_mount_its_volume(compiled):
-    from model.pipeline import STORE_CLAIM, STORE_MOUNT
+    from model.pipeline import STORE_MOUNT
 
     config = compiled["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     mounted = {name: spec["pvcMount"] for name, spec in config.items()}
@@ -369,7 +377,43 @@ def test_the_tasks_that_touch_the_store_mount_its_volume(compiled):
     for mounts in mounted.values():
         (mount,) = mounts
         assert mount["mountPath"] == STORE_MOUNT
-        assert STORE_CLAIM in json.dumps(mount)
+        assert mount["pvcNameParameter"] == {"componentInputParameter": "store_claim"}
+    assert not any("secretAsEnv" in spec for spec in config.values())  # no bucket, no credentials
+
+
+def test_the_compiled_yaml_carries_the_given_image_claim_and_store(tmp_path):
+    """compile --image/--claim/--model-store/--s3-secret/--namespace/--isvc-name: what a cluster other than kind needs,
+    in the YAML it runs."""
+    from model.pipeline import main
+
+    out = tmp_path / "retrain.yaml"
+    assert main(["compile", "--out", str(out), "--image", "registry.example.com/ml/training:1.2",
+                 "--claim", "models-rwx", "--model-store", "s3://ml-models/embedder/models", "--s3-secret",
+                 "embedder-s3-credentials", "--s3-endpoint", "http://minio.minio:9000", "--namespace", "recsys",
+                 "--isvc-name", "users", "--users-path", "s3://ml-data/users.csv"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example.com/ml/training:1.2"}
+    defaults = {n: p.get("defaultValue") for n, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert {k: defaults[k] for k in ("store_claim", "model_store", "s3_secret", "s3_endpoint", "namespace",
+                                     "isvc_name", "users_path")} == {
+        "store_claim": "models-rwx", "model_store": "s3://ml-models/embedder/models",
+        "s3_secret": "embedder-s3-credentials", "s3_endpoint": "http://minio.minio:9000", "namespace": "recsys",
+        "isvc_name": "users", "users_path": "s3://ml-data/users.csv"}
+    config = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(config) == {"exec-train", "exec-evaluate", "exec-publish", "exec-rollout"}
+    for spec_of in config.values():
+        (secret,) = spec_of["secretAsEnv"]
+        assert secret["secretNameParameter"] == {"componentInputParameter": "s3_secret"}
+        assert {(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]} == {
+            ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}
+        assert spec_of["pvcMount"][0]["pvcNameParameter"] == {"componentInputParameter": "store_claim"}
+
+    # All in a bucket: no volume at all.
+    assert main(["compile", "--out", str(out), "--claim", "", "--model-store", "s3://ml-models/models"]) == 0
+    _, platform = yaml.safe_load_all(out.read_text()) if len(list(yaml.safe_load_all(out.read_text()))) == 2 \
+        else (None, {"platforms": {"kubernetes": {"deploymentSpec": {"executors": {}}}}})
+    assert not any("pvcMount" in e for e in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values())
 
 
 # -- the store as the release steps read it (small bundles, made in milliseconds) ---------------------
@@ -402,7 +446,7 @@ def test_a_candidate_is_one_version_published_with_its_fused_twin_and_retired_to
     assert publish_candidate(candidate, store, "embedder") == 5
     assert (store / "embedder" / "5" / "fingerprint.pb").is_file()
     assert (store / "embedder-fused" / "5" / "saved_model.pb").is_file()
-    assert [p.parent.name for p in retire_version(store, "embedder", 5)] == ["embedder", "embedder-fused"]
+    assert [Path(p).parent.name for p in retire_version(store, "embedder", 5)] == ["embedder", "embedder-fused"]
     assert next_version(store, "embedder") == 6
     write(new_version(candidate / "models", 6))
     with pytest.raises(ValueError, match=r"holds versions \[5, 6\]"):
@@ -413,7 +457,8 @@ def test_a_candidate_is_one_version_published_with_its_fused_twin_and_retired_to
 
 @pytest.fixture
 def transformer_answers():
-    """A loopback HTTP server answering predict requests as scripted: (status, x-model-version) in turn."""
+    """A loopback HTTP server answering predict requests as scripted: (status, x-model-version[, body[,
+    x-model-manifest-sha256]]) in turn."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -423,10 +468,13 @@ def transformer_answers():
         def do_POST(self):
             received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
             status, version, *text = script.pop(0) if len(script) > 1 else script[0]
-            body = text[0].encode() if text else b'{"predictions": []}' if status == 200 else b'{"error": "no version"}'
+            text, digest = (text + [None, None])[:2]
+            body = text.encode() if text else b'{"predictions": []}' if status == 200 else b'{"error": "no version"}'
             self.send_response(status)
             if version:
                 self.send_header("x-model-version", version)
+            if digest:
+                self.send_header("x-model-manifest-sha256", digest)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -449,7 +497,30 @@ def test_the_wait_ends_when_the_transformer_answers_with_the_version(transformer
     clock = iter(range(100, 200))
     seconds = wait_until_served(url, 2, [0.5, 1.5], timeout=60, sleep=lambda s: None, clock=lambda: next(clock))
     assert seconds == 3 and received == [{"instances": [[0.5, 1.5]]}] * 3
-    assert served_version(url, [0.0]) == (2, "HTTP 200 from version 2")
+    assert served_version(url, [0.0]) == Answer(2, None, "HTTP 200 from version 2 (manifest sha256 not given)")
+
+
+def test_a_rollout_that_sees_another_artifact_under_the_same_number_does_not_succeed(transformer_answers):
+    """The false success: version 1 was published where nothing serves it, and the transformer's own, older version 1
+    answered. Judged by the manifest's sha256, the wait goes on until the published artifact answers, or fails
+    saying that another one answers under its number."""
+    from model.rollout import wait_until_served
+
+    url, script, _ = transformer_answers
+    published, older = "a" * 64, "b" * 64
+    script += [(200, "1", None, older), (200, "1", None, published)]
+    clock = iter(range(100))
+    assert wait_until_served(url, 1, [0.0], timeout=60, manifest_sha256=published, sleep=lambda s: None,
+                             clock=lambda: next(clock)) == 2
+    script[:] = [(200, "1", None, older)]
+    clock = iter(range(100))
+    with pytest.raises(RolloutFailed) as failed:
+        wait_until_served(url, 1, [0.0], timeout=5, manifest_sha256=published, sleep=lambda s: None,
+                          clock=lambda: next(clock))
+    assert str(failed.value) == (
+        f"{url} did not answer with version 1 (manifest sha256 {published}) within 5s; last: HTTP 200 from version 1 "
+        f"(manifest sha256 {older}); that is another artifact under the same number: the transformer does not serve "
+        "what was published (is the store it reads the one the version went into?)")
 
 
 def test_the_wait_gives_up_with_the_last_answer(transformer_answers):
@@ -460,8 +531,8 @@ def test_the_wait_gives_up_with_the_last_answer(transformer_answers):
     clock = iter(range(100))
     with pytest.raises(RolloutFailed, match=r"did not answer with version 2 within 5s; last: HTTP 503: .*no version"):
         wait_until_served(url, 2, [0.0], timeout=5, sleep=lambda s: None, clock=lambda: next(clock))
-    version, what = served_version("http://127.0.0.1:9/v1/models/embedder:predict", [0.0], timeout=1)
-    assert version is None and what.startswith("ConnectError")
+    answer = served_version("http://127.0.0.1:9/v1/models/embedder:predict", [0.0], timeout=1)
+    assert answer.version is None and answer.what.startswith("ConnectError")
 
 
 def test_loopback_workers_get_one_cluster_and_their_own_task():
@@ -566,13 +637,14 @@ def test_the_next_version_counts_both_models_and_every_option_but_segments_0_is_
     assert next_version(store, "embedder") == 6
     version_folder(store / "embedder-fused" / "9")
     assert next_version(store, "embedder") == 10
-    argv = training_argv("u", "i", "o", "h", "embedder", 1, {"seed": 0, "segments": 0, "epochs": 0})
-    assert argv[-4:] == ["--seed", "0", "--epochs", "0"]
-    with pytest.raises(ValueError) as unknown:
-        training_argv("u", "i", "o", "h", "embedder", 1, {"out": "x"})
-    assert str(unknown.value) == ("'out' is not a training option the pipeline passes on: epochs, embedding_dim, "
-                                  "segments, top_k, min_score, seed, test_fraction, user_column, item_column, "
-                                  "weight_column, distributed_workers")
+    # An option at its default is left out (the command line says what the run changed); numbers that came through
+    # KFP's JSON object as doubles are whole again.
+    argv = training_argv("u", "i", "o", "h", "embedder", 1, {"seed": 0, "segments": 0.0, "epochs": 7.0})
+    assert argv[-2:] == ["--epochs", "7"]
+    with pytest.raises(ValueError) as wrong:
+        training_argv("u", "i", "o", "h", "embedder", 1, {"out": "x", "epochs": 0, "top_k": 2.5})
+    assert str(wrong.value).startswith("'out' is not a training option; they are: user_column, item_column, ")
+    assert str(wrong.value).endswith("; --top-k must be a whole number, got 2.5")
 
 
 def test_tf_config_messages_say_what_to_change():
@@ -724,13 +796,13 @@ def test_waiting_for_a_version_sleeps_half_a_second_and_times_from_its_start(tra
         slept.append(seconds)
         now[0] += seconds
 
-    with pytest.raises(RolloutFailed, match="within 2s; last: HTTP 200 from version 1"):
+    with pytest.raises(RolloutFailed, match=r"within 2s; last: HTTP 200 from version 1 \(manifest sha256 not given\)$"):
         wait_until_served(url, 2, [0.0], timeout=2, sleep=sleep, clock=lambda: now[0])
     assert slept == [0.5, 0.5, 0.5, 0.5]
     script[:] = [(200, "v2")]
-    assert served_version(url, [0.0]) == (None, "HTTP 200 from version v2")
+    assert served_version(url, [0.0]).version is None
     script[:] = [(200, None)]
-    assert served_version(url, [0.0]) == (None, "HTTP 200 from version None")
+    assert served_version(url, [0.0]) == Answer(None, None, "HTTP 200 from version None (manifest sha256 not given)")
 
 
 def test_the_default_smoke_test_uses_its_own_timeout_and_the_rollouts_clock(transformer_answers):
@@ -761,8 +833,7 @@ def test_a_long_refusal_is_cut_to_300_characters(transformer_answers):
 
     url, script, _ = transformer_answers
     script += [(503, None, "x" * 299 + "yz")]
-    _, what = served_version(url, [0.0])
-    assert what == "HTTP 503: " + "x" * 299 + "y"
+    assert served_version(url, [0.0]).what == "HTTP 503: " + "x" * 299 + "y"
 
 
 def test_publish_names_every_taken_folder(tmp_path):
@@ -783,11 +854,11 @@ def test_a_transformer_that_never_answers_is_given_up_on_after_the_timeout():
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)  # connections are accepted by the kernel, never answered
     try:
-        version, what = served_version(f"http://127.0.0.1:{silent.getsockname()[1]}/v1/models/embedder:predict",
-                                       [0.0], timeout=0.2)
+        answer = served_version(f"http://127.0.0.1:{silent.getsockname()[1]}/v1/models/embedder:predict",
+                                [0.0], timeout=0.2)
     finally:
         silent.close()
-    assert version is None and what.startswith("ReadTimeout")
+    assert answer.version is None and answer.what.startswith("ReadTimeout")
 
 
 def test_a_failed_runs_reason_is_its_own_report_not_an_earlier_runs(tmp_path):
@@ -890,15 +961,15 @@ def test_an_interface_change_fails_the_gate_naming_it_and_the_way_to_change_on_p
 
 
 def test_run_local_refuses_a_store_that_is_one_models_folder_or_lacks_the_model(tmp_path):
-    from model.pipeline import store_problem
+    from model.release import store_problem
 
     (tmp_path / "models" / "embedder" / "1").mkdir(parents=True)
     (tmp_path / "models" / "other").mkdir()
     assert store_problem(tmp_path / "models", "embedder", False) is None
     assert store_problem(tmp_path / "models" / "embedder", "embedder", False) == (
-        f"--model-store {tmp_path}/models/embedder is the folder of one model (it holds version folders 1): pass the "
+        f"{tmp_path}/models/embedder is the folder of one model (it holds version folders 1): pass the "
         f"store that holds it, {tmp_path}/models")
     assert store_problem(tmp_path / "models", "embedder-v2", False).startswith(
-        f"--model-store {tmp_path}/models holds no model 'embedder-v2' (it holds embedder, other): pass the store")
+        f"{tmp_path}/models holds no model 'embedder-v2' (it holds embedder, other): pass the store")
     assert store_problem(tmp_path / "models", "embedder-v2", True) is None
     assert "it is empty or does not exist" in store_problem(tmp_path / "nothing", "embedder", False)

@@ -7,10 +7,12 @@ the version it names."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,6 +23,7 @@ from conftest import MODEL_NAME, TRAIN_ARGS, Offline, Traffic, check_answers, ve
 from model.csv_input import write_two_files
 from model.synthetic import make_synthetic
 from scripts.localstack import ROOT, LocalStack
+from transformer.store.bundle import sha256_of
 
 pytestmark = pytest.mark.heavy
 
@@ -72,8 +75,12 @@ def test_a_candidate_trained_on_shuffled_interactions_fails_the_gate_and_nothing
     assert result.returncode == 1, result.stdout[-3000:]
     assert "error: the pipeline failed: Quality gate: version" in result.stderr
     assert "does not beat the popularity baseline" in result.stderr
-    assert "Task 'evaluate' finished with status FAILURE" in strip_colours(result.stdout + result.stderr)
-    assert "Executing task 'publish'" not in strip_colours(result.stdout + result.stderr)
+    # Quiet: a line per task, the gate's table, the outcome; KFP's executor logs are in the run's log file.
+    assert task_lines(result.stdout) == [("train", "SUCCESS"), ("evaluate", "FAILURE")]
+    assert "| candidate (version" in result.stdout and "executor" not in result.stdout.lower()
+    log = Path(re.search(r"every task's log: (\S+)", result.stderr).group(1))
+    assert "Task 'evaluate' finished with status FAILURE" in strip_colours(log.read_text())
+    assert "Executing task 'publish'" not in strip_colours(log.read_text())
     assert versions_in(build / "models") == before  # no version, no staging folder
     answer = httpx.post(url, json={"instances": row}, timeout=10)
     assert answer.status_code == 200 and answer.headers["x-model-version"] == serving
@@ -132,10 +139,12 @@ def test_run_local_trains_gates_publishes_and_serves_the_new_version_under_traff
     log = list(traffic.log)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = strip_colours(result.stdout + result.stderr)
-    assert f"answers with version {new} after" in out
-    assert out.index("Executing task 'evaluate'") < out.index("Executing task 'verify'") < \
-        out.index("Executing task 'publish'") < out.index("Executing task 'rollout'")
+    digest = sha256_of(version_dir(build, int(new)) / "assets.extra" / "transformer-bundle" / "manifest.json")
+    assert f"answers with version {new} (manifest sha256 {digest[:12]}) after" in out
+    assert task_lines(result.stdout) == [(task, "SUCCESS") for task in ("train", "evaluate", "verify", "publish",
+                                                                          "rollout")]
     assert f"# Quality gate: version {new} passes" in out and "all pass" in out
+    assert len(result.stdout.splitlines()) < 40  # KFP's executor input and warnings stay in the log file
 
     assert not traffic.errors and {e[2] for e in log} == {200}, {e[2] for e in log}
     assert all(e[3] is not None for e in log)  # every answer says its version
@@ -149,9 +158,75 @@ def test_run_local_trains_gates_publishes_and_serves_the_new_version_under_traff
 
 
 def strip_colours(text: str) -> str:
-    import re
-
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def task_lines(stdout: str) -> list[tuple[str, str]]:
+    """run-local's line per task: (task, status), in order."""
+    return re.findall(r"^(train|evaluate|verify|publish|rollout) +(SUCCESS|FAILURE) in \d+s$", stdout, re.MULTILINE)
+
+
+def test_the_same_options_train_the_same_model_through_model_train_and_run_local(data_files, tmp_path):
+    """The training options are defined once: a run through the pipeline, with options of every kind (columns,
+    a switch, numbers), trains exactly what model.train trains from them (same seed: the same fitted numbers)."""
+    users, interactions, _ = data_files
+    table = pd.read_csv(users)
+    table.insert(1, "country", np.where(np.arange(len(table)) % 2, "DE", "FR"))  # a text column to leave out
+    with_text = tmp_path / "customers.csv"
+    table.to_csv(with_text, index=False)
+    features = [c for c in table.columns if c not in ("user_id", "segment", "country")][::-1]
+    options = ["--epochs", "3", "--embedding-dim", "8", "--top-k", "4", "--min-score", "0.1", "--seed", "5",
+               "--exclude-columns", "country", "--segments", "3", "--candidates", "8", "--skip-unknown-users",
+               "--test-fraction", "0.25"]
+
+    direct = tmp_path / "direct"
+    done = subprocess.run([sys.executable, "-m", "model.train", "--data", str(with_text), "--interactions",
+                           str(interactions), "--out", str(direct), "--no-fused", *options], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"features ({len(features)}, in this order): {', '.join(features[::-1])}" in done.stdout
+    assert "not features: user_id: user id (--user-column); country: --exclude-columns; segment: known" in done.stdout
+
+    store = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-m", "model.pipeline", "run-local", "--data", str(with_text),
+                             "--interactions", str(interactions), "--model-store", str(store), "--new-model",
+                             *options], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    piped, trained = store / MODEL_NAME / "1", direct / "models" / MODEL_NAME / "1"
+    bundle = Path("assets.extra") / "transformer-bundle"
+    manifests = [json.loads((v / bundle / "manifest.json").read_text()) for v in (piped, trained)]
+    for key in ("features", "model", "rules", "fitted"):
+        assert manifests[0][key] == manifests[1][key], key
+    assert manifests[0]["model"]["n_candidates"] == 8 and manifests[0]["rules"] == {"min_score": 0.1, "top_k": 4}
+    fitted = [np.load(v / bundle / "fitted.npz") for v in (piped, trained)]
+    assert fitted[0].files == fitted[1].files
+    for name in fitted[0].files:
+        np.testing.assert_array_equal(fitted[0][name], fitted[1][name], err_msg=name)
+    assert fitted[0]["segments.centers"].shape == (3, 8)
+
+
+def test_a_version_published_where_the_transformer_does_not_read_is_not_called_served(served, data_files, tmp_path):
+    """The false success: the store given to the pipeline is not the one the transformer serves, and the number
+    published there is the one the transformer already answers with (another training). The rollout waits for the
+    published manifest, not the number, and fails saying so."""
+    build, stack = served
+    users, interactions, _ = data_files
+    serving = max(int(v) for v in versions_in(build / "models")[MODEL_NAME] if v.isdigit())
+    elsewhere = tmp_path / "elsewhere"
+    for model in (MODEL_NAME, f"{MODEL_NAME}-fused"):  # the same store, less its newest version
+        for version in range(1, serving):
+            if (build / "models" / model / str(version)).is_dir():
+                shutil.copytree(build / "models" / model / str(version), elsewhere / model / str(version))
+        (elsewhere / model).mkdir(parents=True, exist_ok=True)
+
+    result = run_local("--data", str(users), "--interactions", str(interactions), "--model-store", str(elsewhere),
+                       "--transformer-url", stack.transformer_url, "--rollout-timeout", "5",
+                       "--min-lift-over-popularity", "0")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert task_lines(result.stdout)[-1] == ("rollout", "FAILURE")
+    assert f"did not answer with version {serving} (manifest sha256 " in result.stderr, result.stderr[-2000:]
+    assert "that is another artifact under the same number: the transformer does not serve what was published" \
+        in result.stderr
 
 
 def test_two_distributed_workers_train_a_version_the_transformer_serves(build_dir, tmp_path, raw_users, capsys):
