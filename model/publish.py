@@ -7,10 +7,8 @@ folder (``.staging-<version>-<random>``, the same file system) and renamed into 
 an existing version is never replaced. Taking a version out is one rename too, to
 ``.retired-<version>-<time>``, which both readers ignore and from which a person can restore it.
 
-Object stores have no rename. There the pipeline publishes to a volume; a bucket is filled from it
-by a copy that writes the version's ``saved_model.pb`` last and its bundle's ``manifest.json`` after it:
-until the manifest is there the transformer rejects the folder (a bundle without its manifest), and
-until the transformer serves a version no answer uses it, whatever TF Serving has loaded.
+A bucket has no rename: :mod:`model.bucket` publishes there with each reader's marker last instead, behind the
+same interface (:mod:`model.store`).
 """
 
 from __future__ import annotations
