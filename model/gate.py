@@ -125,9 +125,10 @@ class Evaluation:
             "| | recall@k | segments' agreement (ARI) |",
             "| --- | ---: | ---: |",
             f"| candidate (version {self.candidate}) | {num(self.candidate_recall)} | "
-            f"{num(self.known_segment_agreement)} with known labels |",
+            + (f"{num(self.known_segment_agreement)} with known labels |" if self.known_segment_agreement is not None
+               else "no known labels |"),
             f"| served (version {self.served if self.served is not None else 'none'}) | {num(self.served_recall)} | "
-            f"{num(self.segment_agreement)} with the candidate |",
+            + (f"{num(self.segment_agreement)} with the candidate |" if self.segment_agreement is not None else "|"),
             f"| popularity baseline | {num(self.popularity_recall)} | |",
             "",
             f"Thresholds: beat popularity by {t.min_lift_over_popularity:.0%}; lose at most "

@@ -572,7 +572,8 @@ def test_the_gate_report_in_full():
                                 "segment_agreement_with_known_labels": 0.25, "held_out_users": 300.0, "passed": 0.0}
     first = Evaluation(k=10, n_users=9, candidate=1, candidate_recall=0.5, popularity_recall=0.25)
     assert first.passed and first.markdown().splitlines()[0] == "# Quality gate: version 1 passes"
-    assert "| served (version none) | n/a | n/a with the candidate |" in first.markdown()
+    assert "| served (version none) | n/a | |" in first.markdown()  # nothing served yet: nothing to agree with
+    assert "| candidate (version 1) | 0.5000 | no known labels |" in first.markdown()
     assert first.markdown().endswith("recall.\n")  # no reasons
     assert set(first.metrics()) == {"candidate_recall_at_10", "popularity_recall_at_10", "held_out_users", "passed"}
 
