@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Train if needed, build the transformer and training images, load them into kind, apply an overlay (OVERLAY=kind by
-# default; collocated or fused), and wait until the InferenceService is Ready. Idempotent.
+# Usage: scripts/deploy.sh
+#
+# Deploy to the kind cluster of scripts/kind-up.sh: train if build/ holds no model version, build the transformer
+# and training images, load them into kind, apply an overlay with a stamp per component (python -m scripts.cluster
+# apply: a new image rolls its pods), and wait until the InferenceService serves that spec. Idempotent.
+#
+# Environment:
+#   OVERLAY               kind (default), collocated or fused: which manifests/overlays/ to apply
+#   SKIP_TRAINING_IMAGE   1: do not build the training image (the retraining pipeline's; the larger build)
+#   EMBEDDER_PYTHON       a Python with the project installed (default: .venv's, set up here)
+#   TMPDIR                where image archives are written on their way into kind (default: /tmp)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
+answer_help "${BASH_SOURCE[0]}" "$@"
+no_arguments "${BASH_SOURCE[0]}" "$@"
 need_kind_tools
 check_architecture
 engine=$(container_engine)

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
+# Usage: scripts/kind-pipelines.sh
+#
 # Install Kubeflow Pipelines (standalone) and Kubeflow's training operator on the kind cluster at pinned
-# versions, then what the retraining pipeline needs beside the InferenceService (manifests/pipeline: the
-# writable model store and the rollout's RBAC). Run after scripts/kind-up.sh and scripts/deploy.sh.
-# Idempotent: re-running re-applies the (unchanged) installs.
+# versions (scripts/versions.env: KFP_VERSION, TRAINING_OPERATOR_VERSION), then what the retraining pipeline needs
+# beside the InferenceService (manifests/pipeline: the writable model store and the rollout's RBAC). Run after
+# scripts/kind-up.sh and scripts/deploy.sh. Idempotent: re-running re-applies the (unchanged) installs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
+answer_help "${BASH_SOURCE[0]}" "$@"
+no_arguments "${BASH_SOURCE[0]}" "$@"
 need_kind_tools
 kubectl config use-context "kind-$KIND_CLUSTER_NAME" >/dev/null
 

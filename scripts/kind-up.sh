@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Create a local kind cluster with cert-manager and KServe (Standard mode) at pinned versions.
-# The host's build/ folder is mounted into the node, so the cluster serves what `model.train` wrote (and
-# the retraining pipeline, run on the cluster, publishes into it).
-# Idempotent: re-running skips what exists and re-applies the (unchanged) installs.
+# Usage: scripts/kind-up.sh
+#
+# Create a local kind cluster with cert-manager and KServe (Standard mode) at the versions pinned in
+# scripts/versions.env. The host's build/ folder is mounted into the node, so the cluster serves what
+# `model.train` wrote (and the retraining pipeline, run on the cluster, publishes into it). Needs kind, kubectl
+# and Docker or Podman. Idempotent: re-running skips what exists and re-applies the (unchanged) installs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
+answer_help "${BASH_SOURCE[0]}" "$@"
+no_arguments "${BASH_SOURCE[0]}" "$@"
 need_kind_tools
 check_architecture
 engine=$(container_engine)

@@ -1,7 +1,30 @@
-# Shared helpers for the cluster scripts (sourced, not run).
+# Shared helpers for the scripts (sourced, not run).
 # shellcheck shell=bash
 # shellcheck source=scripts/versions.env
 source "$(dirname "${BASH_SOURCE[0]}")/versions.env"
+
+# answer_help SCRIPT ARGS...: with -h or --help first, print SCRIPT's header (the comment block after its shebang:
+# usage, what it does, its environment variables) and exit 0, before the script does anything.
+answer_help() {
+  local script=$1
+  shift
+  case "${1:-}" in
+    -h|--help)
+      sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;/^shellcheck/d;p;};}' "$script"
+      exit 0
+      ;;
+  esac
+}
+
+# no_arguments SCRIPT ARGS...: a script that takes no arguments refuses any, instead of ignoring them.
+no_arguments() {
+  local script=$1
+  shift
+  if [ $# -gt 0 ]; then
+    echo "error: $(basename "$script") takes no arguments (got: $*); its settings are environment variables: see $(basename "$script") --help" >&2
+    exit 2
+  fi
+}
 
 # need COMMAND HOW-TO-INSTALL: stop with a clear message when a prerequisite is missing.
 need() {

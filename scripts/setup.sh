@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with everything the demo and the tests need.
-# Idempotent: a second run with an unchanged pyproject.toml returns at once.
+# Usage: scripts/setup.sh
+#
+# Create .venv and install the project with everything the demo and the tests need (TensorFlow, KServe,
+# scikit-learn, Kubeflow Pipelines' SDK: a few minutes the first time). Idempotent: a second run with unchanged
+# pyproject.toml and setup.sh returns at once.
+#
+# Environment:
+#   PYTHON   the Python to create .venv with: 3.11, 3.12 or 3.13 (default: the newest python3.x of those on PATH,
+#            else pyenv's, else python3)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/lib.sh
+answer_help "${BASH_SOURCE[0]}" "$@"
+no_arguments "${BASH_SOURCE[0]}" "$@"
 
 # The Pythons the pinned stack supports: kserve 0.21 takes 3.10-3.13, tensorflow-cpu 2.21 ships 3.10-3.13,
 # scikit-learn 1.9 needs 3.11 or newer. $PYTHON when set, else the newest python3.x on PATH in that range.
@@ -28,6 +38,17 @@ else
   done
   if [ -z "$python" ] && command -v python3 >/dev/null 2>&1 && supported python3; then
     python=python3
+  fi
+  # pyenv's versions, whose shims on PATH refuse to run a version that is not selected: the binaries themselves.
+  if [ -z "$python" ] && command -v pyenv >/dev/null 2>&1; then
+    for version in $SUPPORTED; do
+      for candidate in "$(pyenv root)"/versions/"$version".*/bin/python"$version"; do
+        if [ -x "$candidate" ] && supported "$candidate"; then
+          python=$candidate
+        fi
+      done
+      [ -n "$python" ] && break
+    done
   fi
   if [ -z "$python" ]; then
     found=$(command -v python3 >/dev/null 2>&1 && python3 --version 2>&1 || echo "no python3")

@@ -32,10 +32,12 @@ exit 0
 
 @pytest.fixture
 def project(tmp_path):
-    """A copy of setup.sh and pyproject.toml in a folder of its own, a PATH of stand-ins, and the log."""
+    """A copy of setup.sh (with the helpers and versions it sources) and pyproject.toml in a folder of its own, a
+    PATH of stand-ins, and the log."""
     root = tmp_path / "project"
     (root / "scripts").mkdir(parents=True)
-    (root / "scripts" / "setup.sh").write_text((ROOT / "scripts" / "setup.sh").read_text())
+    for name in ("setup.sh", "lib.sh", "versions.env"):
+        (root / "scripts" / name).write_text((ROOT / "scripts" / name).read_text())
     (root / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -173,3 +175,21 @@ def test_the_fast_tests_have_one_definition():
                                cwd=ROOT, capture_output=True, text=True, timeout=300)
     files = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
     assert files == set(fast_files()[:2]), collected.stdout[-2000:]  # nothing outside the list is fast
+
+
+def test_pyenvs_newest_supported_version_is_taken_when_path_has_none(project, tmp_path):
+    """pyenv's shims on PATH refuse a version that is not selected: setup.sh looks in `pyenv root` itself."""
+    _, bin_dir, interpreters, run = project
+    interpreters(("python3", 10))  # the selected one: out of range
+    versions = tmp_path / "pyenv" / "versions"
+    for version, minor in (("3.10.13", 10), ("3.12.1", 12), ("3.13.0", 13)):
+        (versions / version / "bin").mkdir(parents=True)
+        binary = versions / version / "bin" / f"python3.{minor}"
+        binary.write_text(INTERPRETER % {"minor": minor})
+        binary.chmod(0o755)
+    (bin_dir / "pyenv").write_text(f'#!/usr/bin/env bash\n[ "$1" = root ] && echo {tmp_path / "pyenv"}\n')
+    (bin_dir / "pyenv").chmod(0o755)
+    result, calls = run()
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in calls if " -m venv .venv" in line] == [str(versions / "3.13.0" / "bin" /
+                                                                                  "python3.13")]
