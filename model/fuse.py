@@ -36,10 +36,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import tensorflow as tf
+from transformer.helpformat import HelpFormatter
 
-import model  # noqa: F401  (TensorFlow environment defaults)
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.fuse",
+        description="Compile the fitted scikit-learn steps and the embedding model of one version into one "
+                    "SavedModel that TF Serving serves alone.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--model-dir", type=Path, default=Path("build/models/embedder"),
+                        help="the embedder's version folders (each with its transformer bundle)")
+    parser.add_argument("--model-version", type=int, help="embedder version to compile (default: the newest)")
+    parser.add_argument("--out", type=Path, default=Path("build/models/embedder-fused"),
+                        help="where the fused model's version folders go")
+    parser.add_argument("--version", type=int, help="version folder to write (default: the embedder's version)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # Run as a command: the arguments are read (and --help answered) before TensorFlow's import, which takes
+    # seconds; main() below takes them.
+    ARGS = parse_args()
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import model  # noqa: F401,E402  (TensorFlow environment defaults)
 from model.export import VersionExists, save_versioned
 from transformer.store.bundle import PAD_ID, PAD_SCORE, PAD_TEXT_ID, Bundle, BundleError, Rules, load_bundle, model_versions
 from transformer.steps.fitted import AffineStep, QuantileStep, UnsupportedEstimator, kmeans_centers, scaler_steps
@@ -297,20 +321,8 @@ def export_fused(version_dir: str | Path, out_dir: str | Path, version: int | No
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.fuse",
-        description="Compile the fitted scikit-learn steps and the embedding model of one version into one "
-                    "SavedModel that TF Serving serves alone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--model-dir", type=Path, default=Path("build/models/embedder"),
-                        help="the embedder's version folders (each with its transformer bundle)")
-    parser.add_argument("--model-version", type=int, help="embedder version to compile (default: the newest)")
-    parser.add_argument("--out", type=Path, default=Path("build/models/embedder-fused"),
-                        help="where the fused model's version folders go")
-    parser.add_argument("--version", type=int, help="version folder to write (default: the embedder's version)")
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    args = args if args is not None else parse_args(argv)
     versions = model_versions(args.model_dir)
     if not versions:
         print(f"error: no version folders under {args.model_dir}; run `python -m model.train` first",
@@ -326,4 +338,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(args=ARGS))

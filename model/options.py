@@ -16,6 +16,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from transformer.helpformat import HelpFormatter  # noqa: F401  (the commands that take these options use it)
+
 
 @dataclass(frozen=True)
 class Option:
@@ -84,17 +86,6 @@ def defaults() -> dict[str, Any]:
     """Every option's default, as the pipeline's ``training`` parameter holds them (plain JSON values: no None,
     which KFP cannot compile; "" and 0 say "not given" where a default is computed)."""
     return {o.name: list(o.default) if o.kind is list else o.default for o in OPTIONS}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default once, and none where there is nothing to show (a switch, no value, a default
-    the help text already states)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, [], "", argparse.SUPPRESS) or "default" in text or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
 
 
 def add_options(parser: argparse.ArgumentParser, groups: dict[str, argparse._ArgumentGroup] | None = None) -> None:

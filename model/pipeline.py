@@ -38,6 +38,7 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from model import options as training_options
+from transformer.helpformat import HelpFormatter, RawHelpFormatter
 
 TRAINING_IMAGE = "docker.io/library/kserve-embedder-training:dev"
 STORE_CLAIM = "embedder-model-store"  # the PersistentVolumeClaim of the model store (manifests/pipeline/)
@@ -346,13 +347,13 @@ def failure_reason(work: Path, since: float = 0.0) -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.pipeline", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=RawHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = Target()
     compile_cmd = commands.add_parser(
         "compile", help="write the pipeline's YAML for a Kubeflow Pipelines cluster",
-        formatter_class=training_options.HelpFormatter,
+        formatter_class=HelpFormatter,
         description="Write the pipeline for a Kubeflow Pipelines cluster. Its defaults are for the kind cluster of "
                     "scripts/kind-up.sh; each flag below sets what a run uses unless the run says otherwise.")
     compile_cmd.add_argument("--out", type=Path, required=True, help="the YAML file to write")
@@ -376,7 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compile_cmd.add_argument("--isvc-name", default=defaults.isvc_name, help="the InferenceService's name")
 
     run = commands.add_parser("run-local", help="run the pipeline on this machine with KFP's local runner",
-                              formatter_class=training_options.HelpFormatter,
+                              formatter_class=HelpFormatter,
                               description="Run the pipeline on this machine (each task a process), with the same "
                                           "training options as python -m model.train.")
     run.add_argument("--data", type=Path, required=True, help="CSV of users (python -m model.train --help)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from model.data import UserData, from_pairs
+from transformer.helpformat import HelpFormatter
 
 #: The synthetic features, in the order the model expects them.
 SYNTHETIC_FEATURES = (
@@ -113,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Write synthetic users as CSV files that `python -m model.train` reads: users.csv "
                     "(user_id, features, segment) and interactions.csv (user_id, item_id), or one users.csv "
                     "with an 'items' column (--one-file).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--users", type=int, default=6000)
-    parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--users", type=int, default=6000, help="users to generate")
+    parser.add_argument("--items", type=int, default=200, help="catalogue size")
     parser.add_argument("--per-user", type=float, default=12.0, help="mean interactions per user")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything generated: the same seed, the same files")
     parser.add_argument("--item-prefix", help="string item ids with this prefix (e.g. 'sku-') instead of integers")
     parser.add_argument("--one-file", action="store_true", help="write one users.csv with an 'items' column")
     parser.add_argument("--out", type=Path, default=Path("data"), help="folder to write into")

@@ -36,6 +36,7 @@ from model.rollout import (  # noqa: F401  (rollout_pending, deployment_pending:
     rollout_pending, spec_components, unproven_components, wait_rolled_out,
 )
 from scripts.localstack import ROOT, LocalStack, StackError, free_port
+from transformer.helpformat import HelpFormatter
 
 REQUESTS = ("one-user.json", "batch.json", "bad-row.json")
 VALID_REQUESTS = REQUESTS[:2]
@@ -271,7 +272,8 @@ def smoke(namespace: str, name: str, entry: str = "transformer") -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.cluster", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.cluster", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("command", choices=["apply", "wait-ready", "remove-stale", "smoke"],
                         help="apply: render, stamp and apply an overlay; wait-ready: until the newest spec is rolled "
                              "out and Ready; remove-stale: delete the objects of components the spec no longer has; "
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-id", action="append", default=[], metavar="IMAGE=ID",
                         help="apply: the id of an image the manifests name (repeatable); a new id rolls its pods")
     parser.add_argument("--server-side", action="store_true", help="apply: kubectl apply --server-side")
-    parser.add_argument("--namespace", default="embedder")
+    parser.add_argument("--namespace", default="embedder", help="the InferenceService's namespace")
     parser.add_argument("--name", default="embedder", help="InferenceService name")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
     parser.add_argument("--entry", choices=sorted(ENTRIES), default="transformer",

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+from transformer.helpformat import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 # TF Serving keeps this many newest versions loaded (manifests/base/models.config says the same), so a
@@ -259,16 +260,19 @@ class LocalStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.localstack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.localstack", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter,
+                                     epilog="Logs: build/logs/ (predictor.log, transformer.log).")
     parser.add_argument("command", choices=["up"], help="up: start both and keep them running until Ctrl-C")
     parser.add_argument("--build", type=Path, default=ROOT / "build", help="build folder written by model.train")
-    parser.add_argument("--model-name", default="embedder")
+    parser.add_argument("--model-name", default="embedder", help="the model's folder under build/models/ and its "
+                        "name on both servers")
     parser.add_argument("--predictor", choices=["auto", "container", "local"], default="auto",
                         help="container: the tensorflow/serving image; local: python -m model.standin")
     parser.add_argument("--predictor-port", type=int, default=8501, help="TF Serving's REST port")
     parser.add_argument("--predictor-grpc-port", type=int, default=8500,
                         help="TF Serving's gRPC port (the transformer's default way to call it)")
-    parser.add_argument("--transformer-port", type=int, default=8080)
+    parser.add_argument("--transformer-port", type=int, default=8080, help="the transformer's REST port")
     parser.add_argument("--grpc-port", type=int, default=8081, help="the transformer's gRPC (v2) port")
     args = parser.parse_args(argv)
     stack = LocalStack(build=args.build, model_name=args.model_name, predictor=args.predictor,

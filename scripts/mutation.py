@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts.localstack import ROOT
+from transformer.helpformat import HelpFormatter
 
 COPIED = ("transformer", "model", "scripts", "tests", "pyproject.toml", "README.md")
 REPORT = ROOT / "tests" / "mutation-report.md"
@@ -205,7 +206,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.mutation", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--only", action="append", default=[], metavar="FILE",
                         help="mutate only this file (repeatable), e.g. transformer/serving/admission.py")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")

@@ -31,15 +31,18 @@ def op_registry() -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args and args[0] in ("-h", "--help") else 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m scripts.tf_op_registry", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the JSON file to write (model/tf-2.20-ops.json for TF Serving 2.20)")
+    args = parser.parse_args(argv)
     import tensorflow as tf
 
     registry = {"tensorflow": tf.__version__, "ops": op_registry()}
-    Path(args[0]).write_text(json.dumps(registry, indent=0, sort_keys=True) + "\n")
-    print(f"wrote {len(registry['ops'])} ops of TensorFlow {tf.__version__} to {args[0]}")
+    args.out.write_text(json.dumps(registry, indent=0, sort_keys=True) + "\n")
+    print(f"wrote {len(registry['ops'])} ops of TensorFlow {tf.__version__} to {args.out}")
     return 0
 
 

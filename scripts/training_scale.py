@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from scripts.localstack import ROOT
+from transformer.helpformat import HelpFormatter
 
 DEFAULT_SIZES = "100000x2000x20,100000x20000x20,300000x20000x20,1000000x20000x20"
 
@@ -44,11 +45,12 @@ def parse_size(text: str) -> tuple[int, int, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.training_scale", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated USERSxITEMSxPER_USER")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "training-scale",
                         help="where data and builds go (removed size by size)")
-    parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "training-scale.md")
+    parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "training-scale.md",
+                        help="the Markdown report to write")
     parser.add_argument("--train-args", default="", help="extra arguments for model.train, e.g. '--epochs 5'")
     parser.add_argument("--workers", help="comma-separated worker counts to train each size with "
                         "(--distributed-workers, loopback): adds the workers, the seconds per step and the "

@@ -48,6 +48,7 @@ from model.standin.tfjson import (
     parse_predict_request,
     render_predict_response,
 )
+from transformer.helpformat import HelpFormatter
 
 log = logging.getLogger("model.standin")
 
@@ -320,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m model.standin",
         description="Serve a SavedModel folder over TF Serving's REST API (a stand-in for "
                     "tensorflow_model_server where it cannot run). Flags follow tensorflow_model_server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model_name", default="embedder", help="name in the URL: /v1/models/<model_name>")
     parser.add_argument("--model_base_path", type=Path, default=Path("build/models/embedder"),

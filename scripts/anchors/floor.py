@@ -38,7 +38,7 @@ def fixed_body(size: int) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.anchors.floor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="the loopback port to listen on")
     parser.add_argument("--body-bytes", type=int, default=420, help="size of the fixed answer (the transformer's "
                                                                     "one-row answer is about this)")
     args = parser.parse_args(argv)

@@ -22,11 +22,12 @@ from scripts.benchmark.report import explain, rewrite_report, verdicts, write_re
 from scripts.loadgen import have_wrk
 from scripts.localstack import ROOT, LocalStack, StackError
 from transformer.store.bundle import bundle_dir, model_versions
+from transformer.helpformat import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=package.__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a quick run that only shows everything works")
     parser.add_argument("--chaos", action="store_true",
                         help="only the chaos soak (100,000 requests at 64 connections, two predictor kills and a "
@@ -35,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the overload scenario (16, 1,024, 16 connections): writes overload.md and .json")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per cell (not measured)")
-    parser.add_argument("--batches", default="1,32,256")
-    parser.add_argument("--concurrency", default="1,16")
-    parser.add_argument("--soak-requests", type=int, default=20000)
-    parser.add_argument("--soak-concurrency", type=int, default=32)
-    parser.add_argument("--build", type=Path, default=ROOT / "build")
+    parser.add_argument("--batches", default="1,32,256", help="rows per request of the measured cells, comma-separated")
+    parser.add_argument("--concurrency", default="1,16", help="concurrent clients of the measured cells, comma-separated")
+    parser.add_argument("--soak-requests", type=int, default=20000, help="requests of the soak after the cells")
+    parser.add_argument("--soak-concurrency", type=int, default=32, help="concurrent clients of the soak")
+    parser.add_argument("--build", type=Path, default=ROOT / "build", help="the build folder whose model versions "
+                        "are served (trained first when it holds none)")
     parser.add_argument("--out", type=Path, help="report folder (default: benchmarks/, or a temporary one with --smoke)")
     parser.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
                         help="measure nothing: write the report again from an earlier results.json")
