@@ -15,6 +15,7 @@ from transformer.store.bundle import bundle_dir, sha256_of
 from transformer.predictor import Contract
 
 DIGEST = "ab" * 32
+REAL_SERVE = transformer.serving.server.serve  # the fixture below replaces it
 
 
 @pytest.fixture(autouse=True)
@@ -180,8 +181,11 @@ def test_help_explains_the_transformers_own_flags(capsys, monkeypatch):
     assert ("KServe transformer: quantile-scales raw user features, calls the TF Serving embedding model, assigns a "
             "segment and returns the best items.") in words
     section = words[words.index(" transformer: --model_base_path "):]
-    for action in our_flags():
-        assert f"{' '.join(action.help.split())} (default: " in section, action.dest
+    for action in our_flags():  # each with its default, once: stated by its help, or added after it
+        text = " ".join(action.help.split())
+        assert text in section, action.dest
+        if action.default not in (False, "") and "default" not in text.lower():
+            assert f"{text} (default: " in section, action.dest
     assert "--max_rows MAX_ROWS rows accepted in one request (413 past it) (default: 1024)" in section
 
 
@@ -245,3 +249,104 @@ def test_the_start_up_check_asks_tf_serving_once_quickly_and_stops_a_misfit(stor
         "bundle expects DT_FLOAT [-1, 2]; version 5: input 'features' is DT_FLOAT [-1, 5], the bundle expects "
         "DT_FLOAT [-1, 2]. TF Serving and the transformer must read the same model base path (same storage URI).\n")
     assert started == {}
+
+
+# -- KServe's own flags: honoured with KServe's meaning, or refused naming ours ------------------------------------
+
+@pytest.mark.parametrize("flags, timeout, attempts", [
+    (["--predictor_request_timeout_seconds", "1"], 1.0, 3),
+    (["--predictor_request_timeout_seconds", "1", "--predictor_timeout", "1"], 1.0, 3),
+    (["--predictor_request_retries", "0"], 5.0, 1),
+    (["--predictor_retries", "4", "--predictor_request_retries", "4"], 5.0, 5),
+])
+def test_kserves_predictor_timeout_and_retries_set_the_transformers_own(store, started, flags, timeout, attempts):
+    assert cli.main(base(store, *flags)) == 0
+    model, args = started["model"], started["args"]
+    assert (model._predictor_timeout, model._retry.attempts) == (timeout, attempts)
+    # KServe's own predictor configuration is built from the same values.
+    assert (args.predictor_request_timeout_seconds, args.predictor_request_retries) == (timeout, attempts - 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--predictor_protocol", "v2"], "--predictor_protocol v2: TF Serving speaks no Open Inference Protocol (v2), only "
+                                     "its own v1 REST and gRPC APIs: leave --predictor_protocol out (or v1) and choose "
+                                     "the API with --predictor_api rest or grpc"),
+    (["--protocol", "grpc-v2"], "--predictor_protocol grpc-v2: TF Serving speaks no Open Inference Protocol"),
+    (["--predictor_request_timeout_seconds", "1", "--predictor_timeout", "2"],
+     "--predictor_request_timeout_seconds 1 and --predictor_timeout 2.0 disagree: they mean the same, give one"),
+    (["--predictor_request_retries", "1", "--predictor_retries", "3"],
+     "--predictor_request_retries 1 and --predictor_retries 3 disagree"),
+    (["--workers", "2"], "--workers must be 1: KServe's multi-process mode loses the predictor configuration"),
+])
+def test_kserve_flags_that_cannot_mean_what_they_say_here_are_refused(store, started, capsys, flags, message):
+    with pytest.raises(SystemExit) as refused:
+        cli.main(base(store, *flags))
+    assert refused.value.code == 2 and message in capsys.readouterr().err and not started
+
+
+def test_the_predictor_protocol_v1_and_the_health_check_flag_are_accepted_as_they_are(store, started):
+    assert cli.main(base(store, "--predictor_protocol", "v1", "--enable_predictor_health_check")) == 0
+    assert started["args"].enable_predictor_health_check is True
+
+
+@pytest.mark.parametrize("api", ["rest", "grpc"])
+def test_predictor_use_ssl_calls_tf_serving_over_tls_on_either_api(store, started, api):
+    from transformer.predictor import connect
+
+    assert cli.main(base(store, "--predictor_api", api, "--predictor_use_ssl", "true")) == 0
+    model = started["model"]
+    model._predictor = None  # the real client, as the model makes it
+    client = model.predictor
+    assert (client.base_url.startswith("https://") if api == "rest" else client.use_ssl is True)
+    plain = connect(api, "tf:8501", "embedder")
+    assert (plain.base_url.startswith("http://") if api == "rest" else plain.use_ssl is False)
+
+
+def test_kserves_server_flags_reach_its_model_server(monkeypatch, store, started):
+    """--max_threads, --max_asyncio_workers, --ssl_certfile/--ssl_keyfile go to KServe's ModelServer; its logging
+    and gRPC message flags to the settings it reads itself; the gRPC receive limit is the lower of its flag and
+    --max_body_bytes."""
+    from kserve import model_server
+
+    import transformer.serving.server as server
+
+    assert cli.main(base(store, "--max_threads", "7", "--max_asyncio_workers", "3", "--ssl_certfile", "/tls/crt",
+                         "--ssl_keyfile", "/tls/key", "--grpc_max_send_message_length", "1000",
+                         "--grpc_max_receive_message_length", "2048", "--max_body_bytes", "4096",
+                         "--configure_logging", "false", "--timeout-keep-alive", "30")) == 0
+    args = started["args"]
+    made = {}
+
+    class FakeModelServer:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+            self.dataplane = object()
+
+        def start(self, models):
+            made["started"] = models
+
+    saved = vars(model_server.args).copy()
+    monkeypatch.setattr(server, "ModelServer", FakeModelServer)
+    monkeypatch.setattr(server, "install", lambda *a, **k: None)
+    monkeypatch.setattr(server.gc, "freeze", lambda: None)
+    try:
+        REAL_SERVE(started["model"], args)
+        assert {k: made[k] for k in ("max_threads", "max_asyncio_workers", "ssl_certfile", "ssl_keyfile",
+                                     "timeout_keep_alive", "workers")} == {
+            "max_threads": 7, "max_asyncio_workers": 3, "ssl_certfile": "/tls/crt", "ssl_keyfile": "/tls/key",
+            "timeout_keep_alive": 30, "workers": 1}
+        assert model_server.args.grpc_max_send_message_length == 1000
+        assert model_server.args.grpc_max_receive_message_length == 2048  # lower than --max_body_bytes
+        assert model_server.args.configure_logging is False
+        assert made["started"] == [started["model"]]
+    finally:
+        vars(model_server.args).update(saved)
+
+
+def test_help_says_what_each_kserve_predictor_flag_does_here(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, meaning in cli.KSERVE_PREDICTOR_FLAGS.items():
+        assert " ".join(meaning.split()) in text, flag

@@ -1,7 +1,10 @@
 """Start the transformer: ``python -m transformer --model_name embedder --predictor_host HOST:PORT``.
 
-Takes every flag of KServe's ModelServer (KServe's controller injects
-``--model_name``, ``--predictor_host`` and ``--http_port``) plus the ones below.
+Takes every flag of KServe's ModelServer (KServe's controller injects ``--model_name``, ``--predictor_host``,
+``--http_port`` and, from ``containerConcurrency``, ``--workers``) plus the ones below. None of KServe's is ignored:
+each is honoured with KServe's meaning (the server's ports, threads, TLS and logging; the predictor's timeout,
+retries and TLS, mapped onto this transformer's own client) or refused with what to use instead
+(:data:`KSERVE_PREDICTOR_FLAGS`, :func:`resolve_kserve_flags`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,23 @@ from transformer.store.bundle import BundleError
 from transformer.steps.kernels import UnsupportedEstimator
 from transformer.predictor import APIS, PredictorError, RetryPolicy, connect, metadata_problems
 from transformer.serving.rest import PREDICT_PATHS
+from transformer.helpformat import HelpFormatter
 
 DEFAULT_MODEL_BASE_PATH = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 TRUSTED_ENV = "EMBEDDER_TRUSTED_MANIFESTS"  # set on the container, outside the model store
+
+# KServe's flags about calling the predictor, which KServe's own client would read: here the transformer's client
+# (transformer/predictor/) does the calling, so each is mapped onto it, with the help text saying how.
+KSERVE_PREDICTOR_FLAGS = {
+    "protocol": "deprecated alias of --predictor_protocol",
+    "predictor_protocol": "v1 (TF Serving's REST and gRPC APIs are its v1); TF Serving has no Open Inference Protocol, "
+                          "so v2 and grpc-v2 are refused: choose the API with --predictor_api",
+    "predictor_use_ssl": "call TF Serving over TLS (https for --predictor_api rest, a TLS channel for grpc)",
+    "predictor_request_timeout_seconds": "the same as --predictor_timeout (either sets it)",
+    "predictor_request_retries": "the same as --predictor_retries (either sets it)",
+    "enable_predictor_health_check": "always on here: readiness asks TF Serving that the version is AVAILABLE and "
+                                     "that its signature fits the bundle",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[model_server.parser],
         description="KServe transformer: quantile-scales raw user features, calls the TF Serving "
                     "embedding model, assigns a segment and returns the best items.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    # KServe's predictor flags: "not given" must be told from their defaults to map them onto ours.
+    parser.set_defaults(protocol=None, predictor_protocol=None, predictor_request_timeout_seconds=None,
+                        predictor_request_retries=None)
+    for action in parser._actions:
+        if action.dest in KSERVE_PREDICTOR_FLAGS:
+            action.help = KSERVE_PREDICTOR_FLAGS[action.dest]
     ours = parser.add_argument_group("transformer")
     ours.add_argument("--model_base_path", default=DEFAULT_MODEL_BASE_PATH,
                       help="the model's version folders, the same that TF Serving serves: each holds a "
@@ -57,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--latency_budget_ms", type=float, default=50.0,
                       help="the p90 time inside the process that the request limit aims to keep")
     ours.add_argument("--max_inflight_rows", type=int, default=8192,
-                      help="rows admitted at once; more get 503 (default: about 100 ms of work at the measured "
-                           "68,600 rows/s)")
+                      help="rows admitted at once; more get 503 (the default is about 100 ms of work at the "
+                           "measured 68,600 rows/s)")
     ours.add_argument("--request_timeout", type=float, default=10.0,
                       help="seconds after which a request's queued work is dropped (504), when the client does "
                            "not send x-request-timeout-ms")
@@ -109,9 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_kserve_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """KServe's predictor flags, given KServe's meaning on this transformer's own flags, or refused."""
+    protocol = args.predictor_protocol or args.protocol
+    if protocol not in (None, "v1"):
+        parser.error(f"--predictor_protocol {protocol}: TF Serving speaks no Open Inference Protocol (v2), only its "
+                     "own v1 REST and gRPC APIs: leave --predictor_protocol out (or v1) and choose the API with "
+                     "--predictor_api rest or grpc")
+    for theirs, ours in (("predictor_request_timeout_seconds", "predictor_timeout"),
+                         ("predictor_request_retries", "predictor_retries")):
+        given, own = getattr(args, theirs), getattr(args, ours)
+        if given is None:
+            continue
+        if own != parser.get_default(ours) and own != given:
+            parser.error(f"--{theirs} {given} and --{ours} {own} disagree: they mean the same, give one")
+        setattr(args, ours, type(own)(given))
+    # KServe's view of the same settings (its PredictorConfig is built from these): the values in force.
+    args.protocol = args.predictor_protocol = "v1"
+    args.predictor_request_timeout_seconds = args.predictor_timeout
+    args.predictor_request_retries = args.predictor_retries
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_kserve_flags(parser, args)
     if not args.predictor_host:
         parser.error("--predictor_host HOST[:PORT] is required (TF Serving's REST address; over gRPC, its host "
                      "with --predictor_grpc_port)")
@@ -143,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor_api=args.predictor_api,
         predictor_grpc_port=args.predictor_grpc_port,
         predictor_timeout=args.predictor_timeout,
+        predictor_use_ssl=args.predictor_use_ssl,
         retry=RetryPolicy(attempts=args.predictor_retries + 1),
         max_rows=args.max_rows,
         kernels=args.kernels,
@@ -166,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     contracts = {v: served.pipeline.contract for v, served in model.versions.loaded.items()}
     problems = asyncio.run(check_predictor(connect(args.predictor_api, args.predictor_host, args.model_name,
                                                    grpc_port=args.predictor_grpc_port, timeout=3.0,
+                                                   use_ssl=args.predictor_use_ssl,
                                                    retry=RetryPolicy(attempts=1)), contracts))
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run closed its loop; KServe expects one
     if problems:

@@ -86,6 +86,7 @@ class EmbedderTransformer(kserve.Model):
         predictor_api: str = "grpc",
         predictor_grpc_port: int = 9000,
         predictor_timeout: float = 5.0,
+        predictor_use_ssl: bool = False,
         retry: RetryPolicy = RetryPolicy(),
         max_rows: int = 1024,
         offload_rows: int = 0,
@@ -116,6 +117,7 @@ class EmbedderTransformer(kserve.Model):
         self._predictor_api = predictor_api
         self._predictor_grpc_port = predictor_grpc_port
         self._predictor_timeout = predictor_timeout
+        self._predictor_use_ssl = predictor_use_ssl
         self._retry = retry
         self._predictor: PredictorClient | None = None
         self.versions: ModelVersions | None = None
@@ -183,7 +185,8 @@ class EmbedderTransformer(kserve.Model):
             if not host:
                 raise PredictorError(503, "no predictor host configured: start with --predictor_host HOST:PORT")
             self._predictor = connect(self._predictor_api, host, self.name, grpc_port=self._predictor_grpc_port,
-                                      timeout=self._predictor_timeout, retry=self._retry, on_retry=self.metrics.retry)
+                                      timeout=self._predictor_timeout, use_ssl=self._predictor_use_ssl,
+                                      retry=self._retry, on_retry=self.metrics.retry)
         return self._predictor
 
     async def healthy(self) -> bool:

@@ -126,14 +126,17 @@ def tensor_array(proto: pb.TensorProto) -> np.ndarray:
 class GrpcPredictorClient(PredictorClient):
     """TF Serving's gRPC API over one HTTP/2 channel (requests multiplex on it; no pool needed)."""
 
-    def __init__(self, address: str, model_name: str, **options):
+    def __init__(self, address: str, model_name: str, *, use_ssl: bool = False, **options):
         super().__init__(address, model_name, **options)
+        self.use_ssl = use_ssl
         self._channel: grpc.aio.Channel | None = None
         self._methods: dict = {}
 
     def _method(self, path: str, response_type):
         if self._channel is None:  # made on first use, inside the running loop
-            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._channel = (grpc.aio.secure_channel(self.address, grpc.ssl_channel_credentials(),
+                                                     options=_CHANNEL_OPTIONS) if self.use_ssl
+                             else grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS))
             self._methods = {}
         if path not in self._methods:
             self._methods[path] = self._channel.unary_unary(

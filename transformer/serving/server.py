@@ -15,10 +15,19 @@ from transformer.serving.rest import install
 
 def serve(model, args: argparse.Namespace) -> None:
     """Run the ModelServer with ``model`` until SIGTERM/SIGINT, then drain in-flight requests."""
+    # KServe reads some of its flags from its own parse of the command line (logging, the gRPC server's message
+    # limits): make that the one given here, so every KServe flag means what it says whoever calls serve().
+    for name, value in vars(args).items():
+        if hasattr(model_server.args, name):
+            setattr(model_server.args, name, value)
     server = ModelServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         workers=1,
+        max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
         enable_grpc=args.enable_grpc,
         enable_docs_url=args.enable_docs_url,
         enable_latency_logging=args.enable_latency_logging,
@@ -34,8 +43,9 @@ def serve(model, args: argparse.Namespace) -> None:
 
         trace_logger.setLevel(logging.WARNING)
     install(model_server.app, server.dataplane, model, args.model_name, args.max_body_bytes, args.predict_path)
-    # gRPC messages are bounded like REST bodies (gRPC refuses larger ones with RESOURCE_EXHAUSTED).
-    model_server.args.grpc_max_receive_message_length = args.max_body_bytes
+    # gRPC messages are bounded like REST bodies (gRPC refuses larger ones with RESOURCE_EXHAUSTED), and by KServe's
+    # own limit where that is lower.
+    model_server.args.grpc_max_receive_message_length = min(args.max_body_bytes, args.grpc_max_receive_message_length)
     if not args.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     if args.event_loop in ("auto", "uvloop"):
