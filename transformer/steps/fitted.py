@@ -32,8 +32,28 @@ class FittedStepsError(ValueError):
     """``fitted.npz`` or its description does not hold what the manifest says."""
 
 
-@dataclass(frozen=True)
-class QuantileStep:
+class ByValue:
+    """Equality by value, arrays included. A dataclass's own ``__eq__`` compares arrays with ``==``, which numpy
+    answers element by element: from Python 3.13, which compares field by field, that raises "truth value of an
+    array is ambiguous" (3.11 compared tuples, which take the same array object as equal without asking)."""
+
+    __hash__ = None  # mutable numbers inside: not a key
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        for f in fields(self):
+            u, v = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(u, np.ndarray) or isinstance(v, np.ndarray):
+                if u is None or v is None or not np.array_equal(u, v):
+                    return False
+            elif u != v:
+                return False
+        return True
+
+
+@dataclass(frozen=True, eq=False)
+class QuantileStep(ByValue):
     """A fitted ``QuantileTransformer``: its quantiles (n_quantiles, F), references, output distribution."""
 
     quantiles: np.ndarray
@@ -41,8 +61,8 @@ class QuantileStep:
     output_distribution: str
 
 
-@dataclass(frozen=True)
-class AffineStep:
+@dataclass(frozen=True, eq=False)
+class AffineStep(ByValue):
     """A fitted ``StandardScaler`` or ``MinMaxScaler``, in scikit-learn's order of operations:
     subtract, divide, multiply, add, then clip (each optional)."""
 
@@ -106,8 +126,8 @@ def item_id_array(ids: Any) -> np.ndarray:
     raise FittedStepsError(f"item ids must be integers or strings, got {ids.dtype}")
 
 
-@dataclass(frozen=True)
-class FittedSteps:
+@dataclass(frozen=True, eq=False)
+class FittedSteps(ByValue):
     """Everything the transformer computes with: the scaler's steps and the segment centroids, the
     share of training rows in each segment (the reference of the segment-mix drift; None if unknown),
     and the catalogue: the users' own id of each item index the model scores (None: the index is the id)."""
@@ -231,19 +251,4 @@ def _read_item_ids(path: Path, arrays: dict, description: dict | None, n_items: 
 
 def same_numbers(a: FittedSteps, b: FittedSteps) -> bool:
     """Whether two FittedSteps hold exactly the same numbers (the plain data and the pickles agree)."""
-    if len(a.scaler) != len(b.scaler) or not np.array_equal(a.centers, b.centers):
-        return False
-    for u, v in ((a.segment_share, b.segment_share), (a.item_ids, b.item_ids)):
-        if (u is None) != (v is None) or (u is not None and not np.array_equal(u, v)):
-            return False
-    for x, y in zip(a.scaler, b.scaler):
-        if type(x) is not type(y):
-            return False
-        for f in fields(x):
-            u, v = getattr(x, f.name), getattr(y, f.name)
-            if isinstance(u, np.ndarray) or isinstance(v, np.ndarray):
-                if u is None or v is None or not np.array_equal(u, v):
-                    return False
-            elif u != v:
-                return False
-    return True
+    return a == b
