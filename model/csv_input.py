@@ -39,6 +39,55 @@ class DataError(ValueError):
     """A file that cannot be read as users or interactions; the message says where and why."""
 
 
+#: Problems shown per file; past it they are counted. Kept in memory up to KEPT_PROBLEMS, then only counted.
+MAX_PROBLEMS, KEPT_PROBLEMS = 20, 10_000
+
+
+class Problems:
+    """The problems of one file, each with its line and column, reported together once the whole file has been
+    read (:meth:`raise_any`): a file with five faults takes one run to learn them all, not five. Problems of one
+    kind (``key``: the same column, the same fault) are said once, with the other lines they occur on: a text
+    column makes one entry, not one per user."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.groups: dict[object, list] = {}  # key -> [first line, its text, other lines, how many in all]
+        self.count = 0
+
+    def add(self, line: int, text: str, key: object = None) -> None:
+        self.count += 1
+        key = key if key is not None else (line, text)
+        group = self.groups.get(key)
+        if group is None:
+            if len(self.groups) < KEPT_PROBLEMS:
+                self.groups[key] = [line, text, [], 1]
+            return
+        group[3] += 1
+        if line < group[0]:
+            group[2].append(group[0])
+            group[0], group[1] = line, text
+        elif len(group[2]) < KEPT_PROBLEMS:
+            group[2].append(line)
+
+    def raise_any(self) -> None:
+        """DataError naming every problem found (the first MAX_PROBLEMS kinds by line, and how many more)."""
+        if not self.count:
+            return
+        shown = []
+        for line, text, others, count in sorted(self.groups.values(), key=lambda g: g[0])[:MAX_PROBLEMS]:
+            also = ""
+            if count > 1:
+                lines = sorted(others)[:5]
+                rest = count - 1 - len(lines)
+                also = f" (also on line{'s' if count > 2 else ''} {', '.join(map(str, lines))}" + \
+                    (f" and {rest} more)" if rest > 0 else ")")
+            shown.append(f"{self.path}:{line}: {text}{also}")
+        if len(self.groups) == 1:
+            raise DataError(shown[0])
+        more = f"; the first {len(shown)} by line:" if len(self.groups) > len(shown) else ":"
+        raise DataError(f"{self.path}: {self.count} problems{more}\n" + "\n".join(f"  {line}" for line in shown))
+
+
 @dataclass
 class ReadSummary:
     """What a read found, and every row it left out, by reason."""
@@ -101,8 +150,16 @@ def _chunks(path: Path, columns: list[str], rows: int, progress: bool):
                 bar.update(min(handle.tell(), size) - bar.n)  # the parser reads ahead: close enough
                 yield line, chunk[columns]
                 line += len(chunk)
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        except pd.errors.ParserError as exc:
+            # pandas names the file's own line: "Expected 7 fields in line 13, saw 8".
+            fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+            if fields:
+                raise DataError(f"{path}:{fields.group(2)}: {fields.group(3)} fields where the header has "
+                                f"{fields.group(1)}: quote a value that holds a comma, or remove the extra field") \
+                    from None
             raise DataError(f"{path}: not a readable CSV file after line {line - 1} ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not a readable CSV file after line {line - 1} (not UTF-8 text: {exc})") from None
 
 
 def _column(text) -> np.ndarray:
@@ -119,23 +176,22 @@ def _column(text) -> np.ndarray:
         return exact
 
 
-def _numbers(path: Path, chunk, columns: list[str], first_line: int, feature_hint: bool = False) -> np.ndarray:
-    """The columns as float64 (rows, len(columns)); a missing, non-numeric or infinite value stops with its place."""
+def _numbers(problems: Problems, chunk, columns: list[str], first_line: int, feature_hint: bool = False) -> np.ndarray:
+    """The columns as float64 (rows, len(columns)); each empty, non-numeric or infinite cell is a problem (NaN here)."""
     values = np.column_stack([_column(chunk[c]) for c in columns]) if len(chunk) else np.empty((0, len(columns)))
     bad = ~np.isfinite(values)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        text = chunk[columns[col]].iloc[row]
+    for row, col in np.argwhere(bad)[:KEPT_PROBLEMS]:
+        column, text = columns[col], chunk[columns[col]].iloc[row]
         try:
             float(text)
-            what = f"must be finite, got {text!r}"
+            what, kind = f"must be finite, got {text!r}", "finite"
         except ValueError:
-            what = "is missing" if not text.strip() else f"must be a number, got {text!r}"
-        hint = ""
-        if feature_hint and what.startswith("must be a number"):
-            hint = (f"; if '{columns[col]}' is not a feature, leave it out with --exclude-columns {columns[col]} "
-                    "(or name the features with --features)")
-        raise DataError(f"{path}:{first_line + row}: column '{columns[col]}' {what}{hint}")
+            what, kind = ("has no value", "empty") if not text.strip() else (f"must be a number, got {text!r}", "number")
+        if feature_hint and kind == "number":
+            what += (f"; if '{column}' is not a feature, leave it out with --exclude-columns {column} "
+                     "(or name the features with --features)")
+        problems.add(first_line + int(row), f"column '{column}' {what}", key=(column, kind))
+    problems.count += max(0, int(bad.sum()) - KEPT_PROBLEMS)
     return values
 
 
@@ -219,8 +275,9 @@ def _read_users(path: Path, *, id_column: str | None, label_column: str | None, 
     columns = [*feature_names, *([id_column] if has_id else []), *([label_column] if has_label else []),
                *text_columns]
     blocks, ids, labels, extra = [], [], [], {c: [] for c in text_columns}
+    problems = Problems(path)
     for first_line, chunk in _chunks(path, columns, USER_CHUNK, progress):
-        blocks.append(_numbers(path, chunk, list(feature_names), first_line, feature_hint=True))
+        blocks.append(_numbers(problems, chunk, list(feature_names), first_line, feature_hint=True))
         if has_id:
             ids.append(chunk[id_column].to_numpy(str))
         if has_label:
@@ -233,15 +290,16 @@ def _read_users(path: Path, *, id_column: str | None, label_column: str | None, 
     if user_ids is not None:
         import pandas as pd
 
-        duplicated = pd.Index(user_ids).duplicated()
-        if duplicated.any():
-            row = int(np.flatnonzero(duplicated)[0])
-            first = int(np.flatnonzero(user_ids == user_ids[row])[0])
-            raise DataError(f"{path}:{row + 2}: column '{id_column}': user id {str(user_ids[row])!r} appears again "
-                            f"(first on line {first + 2}); each user needs one row")
+        duplicated = np.flatnonzero(pd.Index(user_ids).duplicated())
+        if duplicated.size:
+            _, first, inverse = np.unique(user_ids, return_index=True, return_inverse=True)
+            for row in duplicated[:KEPT_PROBLEMS]:
+                problems.add(int(row) + 2, f"column '{id_column}': user id {str(user_ids[row])!r} appears again "
+                                           f"(first on line {int(first[inverse[row]]) + 2}); each user needs one row")
         empty = np.flatnonzero(np.char.str_len(user_ids.astype(str)) == 0) if user_ids.size else []
-        if len(empty):
-            raise DataError(f"{path}:{int(empty[0]) + 2}: column '{id_column}' is missing")
+        for row in empty[:KEPT_PROBLEMS]:
+            problems.add(int(row) + 2, f"column '{id_column}' has no value", key=(id_column, "empty"))
+    problems.raise_any()
     return _Users(np.concatenate(blocks), feature_names, left_out, user_ids, labels if has_label else None, extra)
 
 
@@ -330,27 +388,27 @@ def load_two_files(users_path: str | Path, interactions_path: str | Path, *, use
     index = pd.Index(users.ids)
     catalogue = Catalogue()
     rows, items, weights = [], [], []
+    problems = Problems(interactions_path)
     for first_line, chunk in _chunks(interactions_path, wanted, INTERACTION_CHUNK, progress):
         summary.interactions += len(chunk)
         item_text = chunk[item_column]
-        empty = (item_text.str.strip() == "").to_numpy()
-        if empty.any():
-            raise DataError(f"{interactions_path}:{first_line + int(np.flatnonzero(empty)[0])}: "
-                            f"column '{item_column}' is missing")
+        for row in np.flatnonzero((item_text.str.strip() == "").to_numpy())[:KEPT_PROBLEMS]:
+            problems.add(first_line + int(row), f"column '{item_column}' has no value", key=(item_column, "empty"))
         if weight_column:
-            w = _numbers(interactions_path, chunk, [weight_column], first_line)[:, 0]
-            if (w <= 0).any():
-                row = int(np.flatnonzero(w <= 0)[0])
-                raise DataError(f"{interactions_path}:{first_line + row}: column '{weight_column}' must be "
-                                f"positive, got {chunk[weight_column].iloc[row]!r}")
+            w = _numbers(problems, chunk, [weight_column], first_line)[:, 0]
+            for row in np.flatnonzero(w <= 0)[:KEPT_PROBLEMS]:
+                problems.add(first_line + int(row), f"column '{weight_column}' must be positive, got "
+                                                    f"{chunk[weight_column].iloc[row]!r}", key=(weight_column, "sign"))
         user_rows = index.get_indexer(chunk[user_column])
         known = user_rows >= 0
         if not known.all():
             if not skip_unknown_users:
-                row = int(np.flatnonzero(~known)[0])
-                raise DataError(f"{interactions_path}:{first_line + row}: column '{user_column}': user "
-                                f"{chunk[user_column].iloc[row]!r} is not in {users_path.name}; add the user, or "
-                                "skip such rows with --skip-unknown-users (they are counted)")
+                for row in np.flatnonzero(~known)[:KEPT_PROBLEMS]:
+                    problems.add(first_line + int(row), f"column '{user_column}': user "
+                                 f"{chunk[user_column].iloc[row]!r} is not in {users_path.name}; add the user, or "
+                                 "skip such rows with --skip-unknown-users (they are counted)",
+                                 key=(user_column, "unknown"))
+                continue
             summary.interactions_of_unknown_users_skipped += int((~known).sum())
             user_rows, item_text = user_rows[known], item_text[known]
             if weight_column:
@@ -361,6 +419,7 @@ def load_two_files(users_path: str | Path, interactions_path: str | Path, *, use
         items.append(catalogue.codes(item_text.to_numpy(object)).astype(np.int32))
     if summary.interactions == 0:
         raise DataError(f"{interactions_path}: no data rows after the header")
+    problems.raise_any()
     return _finish(users, np.concatenate(rows), np.concatenate(items), catalogue,
                    np.concatenate(weights) if weight_column else None, summary, drop_users_without_interactions,
                    interactions_path), summary

@@ -151,6 +151,39 @@ def write_held_out(directory: Path, train: UserData, test: UserData, k: int) -> 
     (directory / "popularity.json").write_text(json.dumps({"k": k, "item_ids": [str(i) for i in train.item_ids[best]]}))
 
 
+EXAMPLES_PREFIX = ".examples-"  # the training examples' shards, in --out while a run trains: .examples-<pid>-<random>
+
+
+def remove_leftover_examples(out: Path) -> list[Path]:
+    """Remove the example folders that runs which are gone (killed before their clean-up) left in ``out``; the
+    folders removed. A folder of a process that still runs (another training into the same --out) is kept."""
+    removed = []
+    for folder in sorted(out.glob(f"{EXAMPLES_PREFIX}*")) if out.is_dir() else []:
+        pid = folder.name[len(EXAMPLES_PREFIX):].split("-")[0]
+        if folder.is_dir() and (not pid.isdigit() or not _running(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+class Terminated(SystemExit):
+    """SIGTERM (a pod deleted, a pipeline task cancelled): exit 143, running every clean-up on the way out."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(128 + signum)
+
+
 def peak_memory_gib() -> float:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -171,6 +204,25 @@ def without_workers_flag(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train, export, report; SIGTERM ends it with exit 143 after removing what it wrote so far (the examples'
+    shards; a version is written under a temporary name and renamed into place last, so none is half there)."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.distributed_workers > 1:
@@ -239,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     batch_size -= batch_size % workers  # each worker takes an equal share of every step's users
     if chief:
         args.out.mkdir(parents=True, exist_ok=True)
+        for folder in remove_leftover_examples(args.out):
+            say(f"removed {folder}, left by a run that was killed before it could clean up")
     # Every worker writes the same shards (same users, same seed) and reads only its own files of them.
-    shards = Path(tempfile.mkdtemp(prefix=".examples-", dir=args.out if chief else None))
+    shards = Path(tempfile.mkdtemp(prefix=f"{EXAMPLES_PREFIX}{os.getpid()}-", dir=args.out if chief else None))
     steps_per_epoch = -(-train.n_users // batch_size)
     training_started = time.monotonic()
     try:

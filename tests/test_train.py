@@ -230,3 +230,25 @@ def test_command_line_tools_do_not_import_kserve(module):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_sigterm_during_training_exits_143_and_leaves_nothing_behind(tmp_path):
+    """A pod deleted or a pipeline task cancelled mid-training: the examples' shards and the half-written version
+    are removed on the way out; the exit status says it was terminated."""
+    import signal
+    import time
+
+    out = tmp_path / "build"
+    process = subprocess.Popen([sys.executable, "-m", "model.train", "--users", "3000", "--items", "80", "--epochs",
+                                "200", "--embedding-dim", "8", "--out", str(out), "--quiet"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".examples-*/*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert list(out.glob(".examples-*")), "training never wrote its examples"
+    time.sleep(1.0)  # into the epochs
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [], sorted(p.name for p in out.iterdir())
+    assert "Traceback" not in err

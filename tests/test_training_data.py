@@ -97,15 +97,15 @@ EVENTS = "user_id,item_id\nann,1\nbob,2\n"
         (USERS, "user,item_id\nann,1\n", "events.csv: no 'user_id' column; its columns are user, item_id"),
         ("user_id\nann\n", EVENTS, "users.csv: no feature columns besides user_id"),
         ("user_id,a,b\nann,1,2\nbob,x,4\n", EVENTS, "users.csv:3: column 'a' must be a number, got 'x'"),
-        ("user_id,a,b\nann,1,\nbob,3,4\n", EVENTS, "users.csv:2: column 'b' is missing"),
+        ("user_id,a,b\nann,1,\nbob,3,4\n", EVENTS, "users.csv:2: column 'b' has no value"),
         ("user_id,a,b\nann,1,inf\n", EVENTS, "users.csv:2: column 'b' must be finite, got 'inf'"),
         ("user_id,a,b\nann,1,NaN\n", EVENTS, "users.csv:2: column 'b' must be finite, got 'NaN'"),
         ("user_id,a,b\nann,1,2\nbob,3,4\nann,5,6\n", EVENTS,
          "users.csv:4: column 'user_id': user id 'ann' appears again \\(first on line 2\\)"),
-        (USERS, "user_id,item_id\nann,1\nbob,\n", "events.csv:3: column 'item_id' is missing"),
-        (USERS, "user_id,item_id\nann,1\nbob\n", "events.csv:3: column 'item_id' is missing"),  # a short row
+        (USERS, "user_id,item_id\nann,1\nbob,\n", "events.csv:3: column 'item_id' has no value"),
+        (USERS, "user_id,item_id\nann,1\nbob\n", "events.csv:3: column 'item_id' has no value"),  # a short row
         (USERS, "user_id,item_id\nann,1\nann,1\n", "need at least two distinct items"),
-        (USERS, "user_id,item_id\nann,1\nbob,2,3\n", "events.csv: not a readable CSV file after line 1 .*Expected 2 fields in line 3, saw 3"),
+        (USERS, "user_id,item_id\nann,1\nbob,2,3\n", "events.csv:3: 3 fields where the header has 2: quote a value that holds a comma, or remove the extra field"),
     ],
 )
 def test_two_file_errors_name_file_line_and_column(tmp_path, users, events, message):
@@ -116,7 +116,7 @@ def test_two_file_errors_name_file_line_and_column(tmp_path, users, events, mess
 
 
 @pytest.mark.parametrize("weight, message", [("x", "must be a number, got 'x'"), ("0", "must be positive, got '0'"),
-                                             ("-2", "must be positive, got '-2'"), ("", "is missing")])
+                                             ("-2", "must be positive, got '-2'"), ("", "has no value")])
 def test_bad_weights_name_their_line(tmp_path, weight, message):
     (tmp_path / "users.csv").write_text(USERS)
     (tmp_path / "events.csv").write_text(f"user_id,item_id,w\nann,1,1\nbob,2,{weight}\n")
@@ -199,7 +199,7 @@ def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, sma
     with pytest.raises(DataError) as ghost:
         load_two_files(users, events)
     assert str(ghost.value) == (f"{events}:4: column 'user_id': user 'ghost' is not in users.csv; add the user, or "
-                                "skip such rows with --skip-unknown-users (they are counted)")
+                                "skip such rows with --skip-unknown-users (they are counted) (also on lines 5, 7)")
     ghosts = write_text(tmp_path / "ghosts.csv", "user_id,item_id\nghost,1\nghost,2\n")
     with pytest.raises(DataError) as nothing:
         load_two_files(users, ghosts, skip_unknown_users=True)
@@ -207,7 +207,7 @@ def test_chunked_reads_count_lines_skips_and_weights_across_chunks(tmp_path, sma
     with pytest.raises(DataError) as no_id:
         load_two_files(write_text(tmp_path / "ids.csv", "user_id,a\nu1,1\nu2,2\n,3\n"), events,
                        skip_unknown_users=True)
-    assert str(no_id.value) == f"{tmp_path / 'ids.csv'}:4: column 'user_id' is missing"
+    assert str(no_id.value) == f"{tmp_path / 'ids.csv'}:4: column 'user_id' has no value"
 
 
 def test_a_user_with_one_interaction_is_kept_when_users_without_any_are_dropped(tmp_path):
@@ -413,7 +413,7 @@ def test_excluded_columns_are_left_out_and_a_text_column_says_how_to_leave_it_ou
         load_two_files(users, events, user_column="customer", item_column="product")
     assert str(text.value) == (f"{users}:2: column 'country' must be a number, got 'DE'; if 'country' is not a "
                                "feature, leave it out with --exclude-columns country (or name the features with "
-                               "--features)")
+                               "--features) (also on lines 3, 4)")
     # A target column not named like the label would be a feature (leakage): the summary shows it, and this drops it.
     data, summary = load_two_files(users, events, user_column="customer", item_column="product",
                                    exclude=["country", "churned"])
@@ -450,3 +450,68 @@ def test_a_label_column_is_never_a_feature(tmp_path):
     data, summary = load_two_files(labelled, events, label_column="tier")
     assert data.feature_names == ("a",) and data.segments.tolist() == [0, 1]
     assert ("tier", "known segment label (--label-column)") in summary.left_out
+
+
+def test_every_problem_of_a_file_is_reported_in_one_run_with_its_line_and_what_the_cell_holds(tmp_path):
+    """Five faults, one run: a text where a number goes, an empty cell, an infinite value, a repeated id, an empty id;
+    each named by line and column (a text column once, with its other lines)."""
+    users = write_text(tmp_path / "customers.csv", "user_id,visits,basket,tier\n"
+                                                   "u1,3,20.5,gold\n"
+                                                   "u2,lots,3.0,gold\n"      # 3: not a number
+                                                   "u3,1,,silver\n"          # 4: empty
+                                                   "u4,2,inf,gold\n"         # 5: infinite
+                                                   "u2,5,1.0,gold\n"         # 6: u2 again
+                                                   ",4,2.0,gold\n")          # 7: no id
+    events = write_text(tmp_path / "events.csv", "user_id,item_id\nu1,p\nu3,q\n")
+    with pytest.raises(DataError) as faults:
+        load_two_files(users, events, label_column="tier")
+    assert str(faults.value).splitlines() == [
+        f"{users}: 5 problems:",
+        f"  {users}:3: column 'visits' must be a number, got 'lots'; if 'visits' is not a feature, leave it out with "
+        "--exclude-columns visits (or name the features with --features)",
+        f"  {users}:4: column 'basket' has no value",
+        f"  {users}:5: column 'basket' must be finite, got 'inf'",
+        f"  {users}:6: column 'user_id': user id 'u2' appears again (first on line 3); each user needs one row",
+        f"  {users}:7: column 'user_id' has no value"]
+
+
+def test_a_file_with_more_problems_than_shown_says_how_many(tmp_path):
+    from model.csv_input import MAX_PROBLEMS
+
+    rows = "".join(f"u{i},{'x' if i % 2 else 1},{i}\n" for i in range(60))
+    users = write_text(tmp_path / "users.csv", "user_id,a,b\n" + rows + "".join(f"u{i},1,{i}\n" for i in range(30)))
+    events = write_text(tmp_path / "events.csv", "user_id,item_id\nu0,p\nu2,q\n")
+    with pytest.raises(DataError) as faults:
+        load_two_files(users, events)
+    lines = str(faults.value).splitlines()
+    assert lines[0] == f"{users}: 60 problems; the first {MAX_PROBLEMS} by line:"
+    assert lines[1] == (f"  {users}:3: column 'a' must be a number, got 'x'; if 'a' is not a feature, leave it out with "
+                        "--exclude-columns a (or name the features with --features) (also on lines 5, 7, 9, 11, 13 and "
+                        "24 more)")
+    assert len(lines) == 1 + MAX_PROBLEMS and lines[2].startswith(f"  {users}:62: column 'user_id': user id 'u0' "
+                                                                  "appears again (first on line 2)")
+
+
+def test_example_folders_left_by_killed_runs_are_removed_and_a_running_ones_kept(tmp_path):
+    import os
+
+    from model.train import remove_leftover_examples
+
+    dead = subprocess_pid_that_has_exited()
+    (tmp_path / f".examples-{dead}-abc").mkdir()
+    (tmp_path / f".examples-{dead}-abc" / "shard-0.tfrecord").write_bytes(b"x")
+    (tmp_path / ".examples-oldformat").mkdir()  # an earlier release's name, without a pid
+    (tmp_path / f".examples-{os.getpid()}-def").mkdir()  # a run that is still going
+    (tmp_path / "models").mkdir()
+    removed = remove_leftover_examples(tmp_path)
+    assert [p.name for p in removed] == [f".examples-{dead}-abc", ".examples-oldformat"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".examples-{os.getpid()}-def", "models"]
+    assert remove_leftover_examples(tmp_path / "nothing-here") == []
+
+
+def subprocess_pid_that_has_exited() -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
