@@ -79,5 +79,8 @@ fi
 # published bucket the way a pod does. Its S3 path needs only boto3 (the pipeline extra): without its other
 # dependencies (the Google, Azure, Hugging Face and OCI clients, for storage kinds the project does not use).
 .venv/bin/python -m pip install --quiet --progress-bar off --no-deps 'kserve-storage==0.21.0'
+# Triton's client, for the test that reads the v2 metadata with it as a Triton user would: its gRPC half, without
+# its dependencies, since it pins ml-dtypes<=0.5.4 where TensorFlow 2.21 needs 0.7 (its gRPC client uses neither).
+.venv/bin/python -m pip install --quiet --progress-bar off --no-deps 'tritonclient==2.73.0' 'python-rapidjson==1.25'
 rm -f .venv/.installed-*
 touch "$stamp"

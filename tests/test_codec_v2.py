@@ -139,7 +139,12 @@ BAD_REQUESTS = [
     (v2_body(*(column(n, [1]) for n in ("f0", "f1", "f0", "f2"))), None, 400, "invalid_tensor",
      PER_FEATURE.format("repeated 'f0'")),
     (v2_body(matrix(), matrix()), None, 400, "invalid_tensor",
-     PER_FEATURE.format("missing 'f0', 'f1', 'f2'; unknown 'features', 'features'; repeated 'features'")),
+     "inputs: 'features' [n, 3] is the only tensor of the matrix form; 'features' comes 2 times: send it once (or "
+     "send one tensor [n] per feature instead of 'features')"),
+    # The valid matrix beside something else: only the something else is wrong.
+    (v2_body(matrix(), column("x", [1])), None, 400, "invalid_tensor",
+     "inputs: 'features' [n, 3] is the only tensor of the matrix form; remove 'x' (or send one tensor [n] per "
+     "feature instead of 'features')"),
     (v2_body(column("f0", [1]), column("f1", [1, 2], shape=[1, 2]), column("f2", [1])), None, 400,
      "invalid_tensor", "inputs[1] 'f1': shape [1, 2], expected [n] (or [n, 1])"),
     (v2_body(column("f0", [1]), column("f1", [1], shape=[1, 1, 1]), column("f2", [1])), None, 400,

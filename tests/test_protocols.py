@@ -5,13 +5,17 @@ directly); malformed requests get precise 4xx statuses or gRPC codes, never 5xx 
 """
 
 
+import json
+import subprocess
+import sys
+
 import grpc
 import httpx
 import numpy as np
 import orjson
 import pytest
 from conftest import (
-    MODEL_NAME, as_predictions, assert_same_predictions, column_request, grpc_infer, matrix_request, run,
+    MODEL_NAME, as_predictions, bundle_path, assert_same_predictions, column_request, grpc_infer, matrix_request, run,
 )
 from kserve import InferenceRESTClient, RESTConfig
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
@@ -75,9 +79,22 @@ def test_v2_grpc_both_forms_match_offline(stack, offline, raw_users, binary):
     assert_same_predictions(as_predictions(response), offline.predictions(rows[:50]))
 
 
-def test_v2_metadata_and_readiness_over_rest_and_grpc(stack, offline):
+def test_v2_metadata_and_readiness_over_rest_and_grpc(stack, offline, build_dir):
+    from transformer.store.bundle import sha256_of
+
     meta = httpx.get(f"{stack.transformer_url}/v2/models/{MODEL_NAME}", timeout=10).json()
     assert meta["inputs"] == [{"name": "features", "datatype": "FP64", "shape": [-1, len(offline.feature_names)]}]
+    # Beyond KServe's own ("versions": null, the tensors only): the versions, the artifact, both input forms.
+    digest = sha256_of(bundle_path(build_dir, 1) / "manifest.json")
+    assert meta["versions"] == ["1"] and meta["parameters"]["version"] == "1"
+    assert meta["parameters"]["manifest_sha256"] == digest
+    assert meta["parameters"]["feature_names"] == list(offline.feature_names)
+    assert [t["name"] for t in meta["parameters"]["per_feature_inputs"]] == list(offline.feature_names)
+    assert httpx.get(f"{stack.transformer_url}/v2/models/{MODEL_NAME}/versions/1", timeout=10).json() == meta
+    missing = httpx.get(f"{stack.transformer_url}/v2/models/{MODEL_NAME}/versions/99", timeout=10)
+    assert missing.status_code == 404 and missing.json() == {"error": f"model {MODEL_NAME} has no version 99 "
+                                                                      "loaded; it has 1"}
+    assert httpx.get(f"{stack.transformer_url}/v2/models/nope", timeout=10).status_code == 404
     k = offline.rules["top_k"]
     assert meta["outputs"] == [
         {"name": "segment", "datatype": "INT64", "shape": [-1]},
@@ -95,7 +112,19 @@ def test_v2_metadata_and_readiness_over_rest_and_grpc(stack, offline):
             return ready.ready, meta
 
     ready, meta = run(over_grpc())
-    assert ready
+    assert ready and list(meta.versions) == ["1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("features", "FP64", [-1, len(offline.feature_names)])]
+
+    # Triton's client, in a process of its own: its protos and KServe's share the package name "inference".
+    probe = ("import json, sys, tritonclient.grpc as triton; "
+             "print(json.dumps(triton.InferenceServerClient(sys.argv[1]).get_model_metadata(sys.argv[2], as_json=True)))")
+    done = subprocess.run([sys.executable, "-c", probe, stack.grpc_target, MODEL_NAME], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    triton_meta = json.loads(done.stdout)
+    assert triton_meta["name"] == MODEL_NAME and triton_meta["versions"] == ["1"]
+    assert [t["name"] for t in triton_meta["outputs"]] == ["segment", "segment_distance", "item_ids", "item_scores"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("segment", "INT64", [-1]), ("segment_distance", "FP32", [-1]),
         ("item_ids", "INT64", [-1, k]), ("item_scores", "FP32", [-1, k])]
@@ -133,7 +162,7 @@ MALFORMED = [
                                                       "float32 range"),
     ({"inputs": [_input(shape=(0, 12), data=[])]}, "no rows; send at least one"),
     ({"inputs": [_input(name="sessions_30d", shape=(1,), data=[1.0])]}, "missing 'page_views_30d'"),
-    ({"inputs": [_input(), _input()]}, "repeated 'features'"),
+    ({"inputs": [_input(), _input()]}, "'features' comes 2 times: send it once"),
     ({"inputs": [_input(name="nope")]}, "unknown 'nope'"),
     ({"inputs": [_input()], "outputs": [{"name": "embedding"}]}, "unknown output(s) 'embedding'"),
 ]

@@ -73,6 +73,22 @@ def test_a_v2_request_is_answered_with_fused_modes_tensors(tmp_path):
     assert [o["datatype"] for o in model.get_output_types()] == ["INT64", "FP32", "BYTES", "FP32"]
 
 
+def test_the_v2_metadata_describes_the_versions_the_features_and_the_artifact(tmp_path):
+    model = transformer(tmp_path, 3, 4)
+    asyncio.run(model.versions.refresh())
+    meta = model.metadata()
+    assert (meta["name"], meta["versions"], meta["platform"]) == ("embedder", ["4", "3"], "")
+    assert meta["inputs"] == model.get_input_types() and meta["outputs"] == model.get_output_types()
+    assert meta["parameters"] == {
+        "version": "4", "manifest_sha256": names(tmp_path, 4)["x-model-manifest-sha256"], "feature_names": ["a", "b"],
+        "per_feature_inputs": [{"name": "a", "datatype": "FP64", "shape": [-1]},
+                               {"name": "b", "datatype": "FP64", "shape": [-1]}],
+        "top_k": 2, "min_score": 0.25}
+    assert model.metadata(3)["parameters"]["manifest_sha256"] == names(tmp_path, 3)["x-model-manifest-sha256"]
+    with pytest.raises(KeyError, match="model embedder has no version 7 loaded; it has 4, 3"):
+        model.metadata(7)
+
+
 def test_a_request_whose_version_tf_serving_dropped_is_answered_once_more_by_the_other(tmp_path, caplog):
     tf_serving = TFServing(3)
     model = transformer(tmp_path, 3, 4, tf_serving=tf_serving)

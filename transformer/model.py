@@ -274,6 +274,41 @@ class EmbedderTransformer(kserve.Model):
         return tensor_metadata(pipeline.feature_names, min(pipeline.rules.top_k, pipeline.spec.n_items),
                                catalogue is not None and catalogue.dtype.kind == "U")
 
+    def metadata(self, version: int | None = None) -> dict:
+        """v2 model metadata of the active version (or of ``version``, when it is loaded): KServe's fields filled in
+        (``versions``: every version loaded, newest first) and, as the REST extension ``parameters``, what a client
+        needs beside the tensors: the version and its manifest's sha256, the feature names in the order of the
+        ``features`` columns, the per-feature form of the input, and the rules.
+
+        Raises:
+            KeyError: ``version`` is not loaded (the message says which are).
+        """
+        loaded = dict(self.versions.loaded) if self.versions is not None else {}
+        served = self.versions.active if version is None and self.versions is not None else loaded.get(version)
+        if served is None:
+            raise KeyError(f"model {self.name} has no version {version} loaded; it has "
+                           f"{', '.join(map(str, sorted(loaded, reverse=True))) or 'none'}")
+        pipeline = served.pipeline
+        catalogue = pipeline.catalogue
+        inputs, outputs = tensor_metadata(pipeline.feature_names, min(pipeline.rules.top_k, pipeline.spec.n_items),
+                                          catalogue is not None and catalogue.dtype.kind == "U")
+        return {
+            "name": self.name,
+            "versions": [str(v) for v in sorted(loaded, reverse=True)],
+            "platform": "",
+            "inputs": inputs,
+            "outputs": outputs,
+            "parameters": {
+                "version": str(served.version),
+                "manifest_sha256": pipeline.bundle.manifest_sha256,
+                "feature_names": list(pipeline.feature_names),
+                "per_feature_inputs": [{"name": name, "datatype": "FP64", "shape": [-1]}
+                                       for name in pipeline.feature_names],
+                "top_k": pipeline.rules.top_k,
+                "min_score": pipeline.rules.min_score,
+            },
+        }
+
     def get_input_types(self) -> list[dict]:
         """v2 metadata: ``features`` FP64 [-1, F] (one tensor per feature name is accepted too)."""
         return self._tensor_metadata()[0]

@@ -212,6 +212,14 @@ def parse_v2(request: V2Request, feature_names: tuple[str, ...], max_rows: int) 
                                f"order: {', '.join(feature_names)})", cause="invalid_tensor")
         X = _rows(where, tensor.shape[0], max_rows, tensor.values.reshape(tensor.shape))
         columns = feature_names
+    elif FEATURES in names and FEATURES not in feature_names:
+        # The matrix form with something beside it: what is wrong is the rest, not the matrix.
+        others, times = [n for n in names if n != FEATURES], names.count(FEATURES)
+        wrong = ([f"'{FEATURES}' comes {times} times: send it once"] if times > 1 else []) + \
+            ([f"remove {', '.join(map(repr, others))}"] if others else [])
+        raise RequestError(f"inputs: '{FEATURES}' [n, {n_features}] is the only tensor of the matrix form; "
+                           f"{'; '.join(wrong)} (or send one tensor [n] per feature instead of '{FEATURES}')",
+                           cause="invalid_tensor")
     else:
         missing = [n for n in feature_names if n not in names]
         unknown = [n for n in names if n not in feature_names]

@@ -126,6 +126,27 @@ class Endpoint:
                              self.max_body_bytes, self.decode, request.scope.get("client"))
 
 
+class Metadata:
+    """``GET /v2/models/{name}`` and ``.../versions/{version}``: the model's own description
+    (:meth:`EmbedderTransformer.metadata`), where KServe's answers only the tensors and ``"versions": null`` (and
+    500 for a version)."""
+
+    def __init__(self, dataplane):
+        self.dataplane = dataplane
+
+    async def __call__(self, model_name: str, model_version: str | None = None) -> Response:
+        model = self.dataplane.model_registry.get_model(model_name)
+        if model is None:
+            raise ModelNotFound(model_name)  # KServe's handler: 404
+        if model_version is not None and not model_version.isdigit():
+            return json_response({"error": f"model_version must be a version number, got {model_version!r}"}, 400,
+                                 {})
+        try:
+            return json_response(model.metadata(int(model_version) if model_version else None), 200, {})
+        except KeyError as exc:
+            return json_response({"error": exc.args[0]}, 404 if model_version else 503, {})
+
+
 class FastPath:
     """ASGI, in front of KServe's whole application: ``POST /v1/models/{name}:predict`` and
     ``POST /v2/models/{name}/infer`` for a registered model are answered here by :func:`respond`, the
@@ -244,6 +265,9 @@ def install(app, dataplane, model, model_name: str, max_body_bytes: int, predict
         raise ValueError(f"predict_path must be one of {', '.join(PREDICT_PATHS)}, got {predict_path!r}")
     for path, decode in (("/v1/models/{model_name}:predict", decode_v1), ("/v2/models/{model_name}/infer", decode_v2)):
         app.add_api_route(path, Endpoint(dataplane, max_body_bytes, decode), methods=["POST"], response_model=None)
+    if hasattr(model, "metadata"):
+        for path in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
+            app.add_api_route(path, Metadata(dataplane), methods=["GET"], response_model=None)
     app.add_middleware(ShedWhenFull, model=model, model_name=model_name)
     if predict_path == "fast":
         build = app.build_middleware_stack

@@ -9,8 +9,23 @@ import gc
 import logging
 
 from kserve import ModelServer, model_server
+from kserve.protocol.grpc import server as grpc_server
+from kserve.protocol.grpc.servicer import InferenceServicer
 
 from transformer.serving.rest import install
+
+
+class Servicer(InferenceServicer):
+    """KServe's gRPC servicer, whose ModelMetadata answers the model's versions too (KServe's leaves them out)."""
+
+    async def ModelMetadata(self, request, context):
+        answer = await super().ModelMetadata(request, context)
+        model = self._data_plane.model_registry.get_model(request.name)
+        try:
+            answer.versions.extend(model.metadata()["versions"])
+        except (AttributeError, KeyError):  # another kind of model, or no version loaded yet
+            pass
+        return answer
 
 
 def serve(model, args: argparse.Namespace) -> None:
@@ -58,6 +73,7 @@ def serve(model, args: argparse.Namespace) -> None:
         except ImportError:
             if args.event_loop == "uvloop":
                 raise
+    grpc_server.InferenceServicer = Servicer  # the class KServe's gRPC server instantiates
     # Everything loaded so far lives as long as the process: keep it out of the garbage collector's
     # full passes, which would otherwise scan it and stall the event loop for tens of milliseconds.
     gc.collect()
