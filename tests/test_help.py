@@ -117,3 +117,72 @@ def test_each_python_commands_help_describes_every_option_once_without_importing
         shown = action["shown"]
         assert "(default: None)" not in shown and "(default: )" not in shown and "(default: [])" not in shown, shown
         assert shown.count("(default:") <= 1, f"a default shown twice: {shown}"
+
+
+# -- every command line the READMEs give ---------------------------------------------------------------------------
+
+READMES = ["README.md", "model/README.md", "manifests/README.md", "transformer/README.md", "benchmarks/README.md",
+           "tests/README.md"]
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every `python -m MODULE ...` line in the READMEs' code blocks, continuation lines joined,
+    comments, `&` and the interpreter's path left out."""
+    import shlex
+
+    found = []
+    for readme in READMES:
+        inside, pending = False, ""
+        for number, line in enumerate((ROOT / readme).read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                inside = not inside
+                continue
+            if not inside:
+                continue
+            text = pending + line.strip()
+            if text.endswith("\\"):
+                pending = text[:-1] + " "
+                continue
+            pending = ""
+            if "python -m " not in text:
+                continue
+            words = shlex.split(text, comments=True)
+            while words and words[-1] == "&":
+                words.pop()
+            if len(words) >= 3 and words[0].endswith("python") and words[1] == "-m" and "|" not in words:
+                found.append((f"{readme}:{number}", words[2:]))
+    return found
+
+
+# Runs MODULE with the documented arguments up to its parser: the parse is real (an unknown flag, a wrong type or
+# choice fails as it would for a user), and the command stops once its parser accepted them.
+PARSE_ONLY = r"""
+import argparse, runpy, sys
+original = argparse.ArgumentParser.parse_known_args
+def accepted(self, args=None, namespace=None):
+    result = original(self, args, namespace)
+    if self.add_help and not result[1]:  # the command's own parser (kserve parses sys.argv with one without help),
+        # and nothing left over (parse_args refuses what is)
+        print("ACCEPTED")
+        sys.exit(0)
+    return result
+argparse.ArgumentParser.parse_known_args = accepted
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_readmes_give_command_lines():
+    commands = documented_commands()
+    assert len(commands) >= 15
+    assert {argv[0] for _, argv in commands} >= {"model.train", "model.pipeline", "model.synthetic", "scripts.benchmark",
+                                                  "scripts.localstack", "scripts.mutation", "pytest"}
+
+
+@pytest.mark.parametrize("where, argv", documented_commands(), ids=lambda v: v if isinstance(v, str) else None)
+def test_every_documented_command_line_is_accepted_by_its_command(where, argv):
+    if argv[0] in ("pytest", "pip", "venv"):
+        pytest.skip("not a command of this project")
+    done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "ACCEPTED" in done.stdout, f"{where}: python -m {' '.join(argv)}\n{done.stderr[-1500:]}"

@@ -190,11 +190,11 @@ def test_help_explains_the_transformers_own_flags(capsys, monkeypatch):
 
 
 def test_the_readme_lists_every_flag_with_its_default_and_help(monkeypatch):
-    """README's table of flags is the parser's: flag, default and the --help text, in order."""
+    """transformer/README.md's table of flags is the parser's: flag, default and the --help text, in order."""
     from scripts.localstack import ROOT
 
     monkeypatch.delenv(cli.TRUSTED_ENV, raising=False)
-    lines = (ROOT / "README.md").read_text().splitlines()
+    lines = (ROOT / "transformer" / "README.md").read_text().splitlines()
     table = lines[lines.index("| flag | default | |") + 2:]
     rows = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table[:table.index("")]]
 

@@ -157,7 +157,7 @@ def test_a_wheel_of_a_clean_clone_builds_without_a_deprecation_warning(tmp_path)
 
 
 def test_the_fast_tests_have_one_definition():
-    """README's fast command, the ``fast`` marker and the mutation runs' selection name the same tests: the files
+    """The READMEs' fast command, the ``fast`` marker and the mutation runs' selection name the same tests: the files
     listed once in pyproject.toml, less the heavy ones (tests/conftest.py marks the rest)."""
     import tomllib
 
@@ -167,8 +167,9 @@ def test_the_fast_tests_have_one_definition():
         "pytest_add_cli_args_test_selection"]
     assert selection == [*fast_files(), "-m", "fast"] and len(fast_files()) >= 15
     assert all((ROOT / name).exists() for name in fast_files())
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "tests" / "README.md").read_text()
     assert "\n.venv/bin/python -m pytest -m fast     # " in readme
+    assert "`.venv/bin/python -m pytest -m fast`" in (ROOT / "README.md").read_text()
     assert "-m \"not heavy\" tests/" not in readme
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "fast",
                                 "-p", "no:cacheprovider", *fast_files()[:2], "tests/test_packaging.py"],
