@@ -103,6 +103,14 @@ class UserData:
             user_ids=None if self.user_ids is None else self.user_ids[rows],
         )
 
+    def ids_fingerprint(self) -> str:
+        """The sha256 of the users' ids, sorted (row numbers when the data has no ids): which users these are,
+        whatever their order, as the held-out folder and the manifest both record them."""
+        import hashlib
+
+        ids = self.user_ids if self.user_ids is not None else np.arange(self.n_users)
+        return hashlib.sha256("\n".join(sorted(str(i) for i in ids)).encode()).hexdigest()
+
     def user_of_each_interaction(self) -> np.ndarray:
         """The user row of every interaction (int64, aligned with ``indices``)."""
         return np.repeat(np.arange(self.n_users, dtype=np.int64), self.counts())

@@ -96,6 +96,8 @@ class Evaluation:
     known_segment_agreement: float | None = None  # ARI of the candidate's segments with known labels
     thresholds: Thresholds = field(default_factory=Thresholds)
     interface_changes: list[str] = field(default_factory=list)  # what a served version's client would find changed
+    n_train_users: int | None = None  # the candidate's training users, from its manifest
+    split_problem: str = ""  # why the held-out users are not the candidate's test split ("": they are)
     reasons: list[str] = field(default_factory=list)  # why the candidate fails; empty: it passes
 
     @property
@@ -120,7 +122,9 @@ class Evaluation:
         lines = [
             f"# Quality gate: version {self.candidate} {'passes' if self.passed else 'fails'}",
             "",
-            f"On {self.n_users} held-out users (the candidate's split), best {self.k} items, ids compared as text.",
+            f"On {self.n_users} held-out users (the candidate's test split"
+            + (f"; it was trained on {self.n_train_users} others" if self.n_train_users is not None else "")
+            + f"), best {self.k} items, ids compared as text.",
             "",
             "| | recall@k | segments' agreement (ARI) |",
             "| --- | ---: | ---: |",
@@ -170,6 +174,7 @@ def evaluate(candidate_dir: str | Path, served_dir: str | Path | None, held_out:
     changes = []
     if served_dir is not None:
         changes = differences(Interface.of(load_bundle(served_dir)), Interface.of(load_bundle(candidate_dir)))
+    training = load_bundle(candidate_dir).manifest.get("training", {})
     candidate = answers_of(candidate_dir, held_out.features, k)
     served = answers_of(served_dir, held_out.features, k) if served_dir is not None and not changes else None
     # Every list is cut to the shortest (a version ranks at most its rules' top-k): recall@k of equals.
@@ -178,7 +183,8 @@ def evaluate(candidate_dir: str | Path, served_dir: str | Path | None, held_out:
     result = Evaluation(k=k, n_users=held_out.n_users, candidate=candidate.version,
                         candidate_recall=recall_at_k_of_ids(candidate.top_ids[:, :k], held_out),
                         popularity_recall=recall_at_k_of_ids(popularity, held_out), thresholds=thresholds,
-                        interface_changes=changes)
+                        interface_changes=changes, n_train_users=training.get("n_train_users"),
+                        split_problem=split_problem(training.get("held_out"), held_out))
     if changes:
         result.served = load_bundle(served_dir).version
     if held_out.segments is not None:
@@ -191,10 +197,25 @@ def evaluate(candidate_dir: str | Path, served_dir: str | Path | None, held_out:
     return result
 
 
+def split_problem(recorded: dict | None, held_out: UserData) -> str:
+    """Why ``held_out`` is not the test split the candidate's training recorded ("": it is, or nothing was
+    recorded). Measured on users it was trained on, a candidate would look better than it is."""
+    if not recorded:
+        return ""
+    fingerprint = held_out.ids_fingerprint()
+    if fingerprint == recorded.get("train_ids_sha256"):
+        return (f"the held-out users are the candidate's training users ({held_out.n_users} of them), not its test "
+                "split: its figures would be measured on users it learned from")
+    if held_out.n_users != recorded.get("users") or fingerprint != recorded.get("ids_sha256"):
+        return (f"the held-out users ({held_out.n_users}) are not the candidate's test split ({recorded.get('users')} "
+                "users, by their ids): pass the held-out folder its own training wrote")
+    return ""
+
+
 def reasons_to_fail(result: Evaluation) -> list[str]:
     """Why the measured candidate fails its thresholds (empty: it passes)."""
     t, k, recall = result.thresholds, result.k, result.candidate_recall
-    reasons = []
+    reasons = [result.split_problem] if result.split_problem else []
     if result.interface_changes:
         reasons.append(
             f"its interface is not version {result.served}'s, so every client of that version would break ("

@@ -365,6 +365,9 @@ def _main(argv: list[str] | None = None) -> int:
                     "seed": args.seed,
                     "test_fraction": args.test_fraction,
                     "n_train_users": train.n_users,
+                    # Which users the quality figures (and the gate, through --held-out) are measured on.
+                    "held_out": {"users": test.n_users, "ids_sha256": test.ids_fingerprint(),
+                                 "train_ids_sha256": train.ids_fingerprint()},
                     "n_train_interactions": train.n_interactions,
                     "batch_size": batch_size,
                     "workers": workers,

@@ -553,7 +553,7 @@ def test_the_gate_report_in_full():
     assert result.markdown() == (
         "# Quality gate: version 3 fails\n"
         "\n"
-        "On 300 held-out users (the candidate's split), best 5 items, ids compared as text.\n"
+        "On 300 held-out users (the candidate's test split), best 5 items, ids compared as text.\n"
         "\n"
         "| | recall@k | segments' agreement (ARI) |\n"
         "| --- | ---: | ---: |\n"
@@ -974,3 +974,24 @@ def test_run_local_refuses_a_store_that_is_one_models_folder_or_lacks_the_model(
         f"{tmp_path}/models holds no model 'embedder-v2' (it holds embedder, other): pass the store")
     assert store_problem(tmp_path / "models", "embedder-v2", True) is None
     assert "it is empty or does not exist" in store_problem(tmp_path / "nothing", "embedder", False)
+
+
+def test_the_gate_refuses_held_out_users_that_are_not_the_candidates_test_split():
+    from model.data import UserData
+    from model.gate import split_problem
+
+    def users(ids):
+        return UserData(features=np.zeros((len(ids), 1)), feature_names=("a",),
+                        indptr=np.zeros(len(ids) + 1, dtype=np.int64), indices=np.zeros(0, dtype=np.int32),
+                        item_ids=np.array([1, 2]), user_ids=np.array(ids))
+
+    test, train = users(["u3", "u1"]), users(["u2", "u4", "u5"])
+    recorded = {"users": 2, "ids_sha256": test.ids_fingerprint(), "train_ids_sha256": train.ids_fingerprint()}
+    assert split_problem(recorded, users(["u1", "u3"])) == ""  # the same users, in any order
+    assert split_problem(None, train) == ""  # a candidate trained before the split was recorded
+    assert split_problem(recorded, train) == (
+        "the held-out users are the candidate's training users (3 of them), not its test split: its figures would be "
+        "measured on users it learned from")
+    assert split_problem(recorded, users(["u1", "u9"])) == (
+        "the held-out users (2) are not the candidate's test split (2 users, by their ids): pass the held-out folder "
+        "its own training wrote")

@@ -252,3 +252,56 @@ def test_sigterm_during_training_exits_143_and_leaves_nothing_behind(tmp_path):
     assert process.returncode == 143, err[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [], sorted(p.name for p in out.iterdir())
     assert "Traceback" not in err
+
+
+def test_the_held_out_users_are_the_test_split_and_the_baseline_the_training_users(tmp_path):
+    """What the quality gate judges on: training's held-out folder holds exactly its test split (the count, the
+    users, none it trained on), the popularity baseline is the training users' (not the held-out ones'), the
+    manifest records which users each side was, and the gate measures on them and refuses the other side."""
+    import json
+
+    from model.gate import Thresholds, evaluate, read_held_out
+    from model.quality import popularity_top
+    from model.train import main as train, split_users
+
+    data = make_synthetic(n_users=800, n_items=40, seed=5)
+    users, interactions = tmp_path / "users.csv", tmp_path / "interactions.csv"
+    write_two_files(data, users, interactions)
+    out, held = tmp_path / "build", tmp_path / "held-out"
+    assert train(["--data", str(users), "--interactions", str(interactions), "--epochs", "2", "--embedding-dim", "8",
+                  "--top-k", "5", "--seed", "3", "--test-fraction", "0.25", "--out", str(out), "--held-out", str(held),
+                  "--no-fused", "--quiet"]) == 0
+
+    train_rows, test_rows = split_users(data.n_users, 0.25, 3)
+    expected_test, expected_train = data.subset(test_rows), data.subset(train_rows)
+    written, popularity = read_held_out(held)
+    assert written.n_users == expected_test.n_users == 200
+    assert sorted(written.user_ids) == sorted(expected_test.user_ids)
+    assert not set(written.user_ids) & set(expected_train.user_ids)
+    np.testing.assert_array_equal(written.features[np.argsort(written.user_ids)],
+                                  expected_test.features[np.argsort(expected_test.user_ids)])
+    by_training = [str(i) for i in data.item_ids[popularity_top(expected_train, 1, 5)[0]]]
+    by_held_out = [str(i) for i in data.item_ids[popularity_top(expected_test, 1, 5)[0]]]
+    assert popularity == by_training and by_training != by_held_out  # a swap would show
+
+    version = out / "models" / "embedder" / "1"
+    manifest = json.loads((bundle_path(out, 1) / "manifest.json").read_text())["training"]
+    assert manifest["n_train_users"] == 600 and manifest["held_out"]["users"] == 200
+    result = evaluate(version, None, written, popularity, k=5, thresholds=Thresholds(0.0, 0.1))
+    assert result.split_problem == "" and "On 200 held-out users (the candidate's test split; it was trained on 600 " \
+        "others)" in result.markdown()
+    # The same gate given the training users instead refuses, whatever the recall there.
+    trained_on = tmp_path / "wrong"
+    trained_on.mkdir()
+    write_two_files(expected_train, trained_on / "users.csv", trained_on / "interactions.csv")
+    wrong = evaluate(version, None, read_held_out_with(trained_on, popularity), popularity, k=5)
+    assert not wrong.passed and wrong.reasons[0].startswith("the held-out users are the candidate's training users")
+
+
+def read_held_out_with(folder, popularity):
+    import json
+
+    from model.gate import read_held_out
+
+    (folder / "popularity.json").write_text(json.dumps({"k": len(popularity), "item_ids": popularity}))
+    return read_held_out(folder)[0]
