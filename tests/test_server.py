@@ -515,3 +515,53 @@ def test_the_kserve_route_hands_admission_its_client_too():
         answer = client.post("/v1/models/embedder:predict", json={"instances": [[1, 2]]})
     assert answer.status_code == 200
     assert model.admission.seen == [(("testclient", 50000), None)]  # FastAPI's route cannot tell
+
+
+def test_every_per_version_series_moves_on_the_version_that_answered_across_an_update(tmp_path):
+    """A request on version 4, a switch to version 5, a request on version 5: each per-version series (requests by
+    outcome, features out of range, the segment mix) moves on the answering version only, and the drift gauges
+    follow the version answering new requests. Dashboards watch a rollout through exactly these."""
+    from small_bundle import new_version, write
+
+    from transformer.serving.metrics import DRIFT
+
+    client, model = serving(tmp_path, "fast")
+    try:
+        def series(version):
+            v = str(version)
+            return {"ok": metric_value("embedder_requests_total", model_version=v, outcome="ok", cause="ok"),
+                    "bad": metric_value("embedder_requests_total", model_version=v, outcome="client_error",
+                                        cause="invalid_value"),
+                    "segments": sum(metric_value("embedder_segment_assignments_total", model_version=v, segment=s)
+                                    for s in ("0", "1")),
+                    "out_of_range": sum(metric_value("embedder_feature_out_of_range_total", model_version=v,
+                                                     feature=f, side=side) for f in ("a", "b")
+                                        for side in ("below", "above"))}
+
+        def moved(before, version):
+            after = series(version)
+            return {k: after[k] - before[k] for k in after}
+
+        body = orjson.dumps({"instances": ROWS.tolist()})  # 5 rows; 4 values outside the training range
+        bad = orjson.dumps({"instances": [[float("nan"), 1.0]]}, option=orjson.OPT_SERIALIZE_NUMPY).replace(
+            b"null", b"NaN")
+        four, five = series(4), series(5)
+        assert client.post("/v1/models/embedder:predict", content=body).headers["x-model-version"] == "4"
+        assert client.post("/v1/models/embedder:predict", content=bad).status_code == 400
+        assert moved(four, 4) == {"ok": 1, "bad": 1, "segments": 5, "out_of_range": 4}
+        assert moved(five, 5) == {"ok": 0, "bad": 0, "segments": 0, "out_of_range": 0}
+        assert DRIFT.monitors["embedder"] is model.versions.loaded[4].metrics.drift
+
+        write(new_version(tmp_path, 5))
+        model._predictor.states[5] = "AVAILABLE"
+        client.portal.call(model.versions.refresh)
+        assert model.versions.active.version == 5
+        four, five = series(4), series(5)
+        assert client.post("/v1/models/embedder:predict", content=body).headers["x-model-version"] == "5"
+        assert client.post("/v1/models/embedder:predict", content=bad).status_code == 400
+        assert moved(five, 5) == {"ok": 1, "bad": 1, "segments": 5, "out_of_range": 4}
+        assert moved(four, 4) == {"ok": 0, "bad": 0, "segments": 0, "out_of_range": 0}
+        assert DRIFT.monitors["embedder"] is model.versions.loaded[5].metrics.drift is not None
+        assert metric_value("embedder_model_version") == 5
+    finally:
+        client.__exit__(None, None, None)
