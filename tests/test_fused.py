@@ -104,6 +104,31 @@ def test_compiled_scalers_match_scikit_learn():
         np.testing.assert_allclose(got, estimator.transform(probe), rtol=0, atol=1e-12, err_msg=str(estimator))
 
 
+@pytest.mark.parametrize("distribution", ["normal", "uniform"])
+def test_the_fused_scaler_matches_the_kernels_at_and_just_past_the_quantile_tables_ends(distribution):
+    """Where interpolation ends: each quantile table's first and last entries, a hair inside and outside them
+    (either side of scikit-learn's 1e-7 bound margin), between the last two and the first two entries, and far
+    out. With normal output the far probes alone are clipped to the same bounds whatever the interpolation does,
+    so the probes just past the ends are what would show a wrong extrapolation there."""
+    from transformer.steps.fitted import scaler_steps
+    from transformer.steps.kernels import steps_kernel
+
+    rng = np.random.default_rng(9)
+    X = np.column_stack([rng.lognormal(1, 1.5, 400), rng.integers(0, 5, 400).astype(float), rng.normal(size=400)])
+    estimator = QuantileTransformer(n_quantiles=25, output_distribution=distribution).fit(X)
+    table = estimator.quantiles_
+    probes = [table[0], table[-1], (table[0] + table[1]) / 2, (table[-2] + table[-1]) / 2]
+    for margin in (1e-9, 5e-8, 1e-7, 2e-7, 1e-6, 1e-3, 1.0):
+        probes += [table[0] - margin, table[-1] + margin, table[0] + margin, table[-1] - margin]
+    probes += [table[0] - 1e3, table[-1] + 1e3]
+    probe = np.vstack(probes)
+    fused = compile_scaler(estimator)(tf.constant(probe)).numpy()
+    kernel = steps_kernel(scaler_steps(estimator)).transform(probe)
+    np.testing.assert_allclose(fused, estimator.transform(probe), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fused, kernel, rtol=0, atol=1e-12)
+    assert len(np.unique(fused[:, 0])) > 5  # the probes reach distinct values, not only the two bounds
+
+
 def test_compiled_segmenter_ties_and_distances():
     centers = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     km = KMeans(n_clusters=3, n_init=1, init=centers, max_iter=1).fit(centers)
