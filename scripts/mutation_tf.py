@@ -1,0 +1,283 @@
+"""Mutation testing of the TensorFlow half: each mutant of a TF module judged in a fresh process.
+
+    .venv/bin/python -m scripts.mutation_tf --module model/export.py --module model/fuse.py   # 60 mutants each
+
+mutmut (``scripts/mutation.py``) judges each mutant in a child forked from a process that has run the tests:
+TensorFlow does not survive that fork, so the modules only TensorFlow runs were left unmeasured. Here each
+mutant is a fresh ``python -m pytest`` over the tests that reach its module (:data:`REACHING`), in a copy of
+the tree where that one module is replaced by its mutant. That costs TensorFlow's import per mutant, so a module
+is judged on a sample: mutants drawn evenly over its functions (each function in turn, a seeded random pick
+within it), the seed in the report.
+
+The mutations are mutmut's kinds, made on the module's syntax tree: an arithmetic or comparison operator
+swapped, ``and``/``or`` swapped, a ``not`` dropped, a number changed by one (or a float doubled), a boolean
+flipped, a string changed. Docstrings are left alone. A mutant is *killed* when a test fails, *timed out* when
+the tests run three times longer than on the clean code (counted as caught), *survived* otherwise. Writes
+``tests/mutation-report-tf.md`` with the diff of every survivor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from scripts.localstack import ROOT
+from transformer.helpformat import HelpFormatter
+
+REPORT = ROOT / "tests" / "mutation-report-tf.md"
+COPIED = ("transformer", "model", "scripts", "tests", "pyproject.toml", "README.md")
+# The tests that reach each TensorFlow module and run in seconds (small models, a few steps): what judges it.
+REACHING = {
+    "model/export.py": ["tests/test_export.py"],
+    "model/fuse.py": ["tests/test_fused.py", "-k", "compiled or quantile_tables or mismatch or unsupported"],
+    "model/embedder.py": ["tests/test_export.py", "tests/test_train.py", "-k",
+                          "test_export or held_out_users_are_the_test_split"],
+}
+SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+         ast.Pow: ast.Mult, ast.Mod: ast.FloorDiv, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
+         ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn,
+         ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    module: str
+    function: str
+    line: int
+    index: int  # which mutation point of the module
+    before: str
+    after: str
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                ids.add(id(first.value))
+    return ids
+
+
+def _mutated(node: ast.AST) -> ast.AST | None:
+    """The node with one mutation, or None when it has none."""
+    if isinstance(node, (ast.BinOp, ast.BoolOp, ast.AugAssign)) and type(node.op) in SWAPS:
+        new = copy.copy(node)
+        new.op = SWAPS[type(node.op)]()
+        return new
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in SWAPS:
+        new = copy.copy(node)
+        new.ops = [SWAPS[type(node.ops[0])]()]
+        return new
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return node.operand
+    if isinstance(node, ast.Constant):
+        value = node.value
+        if isinstance(value, bool):
+            return ast.Constant(not value)
+        if isinstance(value, int):
+            return ast.Constant(value + 1)
+        if isinstance(value, float):
+            return ast.Constant(value * 2 if value else 1.0)
+        if isinstance(value, str) and value:
+            return ast.Constant("XX" + value + "XX")
+    return None
+
+
+def make_mutant(path: Path, index: int) -> tuple[str, Mutant]:
+    """The module's source with mutation point ``index`` applied, and what it changed."""
+    source = path.read_text()
+    tree = ast.parse(source)
+    function, node = mutation_points_of(tree)[index]
+    replacement = _mutated(node)
+    lines = source.splitlines()
+    before = lines[node.lineno - 1].strip() if hasattr(node, "lineno") else ""
+
+    class Swap(ast.NodeTransformer):
+        def generic_visit(self, current):
+            if current is node:
+                return ast.copy_location(replacement, current)
+            return super().generic_visit(current)
+
+    original, changed = ast.unparse(node), ast.unparse(replacement)
+    mutated = ast.unparse(ast.fix_missing_locations(Swap().visit(tree)))
+    after = before.replace(original, changed, 1) if original in before else f"{before}  # {original} -> {changed}"
+    return mutated, Mutant(path.relative_to(ROOT).as_posix(), function, getattr(node, "lineno", 0), index, before,
+                           after)
+
+
+CLI_FUNCTIONS = {"main", "parse_args"}  # the command line, not what TensorFlow runs: judged by tests/test_help.py
+
+
+def mutation_points_of(tree: ast.AST) -> list[tuple[str, ast.AST]]:
+    """(function, node) of every mutable node whose innermost scope is a function or method of the module, in
+    source order. Left alone: docstrings, help texts and the parts of f-strings (messages), and the command line's
+    own functions (:data:`CLI_FUNCTIONS`)."""
+    skip = _docstrings(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "help":
+            skip.update(id(n) for n in ast.walk(node.value))
+        if isinstance(node, ast.JoinedStr):
+            skip.update(id(n) for n in node.values if isinstance(n, ast.Constant))
+    points = []
+
+    def visit(node, function, in_def):
+        for child in ast.iter_child_nodes(node):
+            name, inside = function, in_def
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name, inside = (f"{function}.{child.name}" if function else child.name), True
+            elif isinstance(child, ast.ClassDef):
+                name, inside = (f"{function}.{child.name}" if function else child.name), False
+            elif in_def and id(child) not in skip and _mutated(child) is not None \
+                    and not set(function.split(".")) & CLI_FUNCTIONS:
+                points.append((function, child))
+            visit(child, name, inside)
+
+    visit(tree, "", False)
+    return points
+
+
+def sample(points: list[tuple[str, ast.AST]], size: int, seed: int) -> list[int]:
+    """``size`` point indices drawn evenly over the functions: each function in turn, a random one within it."""
+    rng = random.Random(seed)
+    by_function: dict[str, list[int]] = {}
+    for index, (function, _) in enumerate(points):
+        by_function.setdefault(function, []).append(index)
+    pools = {f: rng.sample(indices, len(indices)) for f, indices in sorted(by_function.items())}
+    chosen = []
+    while len(chosen) < min(size, len(points)):
+        for function in sorted(pools):
+            if pools[function] and len(chosen) < size:
+                chosen.append(pools[function].pop())
+    return sorted(chosen)
+
+
+def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+    """("passed" | "failed" | "timeout", seconds) of the reaching tests in ``workdir``."""
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                               "-o", "addopts=", *tests], cwd=workdir, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - started
+    return ("passed" if done.returncode == 0 else "failed"), time.monotonic() - started
+
+
+def judge(module: str, size: int, seed: int, jobs: int, say=print) -> dict:
+    """Run a sample of the module's mutants; the outcome (JSON-able)."""
+    source = ROOT / module
+    points = mutation_points_of(ast.parse(source.read_text()))
+    chosen = sample(points, size, seed)
+    tests = REACHING[module]
+    workdirs = []
+    for _ in range(jobs):
+        workdir = Path(tempfile.mkdtemp(prefix="mutation-tf-"))
+        for name in COPIED:
+            src = ROOT / name
+            (shutil.copytree(src, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "build"))
+             if src.is_dir() else shutil.copy2(src, workdir / name))
+        workdirs.append(workdir)
+    try:
+        clean, seconds = run_tests(workdirs[0], tests, timeout=900)
+        if clean != "passed":
+            raise SystemExit(f"error: the reaching tests of {module} fail without any mutant: "
+                             f"python -m pytest {' '.join(tests)}")
+        say(f"== {module}: {len(points)} mutation points in {len({f for f, _ in points})} functions; {len(chosen)} "
+            f"sampled (seed {seed}); the clean tests take {seconds:.0f}s")
+        free = list(workdirs)
+
+        def one(index: int) -> dict:
+            workdir = free.pop()
+            try:
+                mutated, mutant = make_mutant(source, index)
+                (workdir / module).write_text(mutated)
+                outcome, took = run_tests(workdir, tests, timeout=max(60.0, 3 * seconds))
+                status = {"failed": "killed", "timeout": "timeout", "passed": "survived"}[outcome]
+                return {**mutant.__dict__, "module": module, "status": status, "seconds": round(took, 1)}
+            finally:
+                shutil.copy2(source, workdir / module)
+                free.append(workdir)
+
+        results = []
+        with ThreadPoolExecutor(jobs) as pool:
+            for n, result in enumerate(pool.map(one, chosen), 1):
+                results.append(result)
+                say(f"  [{n}/{len(chosen)}] {result['status']:8} {result['function']} line {result['line']}: "
+                    f"{result['after'][:90]}")
+        return {"module": module, "points": len(points), "seed": seed, "tests": tests, "results": results,
+                "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
+    finally:
+        for workdir in workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def write_report(runs: list[dict]) -> None:
+    lines = ["# Mutation testing of the TensorFlow half", "",
+             "`python -m scripts.mutation_tf` (see its docstring): each sampled mutant of a module that only "
+             "TensorFlow runs, judged in a fresh process by the tests that reach that module. *Caught* is killed "
+             "plus timed out.", "",
+             "| module | mutation points | sampled (seed) | killed | timed out | survived | caught | tests | run |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for run in runs:
+        counts = {s: sum(r["status"] == s for r in run["results"]) for s in ("killed", "timeout", "survived")}
+        caught = counts["killed"] + counts["timeout"]
+        lines.append(f"| `{run['module']}` | {run['points']} | {len(run['results'])} ({run['seed']}) | "
+                     f"{counts['killed']} | {counts['timeout']} | {counts['survived']} | "
+                     f"{100 * caught / max(len(run['results']), 1):.1f}% | `{' '.join(run['tests'])}` | "
+                     f"{run['date']} at {run['commit']} |")
+    lines += ["", "## Survivors", ""]
+    for run in runs:
+        survivors = [r for r in run["results"] if r["status"] == "survived"]
+        if survivors:
+            lines += [f"### `{run['module']}`", "", "```diff"]
+            for r in survivors:
+                lines += [f"# {r['function']}, line {r['line']}", f"- {r['before']}", f"+ {r['after']}"]
+            lines += ["```", ""]
+    REPORT.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.mutation_tf", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--module", action="append", choices=sorted(REACHING), default=[],
+                        help="a TensorFlow module to judge (repeatable; default: every one)")
+    parser.add_argument("--sample", type=int, default=60, help="mutants per module, drawn evenly over its functions")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (in the report)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants judged at once")
+    parser.add_argument("--save", type=Path, metavar="FILE", help="also save the runs (JSON), for --report-from")
+    parser.add_argument("--report-from", type=Path, nargs="+", metavar="FILE",
+                        help="judge nothing: write the report from runs saved with --save")
+    args = parser.parse_args(argv)
+    if args.sample < 1 or args.jobs < 1:
+        parser.error("--sample and --jobs must be at least 1")
+    if args.report_from:
+        runs = [run for path in args.report_from for run in json.loads(path.read_text())]
+    else:
+        runs = [judge(module, args.sample, args.seed, args.jobs) for module in (args.module or sorted(REACHING))]
+        if args.save:
+            args.save.write_text(json.dumps(runs))
+    write_report(runs)
+    print(f"wrote {REPORT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
