@@ -66,7 +66,8 @@ def test_a_script_without_arguments_refuses_one_instead_of_ignoring_it(script, s
 COMMANDS = [("model.train", ()), ("model.pipeline", ("compile",)), ("model.pipeline", ("run-local",)),
             ("model.synthetic", ()), ("model.fuse", ()), ("model.standin", ()), ("transformer", ()),
             ("scripts.localstack", ()), ("scripts.cluster", ()), ("scripts.demo", ()), ("scripts.benchmark", ()),
-            ("scripts.mutation", ()), ("scripts.training_scale", ()), ("scripts.tf_op_registry", ()),
+            ("scripts.mutation", ()), ("scripts.mutation_tf", ()), ("scripts.training_scale", ()),
+            ("scripts.tf_op_registry", ()),
             ("scripts.anchors.floor", ()), ("scripts.anchors.plain_transformer", ()),
             ("tests.controlplane.build", ()), ("tests.controlplane.record", ()), ("tests.objectstore", ())]
 
