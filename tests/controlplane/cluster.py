@@ -79,6 +79,11 @@ def write_certificates(folder: Path) -> dict[str, Path]:
           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
           .not_valid_after(now + datetime.timedelta(days=2))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          # What a strict verifier asks of a CA (Python 3.13's default context is X509_STRICT): its use and ids.
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .sign(ca_key, hashes.SHA256()))
     serving_key = key()
     serving = (x509.CertificateBuilder()
@@ -87,6 +92,12 @@ def write_certificates(folder: Path) -> dict[str, Path]:
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                                            x509.DNSName("localhost")]), critical=False)
+               # Python 3.13 verifies strictly: a leaf without the Authority Key Identifier of its CA is refused
+               # ("Missing Authority Key Identifier"), which every API call of the kubernetes client then was.
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(serving_key.public_key()), critical=False)
+               .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                                                     x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                .sign(ca_key, hashes.SHA256()))
     sa_key = key()
     paths = {"ca": folder / "ca.crt", "cert": folder / "serving.crt", "key": folder / "serving.key",
