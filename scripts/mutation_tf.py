@@ -37,6 +37,9 @@ from scripts.localstack import ROOT
 from transformer.helpformat import HelpFormatter
 
 REPORT = ROOT / "tests" / "mutation-report-tf.md"
+# Survivors judged equivalent, with the reason: the same file as scripts/mutation.py's, entries naming a module, a
+# piece of the changed line ("contains") and optionally the function.
+EQUIVALENT = ROOT / "tests" / "mutation-equivalent.json"
 COPIED = ("transformer", "model", "scripts", "tests", "pyproject.toml", "README.md")
 # The tests that reach each TensorFlow module and run in seconds (small models, a few steps): what judges it.
 REACHING = {
@@ -229,19 +232,36 @@ def _commit() -> str:
                           text=True).stdout.strip()
 
 
+def equivalence(result: dict, explained: list[dict]) -> str | None:
+    """The reason a survivor is equivalent, if one was given for it."""
+    for entry in explained:
+        if entry["module"] == result["module"] and entry.get("function", result["function"]) == result["function"] \
+                and entry["contains"] in result["after"]:
+            return entry["reason"]
+    return None
+
+
 def write_report(runs: list[dict]) -> None:
+    explained = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else []
+    for run in runs:
+        for result in run["results"]:
+            reason = equivalence(result, explained) if result["status"] == "survived" else None
+            if reason:
+                result["status"], result["reason"] = "equivalent", reason
     lines = ["# Mutation testing of the TensorFlow half", "",
              "`python -m scripts.mutation_tf` (see its docstring): each sampled mutant of a module that only "
              "TensorFlow runs, judged in a fresh process by the tests that reach that module. *Caught* is killed "
              "plus timed out.", "",
-             "| module | mutation points | sampled (seed) | killed | timed out | survived | caught | tests | run |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "| module | mutation points | sampled (seed) | killed | timed out | survived | equivalent | caught of the "
+             "rest | tests | run |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for run in runs:
-        counts = {s: sum(r["status"] == s for r in run["results"]) for s in ("killed", "timeout", "survived")}
-        caught = counts["killed"] + counts["timeout"]
+        counts = {s: sum(r["status"] == s for r in run["results"])
+                  for s in ("killed", "timeout", "survived", "equivalent")}
+        caught, judged = counts["killed"] + counts["timeout"], len(run["results"]) - counts["equivalent"]
         lines.append(f"| `{run['module']}` | {run['points']} | {len(run['results'])} ({run['seed']}) | "
-                     f"{counts['killed']} | {counts['timeout']} | {counts['survived']} | "
-                     f"{100 * caught / max(len(run['results']), 1):.1f}% | `{' '.join(run['tests'])}` | "
+                     f"{counts['killed']} | {counts['timeout']} | {counts['survived']} | {counts['equivalent']} | "
+                     f"{100 * caught / max(judged, 1):.1f}% | `{' '.join(run['tests'])}` | "
                      f"{run['date']} at {run['commit']} |")
     lines += ["", "## Survivors", ""]
     for run in runs:
@@ -251,6 +271,12 @@ def write_report(runs: list[dict]) -> None:
             for r in survivors:
                 lines += [f"# {r['function']}, line {r['line']}", f"- {r['before']}", f"+ {r['after']}"]
             lines += ["```", ""]
+    equivalents = [r for run in runs for r in run["results"] if r["status"] == "equivalent"]
+    if equivalents:
+        lines += ["## Equivalent survivors", ""]
+        lines += [f"* `{r['module']}`, `{r['function']}`, line {r['line']}: `{r['after']}`: {r['reason']}."
+                  for r in equivalents]
+        lines.append("")
     REPORT.write_text("\n".join(lines) + "\n")
 
 

@@ -80,3 +80,35 @@ def test_the_candidates_signature_answers_the_best_items_of_those_scores(trained
     expected = np.argsort(-scores, axis=1, kind="stable")[:, :7]
     np.testing.assert_array_equal(ids, expected)
     np.testing.assert_allclose(best, np.take_along_axis(scores, expected, axis=1), rtol=0, atol=2e-6)
+
+
+def test_candidates_in_batches_answers_every_row_as_the_signature_does(trained):
+    """What training's quality report and the segments are computed with: every row, the first included."""
+    from model.export import EmbedderGraph
+
+    _, _, _, weights, saved, features = trained
+    embedding, ids = EmbedderGraph(weights, n_candidates=7).candidates_in_batches(features)
+    out = saved.signatures["candidates"](features=tf.constant(features))
+    assert embedding.shape == (len(features), 8) and ids.shape == (len(features), 7)
+    np.testing.assert_allclose(embedding, out["embedding"].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(ids, out["candidate_ids"].numpy())
+
+
+def test_a_version_is_written_whole_readable_by_another_user_and_numbered_after_every_other(trained, tmp_path):
+    import stat
+
+    from model.export import VersionExists, export_embedder, next_version
+
+    weights = trained[3]
+    nested = tmp_path / "store" / "models" / "embedder"  # parents made as needed
+    folder = export_embedder(weights, nested, 3, n_candidates=5)
+    for path in (folder, folder / "variables"):  # TF Serving may run as another user
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755, path
+    assert sorted(p.name for p in nested.iterdir()) == ["3"]  # no staging folder left
+    fused = tmp_path / "store" / "models" / "embedder-fused"
+    (fused / "7").mkdir(parents=True)
+    (fused / ".staging-8-x").mkdir()  # a name TF Serving ignores: not a version
+    assert next_version(nested, fused) == 8
+    assert next_version(tmp_path / "none", tmp_path / "nothing") == 1
+    with pytest.raises(VersionExists, match="exists already"):
+        export_embedder(weights, nested, 3, n_candidates=5)
