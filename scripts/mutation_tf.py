@@ -44,7 +44,7 @@ COPIED = ("transformer", "model", "scripts", "tests", "pyproject.toml", "README.
 # The tests that reach each TensorFlow module and run in seconds (small models, a few steps): what judges it.
 REACHING = {
     "model/export.py": ["tests/test_export.py"],
-    "model/fuse.py": ["tests/test_fused.py", "-k", "compiled or quantile_tables or mismatch or unsupported"],
+    "model/fuse.py": ["tests/test_fused.py", "-k", "compiled or quantile_tables or mismatch or unsupported or width"],
     "model/embedder.py": ["tests/test_export.py", "tests/test_train.py", "-k",
                           "test_export or held_out_users_are_the_test_split"],
 }

@@ -140,6 +140,28 @@ def test_compiled_segmenter_ties_and_distances():
     np.testing.assert_allclose(distances.numpy(), km.transform(E)[np.arange(4), labels.numpy()], atol=1e-12)
 
 
+def test_compiled_segmenter_matches_kmeans_with_centroids_of_different_lengths():
+    """|c|^2 / 2 - x.c ranks the centroids as the distance does only with the half: centroids of different lengths
+    show it (the test above has unit centroids, where any multiple would do)."""
+    rng = np.random.default_rng(12)
+    data = np.vstack([rng.normal(loc, scale, size=(60, 3)) for loc, scale in ((0, 0.5), (4, 1.0), (-6, 2.0), (9, 0.3))])
+    km = KMeans(n_clusters=4, n_init=2, random_state=0).fit(data)
+    E = rng.normal(scale=6.0, size=(500, 3))
+    labels, distances = compile_segmenter(km)(tf.constant(E))
+    np.testing.assert_array_equal(labels.numpy(), km.predict(E))
+    np.testing.assert_allclose(distances.numpy(), km.transform(E)[np.arange(len(E)), labels.numpy()], atol=1e-9)
+
+
+def test_the_width_of_a_scaler_is_read_from_its_first_step():
+    from model.fuse import _steps_width
+    from transformer.steps.fitted import AffineStep, QuantileStep
+
+    assert _steps_width([QuantileStep(np.zeros((10, 4)), np.linspace(0, 1, 10), "normal")]) == 4
+    assert _steps_width([AffineStep(subtract=None, divide=np.ones(3))]) == 3
+    assert _steps_width([AffineStep(subtract=np.ones(5), divide=np.ones(5))]) == 5
+    assert _steps_width([AffineStep(clip=(0.0, 1.0))]) is None
+
+
 def test_compiled_rules_threshold_and_ties():
     apply = compile_rules(Rules(min_score=0.3, top_k=3), n_items=5)
     scores = np.array([[0.3, 0.9, 0.3, 0.1, 0.9], [0.1, 0.2, 0.29999998, 0.0, 0.05], [0.5] * 5], dtype=np.float32)
