@@ -8,6 +8,8 @@ the weights' own arithmetic in numpy: for every signature."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -101,7 +103,11 @@ def test_a_version_is_written_whole_readable_by_another_user_and_numbered_after_
 
     weights = trained[3]
     nested = tmp_path / "store" / "models" / "embedder"  # parents made as needed
-    folder = export_embedder(weights, nested, 3, n_candidates=5)
+    umask = os.umask(0o077)  # a strict umask (a pod's, say): only the export's own chmod opens the folders
+    try:
+        folder = export_embedder(weights, nested, 3, n_candidates=5)
+    finally:
+        os.umask(umask)
     for path in (folder, folder / "variables"):  # TF Serving may run as another user
         assert stat.S_IMODE(path.stat().st_mode) == 0o755, path
     assert sorted(p.name for p in nested.iterdir()) == ["3"]  # no staging folder left
