@@ -1,0 +1,78 @@
+"""The training loss itself, against its definition computed apart (model/embedder.py's docstring):
+
+    per user u with items P:  sum_i softplus(l_ui) / n  +  sum_{i in P} (w_ui softplus(-l_ui) - softplus(l_ui)) / n
+
+With a learning rate of zero the weights stay what they were built as, so the loss an epoch reports must be that
+mean over users, computed here in numpy from the weights training returns. Then the biases' start at the items'
+log-odds, and a few real epochs that lower the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from model.input_pipeline import write_shards
+    from model.synthetic import make_synthetic
+
+    data = make_synthetic(n_users=300, n_items=25, seed=8)
+    rng = np.random.default_rng(1)
+    weighted = data.__class__(**{**data.__dict__, "weights": rng.uniform(0.5, 3.0, data.n_interactions)
+                                 .astype(np.float32)})
+    X = rng.normal(size=(data.n_users, data.features.shape[1])).astype(np.float32)
+    files = write_shards(X, weighted, tmp_path_factory.mktemp("shards"), seed=0)
+    return weighted, X, files
+
+
+def full_loss(weights, X, data) -> float:
+    """The documented loss of these weights on every user, in float64 numpy."""
+    h = X.astype(np.float64)
+    for kernel, bias in weights.dense:
+        h = np.maximum(h @ kernel + bias, 0.0)
+    z = h @ weights.projection[0] + weights.projection[1]
+    # tf.math.l2_normalize: x / sqrt(max(|x|^2, 1e-12)), so a row of zeros (every unit of a small tower dead) stays 0
+    embedding = z / np.sqrt(np.maximum((z * z).sum(axis=1, keepdims=True), 1e-12))
+    items = weights.item_embeddings / np.sqrt(np.maximum((weights.item_embeddings ** 2).sum(axis=1, keepdims=True),
+                                                        1e-12))
+    logits = np.exp(weights.log_temperature) * embedding @ items.T + weights.item_bias
+    softplus = np.logaddexp(0.0, logits)
+    n = data.n_items
+    per_user = softplus.sum(axis=1) / n
+    for u in range(data.n_users):
+        own = data.items_of(u)
+        w = data.weights[data.indptr[u]:data.indptr[u + 1]]
+        per_user[u] += (w * np.logaddexp(0.0, -logits[u, own]) - softplus[u, own]).sum() / n
+    return float(per_user.mean())
+
+
+def train(files, data, *, epochs, learning_rate, prior=None):
+    from model.embedder import train_embedder
+
+    losses = []
+    weights = train_embedder(files, n_features=data.features.shape[1], n_items=data.n_items, weighted=True,
+                             embedding_dim=6, hidden=(10,), epochs=epochs, batch_size=64, negatives=64,
+                             learning_rate=learning_rate, item_prior=prior, seed=2,
+                             progress=lambda epoch, logs: losses.append(logs["loss"]))
+    return weights, losses
+
+
+def test_the_reported_loss_is_the_documented_loss_of_the_weights(shards):
+    data, X, files = shards
+    prior = data.item_counts() / data.n_users
+    weights, losses = train(files, data, epochs=2, learning_rate=0.0, prior=prior)
+    assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)  # nothing moved
+    assert losses[0] == pytest.approx(full_loss(weights, X, data), rel=2e-5)
+    # The biases start at each item's log-odds among the users (clipped away from 0 and 1).
+    p = np.clip(prior, 1e-6, 1 - 1e-6)
+    np.testing.assert_allclose(weights.item_bias, np.log(p / (1 - p)), rtol=0, atol=1e-5)
+
+
+def test_training_lowers_the_loss_it_reports(shards):
+    data, X, files = shards
+    weights, losses = train(files, data, epochs=6, learning_rate=0.01)
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert full_loss(weights, X, data) < losses[0]
