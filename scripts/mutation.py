@@ -156,7 +156,9 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
         "`do_not_mutate` in pyproject.toml leaves out, with its reason); the fast tests (pyproject.toml, "
         "`[tool.mutmut]`, without the tests marked `heavy`) ran against it. *Caught* is killed (a test "
         "failed) plus timed out (the tests ran far longer than without the mutant). *No fast test* means only "
-        "the heavy tests (servers, processes, training) reach that code.",
+        "the heavy tests (servers, processes, training) reach that code; the modules only TensorFlow runs are "
+        "judged apart, a sample of mutants each in a fresh process: tests/mutation-report-tf.md "
+        "(`python -m scripts.mutation_tf`).",
         "",
         f"**{caught} of {reached} mutants that fast tests reach were caught ({100 * caught / max(reached, 1):.1f}%)**; "
         f"{total['survived']} survived; {total['equivalent']} survivors are equivalent (listed with the reason, "
