@@ -87,6 +87,10 @@ def test_the_v2_metadata_describes_the_versions_the_features_and_the_artifact(tm
     assert model.metadata(3)["parameters"]["manifest_sha256"] == names(tmp_path, 3)["x-model-manifest-sha256"]
     with pytest.raises(KeyError, match="model embedder has no version 7 loaded; it has 4, 3"):
         model.metadata(7)
+    model.versions.active = None  # as while TF Serving serves none of them
+    with pytest.raises(KeyError, match=r"model embedder has no version answering yet \(loaded: 4, 3\); see its "
+                                       "readiness"):
+        model.metadata()
 
 
 def test_a_request_whose_version_tf_serving_dropped_is_answered_once_more_by_the_other(tmp_path, caplog):

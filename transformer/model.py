@@ -286,8 +286,10 @@ class EmbedderTransformer(kserve.Model):
         loaded = dict(self.versions.loaded) if self.versions is not None else {}
         served = self.versions.active if version is None and self.versions is not None else loaded.get(version)
         if served is None:
-            raise KeyError(f"model {self.name} has no version {version} loaded; it has "
-                           f"{', '.join(map(str, sorted(loaded, reverse=True))) or 'none'}")
+            have = ', '.join(map(str, sorted(loaded, reverse=True))) or 'none'
+            if version is None:  # nothing answers yet: no loaded version is served by TF Serving
+                raise KeyError(f"model {self.name} has no version answering yet (loaded: {have}); see its readiness")
+            raise KeyError(f"model {self.name} has no version {version} loaded; it has {have}")
         pipeline = served.pipeline
         catalogue = pipeline.catalogue
         inputs, outputs = tensor_metadata(pipeline.feature_names, min(pipeline.rules.top_k, pipeline.spec.n_items),
