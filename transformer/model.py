@@ -265,8 +265,10 @@ class EmbedderTransformer(kserve.Model):
 
     # -- v2 model metadata ----------------------------------------------------------------------
 
-    def _tensor_metadata(self) -> tuple[list[dict], list[dict]]:
-        served = self.versions.active if self.versions is not None else None
+    def _tensor_metadata(self, served: ServedVersion | None = None) -> tuple[list[dict], list[dict]]:
+        """The input and output tensors of ``served`` (default: the active version; none: empty lists)."""
+        if served is None:
+            served = self.versions.active if self.versions is not None else None
         if served is None:
             return [], []
         pipeline = served.pipeline
@@ -291,9 +293,7 @@ class EmbedderTransformer(kserve.Model):
                 raise KeyError(f"model {self.name} has no version answering yet (loaded: {have}); see its readiness")
             raise KeyError(f"model {self.name} has no version {version} loaded; it has {have}")
         pipeline = served.pipeline
-        catalogue = pipeline.catalogue
-        inputs, outputs = tensor_metadata(pipeline.feature_names, min(pipeline.rules.top_k, pipeline.spec.n_items),
-                                          catalogue is not None and catalogue.dtype.kind == "U")
+        inputs, outputs = self._tensor_metadata(served)
         return {
             "name": self.name,
             "versions": [str(v) for v in sorted(loaded, reverse=True)],
