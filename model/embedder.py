@@ -101,15 +101,15 @@ def train_embedder(
     *,
     n_features: int,
     n_items: int,
-    weighted: bool = False,
-    embedding_dim: int = 32,
+    weighted: bool,
+    embedding_dim: int,
+    epochs: int,
+    batch_size: int,
+    negatives: int,
+    seed: int,
     hidden: tuple[int, ...] = (64, 64),
-    epochs: int = 25,
-    batch_size: int = 128,
-    negatives: int = 2048,
     learning_rate: float = 3e-3,
     item_prior: np.ndarray | None = None,
-    seed: int = 0,
     progress=None,
     strategy=None,
     steps_per_epoch: int | None = None,
@@ -126,6 +126,9 @@ def train_embedder(
     uniformly per batch, an unbiased estimate: the optimum, and so the scores' meaning as
     probabilities that the rules threshold, stay those of the full loss. Smaller catalogues use
     every item, which is exactly the dense loss.
+
+    The sizes, epochs, batch and seed have no defaults here: ``model/options.py`` holds the one set users
+    see, and training passes each. The temperature starts at 5 (``build_layers``) and is learnt.
 
     Args:
         item_prior: the share of training users who chose each item. Each item's bias starts at its

@@ -49,26 +49,89 @@ def full_loss(weights, X, data) -> float:
     return float(per_user.mean())
 
 
-def train(files, data, *, epochs, learning_rate, prior=None):
+def train(files, data, *, epochs, learning_rate, prior=None, negatives=64, batch_size=64, **more):
     from model.embedder import train_embedder
 
     losses = []
     weights = train_embedder(files, n_features=data.features.shape[1], n_items=data.n_items, weighted=True,
-                             embedding_dim=6, hidden=(10,), epochs=epochs, batch_size=64, negatives=64,
-                             learning_rate=learning_rate, item_prior=prior, seed=2,
-                             progress=lambda epoch, logs: losses.append(logs["loss"]))
+                             embedding_dim=6, hidden=(10,), epochs=epochs, batch_size=batch_size,
+                             negatives=negatives, learning_rate=learning_rate, item_prior=prior, seed=2,
+                             progress=lambda epoch, logs: losses.append(logs["loss"]), **more)
     return weights, losses
 
 
 def test_the_reported_loss_is_the_documented_loss_of_the_weights(shards):
     data, X, files = shards
     prior = data.item_counts() / data.n_users
+    prior[:2] = 0.0, 1.0  # an item no one chose and one everyone chose: their log-odds are infinite
     weights, losses = train(files, data, epochs=2, learning_rate=0.0, prior=prior)
     assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)  # nothing moved
     assert losses[0] == pytest.approx(full_loss(weights, X, data), rel=2e-5)
-    # The biases start at each item's log-odds among the users (clipped away from 0 and 1).
+    # The biases start at each item's log-odds among the users, clipped away from 0 and 1.
     p = np.clip(prior, 1e-6, 1 - 1e-6)
     np.testing.assert_allclose(weights.item_bias, np.log(p / (1 - p)), rtol=0, atol=1e-5)
+    assert weights.item_bias[0] == pytest.approx(np.log(1e-6), abs=1e-3)
+    assert weights.log_temperature == pytest.approx(np.log(5.0), rel=1e-6)  # the documented start
+
+
+def test_sampled_negatives_estimate_the_loss_over_the_whole_catalogue_without_bias(shards):
+    """Fewer negatives than items: each step draws its negatives uniformly from every item, so the losses
+    reported over many epochs average to the full loss. Item 0 scores far above the rest (everyone chose it),
+    so a draw that never picked it, or picked one item too often, would be off by a third of the loss."""
+    data, X, files = shards
+    prior = np.full(data.n_items, 0.2)
+    prior[0] = 1.0
+    weights, losses = train(files, data, epochs=40, learning_rate=0.0, prior=prior, negatives=5)
+    exact = full_loss(weights, X, data)
+    assert np.std(losses) > 0  # really sampled
+    assert np.mean(losses) == pytest.approx(exact, rel=0.1), (np.mean(losses), exact)
+
+
+def test_an_epoch_of_one_user_reports_that_users_loss(shards):
+    data, X, _ = shards
+    from model.input_pipeline import write_shards
+
+    import tempfile
+    one = data.subset(np.array([5]))
+    with tempfile.TemporaryDirectory() as folder:
+        files = write_shards(X[5:6], one, folder, seed=0)
+        weights, losses = train(files, one, epochs=1, learning_rate=0.0)
+    assert losses[0] == pytest.approx(full_loss(weights, X[5:6], one), rel=2e-5)
+
+
+def test_one_worker_under_a_distribution_strategy_reports_the_same_loss(shards):
+    """The distributed epoch (steps counted, losses summed over workers) on a strategy of one worker: with nothing
+    learnt, an epoch of exactly every user reports the documented loss of the weights."""
+    import tensorflow as tf
+
+    data, X, files = shards
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    weights, losses = train(files, data, epochs=2, learning_rate=0.0, batch_size=60, strategy=strategy,
+                            steps_per_epoch=data.n_users // 60)
+    assert losses[0] == pytest.approx(full_loss(weights, X, data), rel=2e-5)
+
+
+def test_a_distribution_strategy_needs_the_steps_of_an_epoch(shards):
+    data, _, files = shards
+    with pytest.raises(ValueError, match="training under a tf.distribute strategy needs steps_per_epoch "
+                                         r"\(the same on every worker\)"):
+        train(files, data, epochs=1, learning_rate=0.0, strategy=object())
+
+
+def test_the_weights_know_their_sizes():
+    from model.embedder import EmbedderWeights
+
+    def zeros(*shape):
+        return np.zeros(shape, np.float32)
+
+    weights = EmbedderWeights(dense=((zeros(6, 5), zeros(5)), (zeros(5, 4), zeros(4))),
+                              projection=(zeros(4, 3), zeros(3)), item_embeddings=zeros(7, 3), item_bias=zeros(7),
+                              log_temperature=0.0)
+    assert (weights.n_features, weights.embedding_dim, weights.n_items) == (6, 3, 7)
+    assert weights.n_parameters == 6 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3 + 7 * 3 + 7 + 1
+    linear = EmbedderWeights(dense=(), projection=(zeros(2, 3), zeros(3)), item_embeddings=zeros(4, 3),
+                             item_bias=zeros(4), log_temperature=0.0)
+    assert (linear.n_features, linear.embedding_dim, linear.n_parameters) == (2, 3, 2 * 3 + 3 + 4 * 3 + 4 + 1)
 
 
 def test_training_lowers_the_loss_it_reports(shards):

@@ -305,3 +305,55 @@ def read_held_out_with(folder, popularity):
 
     (folder / "popularity.json").write_text(json.dumps({"k": len(popularity), "item_ids": popularity}))
     return read_held_out(folder)[0]
+
+
+def test_the_split_is_seeded_disjoint_sorted_and_never_leaves_the_test_side_empty():
+    from model.train import split_users
+
+    train, test = split_users(100, 0.2, seed=4)
+    assert len(test) == 20 and len(train) == 80
+    assert sorted({*train, *test}) == list(range(100)) and list(train) == sorted(train) and list(test) == sorted(test)
+    again, _ = split_users(100, 0.2, seed=4)
+    other, _ = split_users(100, 0.2, seed=5)
+    assert list(again) == list(train) and list(other) != list(train)
+    assert len(split_users(30, 0.01, seed=0)[1]) == 1  # rounds to none: one user is still held out
+    assert len(split_users(30, 0.05, seed=0)[1]) == 2  # 1.5 rounds to 2
+
+
+@pytest.mark.parametrize("users, given, expected", [(4800, None, 256), (800_000, None, 2048), (100, None, 128),
+                                                    (0, None, 128), (5000, 77, 77), (7000, None, 256)])
+def test_the_batch_is_a_twentieth_of_the_users_as_a_power_of_two_from_128_to_2048(users, given, expected):
+    import argparse
+
+    from model.train import batch_size_for
+
+    assert batch_size_for(argparse.Namespace(batch_size=given), users) == expected
+
+
+def test_the_workers_flag_is_taken_off_each_workers_command_line():
+    from model.train import without_workers_flag
+
+    assert without_workers_flag(["--epochs", "2", "--distributed-workers", "3", "--out", "b",
+                                 "--distributed-workers=2", "--quiet"]) == ["--epochs", "2", "--out", "b", "--quiet"]
+
+
+def test_a_run_writes_into_the_embedders_folder_and_the_fused_ones_unless_told_not_to(tmp_path):
+    import argparse
+
+    from model.train import output_dirs
+
+    args = argparse.Namespace(out=tmp_path, model_name="m", no_fused=False)
+    assert output_dirs(args) == [tmp_path / "models" / "m", tmp_path / "models" / "m-fused"]
+    assert output_dirs(argparse.Namespace(out=tmp_path, model_name="m", no_fused=True)) == [tmp_path / "models" / "m"]
+
+
+def test_peak_memory_is_this_processs_in_gib_and_a_pid_runs_until_it_is_gone():
+    import os
+
+    from model.train import _running, peak_memory_gib
+
+    assert 0.01 < peak_memory_gib() < 64  # KiB read as bytes or as MiB would land far outside
+    assert _running(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not _running(child.pid)
