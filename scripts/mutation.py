@@ -178,6 +178,11 @@ def write_report(statuses: dict[str, str], diffs: dict[str, str], seconds: float
     other = {s: n for s, n in total.items() if s not in (*CAUGHT, "survived", *UNJUDGED)}
     if other:
         lines += ["", "Other outcomes: " + ", ".join(f"{n} {s}" for s, n in sorted(other.items())) + "."]
+    from scripts.mutation_tf import tensorflow_section
+
+    section = tensorflow_section()
+    if section:
+        lines += ["", *section]
     lines += ["", "## Survivors", "",
               "Each is a change no fast test noticed: a missing assertion, or a change that does not alter "
               "behaviour (an equivalent mutant).", ""]

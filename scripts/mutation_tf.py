@@ -12,8 +12,9 @@ within it), the seed in the report.
 The mutations are mutmut's kinds, made on the module's syntax tree: an arithmetic or comparison operator
 swapped, ``and``/``or`` swapped, a ``not`` dropped, a number changed by one (or a float doubled), a boolean
 flipped, a string changed. Docstrings are left alone. A mutant is *killed* when a test fails, *timed out* when
-the tests run three times longer than on the clean code (counted as caught), *survived* otherwise. Writes
-``tests/mutation-report-tf.md`` with the diff of every survivor.
+the tests run three times longer than on the clean code (counted as caught), *survived* otherwise. Keeps the
+latest run of each module in ``tests/mutation-runs-tf.json``, writes ``tests/mutation-report-tf.md`` with the
+diff of every survivor, and puts the modules' table into ``tests/mutation-report.md`` beside mutmut's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from scripts.localstack import ROOT
 from transformer.helpformat import HelpFormatter
 
 REPORT = ROOT / "tests" / "mutation-report-tf.md"
+# The latest run of each module (what both reports are written from); tests/mutation-report.md shows its table
+# between these markers, so no module of the project is left out of the one report.
+RUNS = ROOT / "tests" / "mutation-runs-tf.json"
+MAIN_REPORT = ROOT / "tests" / "mutation-report.md"
+SECTION_START, SECTION_END = "<!-- tensorflow-sample -->", "<!-- /tensorflow-sample -->"
 # Survivors judged equivalent, with the reason: the same file as scripts/mutation.py's, entries naming a module, a
 # piece of the changed line ("contains") and optionally the function.
 EQUIVALENT = ROOT / "tests" / "mutation-equivalent.json"
@@ -246,28 +252,76 @@ def equivalence(result: dict, explained: list[dict]) -> str | None:
     return None
 
 
-def write_report(runs: list[dict]) -> None:
+def judged(runs: list[dict]) -> list[dict]:
+    """The runs with each survivor that tests/mutation-equivalent.json explains marked equivalent, with its reason."""
     explained = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else []
     for run in runs:
         for result in run["results"]:
-            reason = equivalence(result, explained) if result["status"] == "survived" else None
-            if reason:
-                result["status"], result["reason"] = "equivalent", reason
+            if result["status"] in ("survived", "equivalent"):
+                reason = equivalence(result, explained)
+                result["status"] = "equivalent" if reason else "survived"
+                result["reason"] = reason
+    return runs
+
+
+def table(runs: list[dict], with_tests: bool = True) -> list[str]:
+    """The per-module table of judged runs (markdown lines)."""
+    lines = ["| module | mutation points | sampled (seed) | killed | timed out | survived | equivalent | caught of the "
+             "rest |" + (" tests | run |" if with_tests else " run |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- | --- |" if with_tests else " --- |")]
+    for run in sorted(runs, key=lambda r: r["module"]):
+        counts = {s: sum(r["status"] == s for r in run["results"])
+                  for s in ("killed", "timeout", "survived", "equivalent")}
+        caught, rest = counts["killed"] + counts["timeout"], len(run["results"]) - counts["equivalent"]
+        tests = f" `{' '.join(run['tests'])}` |" if with_tests else ""
+        lines.append(f"| `{run['module']}` | {run['points']} | {len(run['results'])} ({run['seed']}) | "
+                     f"{counts['killed']} | {counts['timeout']} | {counts['survived']} | {counts['equivalent']} | "
+                     f"{100 * caught / max(rest, 1):.1f}% |{tests} {run['date']} at {run['commit']} |")
+    return lines
+
+
+def tensorflow_section(runs: list[dict] | None = None) -> list[str]:
+    """What tests/mutation-report.md shows of the TensorFlow modules: the sampled runs' table, between markers."""
+    if runs is None:
+        runs = json.loads(RUNS.read_text()) if RUNS.exists() else []
+    if not runs:
+        return []
+    return [SECTION_START, "", "### The TensorFlow modules, judged by sample", "",
+            "TensorFlow does not survive mutmut's fork, so mutmut's rows above count these modules' mutants as "
+            "reached by no fast test. Each is judged instead by `python -m scripts.mutation_tf`: a sample of its "
+            "mutants drawn evenly over its functions (the seed in the table), each in a fresh process against the "
+            "tests that reach the module. Survivors and equivalences: tests/mutation-report-tf.md.", "",
+            *table(judged(runs), with_tests=False), "", SECTION_END]
+
+
+def update_main_report(runs: list[dict]) -> None:
+    """Put the TensorFlow modules' table into tests/mutation-report.md (replacing the one there), after its
+    own table."""
+    if not MAIN_REPORT.exists():
+        return
+    text = MAIN_REPORT.read_text()
+    section = "\n".join(tensorflow_section(runs))
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        text = head + section + rest.split(SECTION_END, 1)[1]
+    else:
+        head, sep, tail = text.partition("\n## Survivors")
+        text = head.rstrip("\n") + "\n\n" + section + "\n" + sep + tail
+    MAIN_REPORT.write_text(text)
+
+
+def merged(saved: list[dict], new: list[dict]) -> list[dict]:
+    """The saved runs with each module judged anew replaced by its new run."""
+    fresh = {run["module"] for run in new}
+    return sorted([run for run in saved if run["module"] not in fresh] + new, key=lambda r: r["module"])
+
+
+def write_report(runs: list[dict]) -> None:
+    runs = judged(runs)
     lines = ["# Mutation testing of the TensorFlow half", "",
              "`python -m scripts.mutation_tf` (see its docstring): each sampled mutant of a module that only "
              "TensorFlow runs, judged in a fresh process by the tests that reach that module. *Caught* is killed "
-             "plus timed out.", "",
-             "| module | mutation points | sampled (seed) | killed | timed out | survived | equivalent | caught of the "
-             "rest | tests | run |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-    for run in runs:
-        counts = {s: sum(r["status"] == s for r in run["results"])
-                  for s in ("killed", "timeout", "survived", "equivalent")}
-        caught, judged = counts["killed"] + counts["timeout"], len(run["results"]) - counts["equivalent"]
-        lines.append(f"| `{run['module']}` | {run['points']} | {len(run['results'])} ({run['seed']}) | "
-                     f"{counts['killed']} | {counts['timeout']} | {counts['survived']} | {counts['equivalent']} | "
-                     f"{100 * caught / max(judged, 1):.1f}% | `{' '.join(run['tests'])}` | "
-                     f"{run['date']} at {run['commit']} |")
+             "plus timed out.", "", *table(runs)]
     lines += ["", "## Survivors", ""]
     for run in runs:
         survivors = [r for r in run["results"] if r["status"] == "survived"]
@@ -295,18 +349,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants judged at once")
     parser.add_argument("--save", type=Path, metavar="FILE", help="also save the runs (JSON), for --report-from")
     parser.add_argument("--report-from", type=Path, nargs="+", metavar="FILE",
-                        help="judge nothing: write the report from runs saved with --save")
+                        help="judge nothing: take the runs saved with --save (each replacing its module's run in "
+                             "tests/mutation-runs-tf.json) and write the reports")
     args = parser.parse_args(argv)
     if args.sample < 1 or args.jobs < 1:
         parser.error("--sample and --jobs must be at least 1")
+    saved = json.loads(RUNS.read_text()) if RUNS.exists() else []
     if args.report_from:
-        runs = [run for path in args.report_from for run in json.loads(path.read_text())]
+        new = [run for path in args.report_from for run in json.loads(path.read_text())]
     else:
-        runs = [judge(module, args.sample, args.seed, args.jobs) for module in (args.module or sorted(REACHING))]
+        new = [judge(module, args.sample, args.seed, args.jobs) for module in (args.module or sorted(REACHING))]
         if args.save:
-            args.save.write_text(json.dumps(runs))
+            args.save.write_text(json.dumps(new))
+    runs = merged(saved, new)
+    RUNS.write_text(json.dumps(runs, indent=1) + "\n")
     write_report(runs)
-    print(f"wrote {REPORT.relative_to(ROOT)}")
+    update_main_report(runs)
+    print(f"wrote {REPORT.relative_to(ROOT)}, {RUNS.relative_to(ROOT)} and the TensorFlow table of "
+          f"{MAIN_REPORT.relative_to(ROOT)}")
     return 0
 
 

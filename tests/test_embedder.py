@@ -87,15 +87,17 @@ def test_sampled_negatives_estimate_the_loss_over_the_whole_catalogue_without_bi
     assert np.mean(losses) == pytest.approx(exact, rel=0.1), (np.mean(losses), exact)
 
 
-def test_an_epoch_of_one_user_reports_that_users_loss(shards):
-    data, X, _ = shards
+@pytest.mark.parametrize("distributed", [False, True])
+def test_an_epoch_of_one_user_reports_that_users_loss(shards, tmp_path, distributed):
+    import tensorflow as tf
+
     from model.input_pipeline import write_shards
 
-    import tempfile
+    data, X, _ = shards
     one = data.subset(np.array([5]))
-    with tempfile.TemporaryDirectory() as folder:
-        files = write_shards(X[5:6], one, folder, seed=0)
-        weights, losses = train(files, one, epochs=1, learning_rate=0.0)
+    files = write_shards(X[5:6], one, tmp_path, seed=0)
+    more = dict(strategy=tf.distribute.MultiWorkerMirroredStrategy(), steps_per_epoch=1) if distributed else {}
+    weights, losses = train(files, one, epochs=1, learning_rate=0.0, batch_size=1, **more)
     assert losses[0] == pytest.approx(full_loss(weights, X[5:6], one), rel=2e-5)
 
 

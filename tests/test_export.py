@@ -118,3 +118,23 @@ def test_a_version_is_written_whole_readable_by_another_user_and_numbered_after_
     assert next_version(tmp_path / "none", tmp_path / "nothing") == 1
     with pytest.raises(VersionExists, match="exists already"):
         export_embedder(weights, nested, 3, n_candidates=5)
+
+
+def test_a_failed_export_leaves_no_staging_folder_and_raises_its_own_error(trained, tmp_path):
+    import shutil
+
+    from model.export import export_embedder
+
+    def fail(staging):
+        raise ValueError("the bundle could not be written")
+
+    with pytest.raises(ValueError, match="the bundle could not be written"):
+        export_embedder(trained[3], tmp_path / "a", 1, n_candidates=5, complete=fail)
+    assert list((tmp_path / "a").iterdir()) == []
+
+    def fail_after_removing(staging):  # the clean-up finds nothing to remove: the cause still comes out
+        shutil.rmtree(staging)
+        raise ValueError("the disk went away")
+
+    with pytest.raises(ValueError, match="the disk went away"):
+        export_embedder(trained[3], tmp_path / "b", 1, n_candidates=5, complete=fail_after_removing)

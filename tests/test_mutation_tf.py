@@ -74,3 +74,31 @@ def test_every_judged_module_has_tests_that_exist():
     for module, tests in REACHING.items():
         assert (ROOT / module).is_file()
         assert all((ROOT / t).is_file() for t in tests if t.startswith("tests/"))
+
+
+def run_of(module, statuses, commit="abc1234"):
+    results = [{"module": module, "function": "f", "line": i, "index": i, "before": "x = 1", "after": f"x = {i}",
+                "status": status, "seconds": 1.0} for i, status in enumerate(statuses)]
+    return {"module": module, "points": 40, "seed": 0, "tests": ["tests/t.py"], "results": results,
+            "date": "2026-12-07", "commit": commit}
+
+
+def test_the_main_report_shows_the_latest_sample_of_each_module_once(tmp_path, monkeypatch):
+    import scripts.mutation_tf as mutation_tf
+
+    report = tmp_path / "mutation-report.md"
+    report.write_text("# Mutation testing\n\n| module |\n| --- |\n| `a.py` |\n\n## Survivors\n\nnone\n")
+    monkeypatch.setattr(mutation_tf, "MAIN_REPORT", report)
+    monkeypatch.setattr(mutation_tf, "EQUIVALENT", tmp_path / "none.json")
+    first = mutation_tf.merged([], [run_of("model/a.py", ["killed"] * 3 + ["survived"]),
+                                    run_of("model/b.py", ["killed"])])
+    mutation_tf.update_main_report(first)
+    again = mutation_tf.merged(first, [run_of("model/a.py", ["killed"] * 4, commit="def5678")])
+    assert [r["module"] for r in again] == ["model/a.py", "model/b.py"] and again[0]["commit"] == "def5678"
+    mutation_tf.update_main_report(again)
+    text = report.read_text()
+    assert text.count(mutation_tf.SECTION_START) == 1 and text.count("## Survivors") == 1
+    assert text.index("| `a.py` |") < text.index(mutation_tf.SECTION_START) < text.index("## Survivors")
+    assert "| `model/a.py` | 40 | 4 (0) | 4 | 0 | 0 | 0 | 100.0% | 2026-12-07 at def5678 |" in text
+    assert "| `model/b.py` | 40 | 1 (0) | 1 | 0 | 0 | 0 | 100.0% | 2026-12-07 at abc1234 |" in text
+    assert "75.0%" not in text  # the replaced run is gone
