@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from scripts.localstack import ROOT
 
 
@@ -29,6 +31,16 @@ def test_benchmark_smoke(build_dir, tmp_path):
     assert "REST / gRPC toward the predictor" in text
     assert "(i) Python HTTP floor (fixed answer)" in text and "(j) plain KServe transformer -> predictor" in text
     assert "ahead of the plain KServe transformer in every cell" in text and "5x the floor's" in text
+    # The CPU budget of (b) at one row: every stage, sampled, adding up to the CPU per request measured.
+    from scripts.benchmark.budget import STAGES
+
+    (budget,) = report["budgets"]
+    assert budget["samples"] > 50 and budget["cpu_us"] > 0 and budget["threads"]["loop"] > 0
+    assert sum(cell["us"] for cell in budget["stages"].values()) == pytest.approx(budget["cpu_us"])
+    assert budget["stages"]["hop"]["samples"] > 0 and budget["stages"]["kserve"]["samples"] > 0
+    assert "## CPU budget per stage: (b), one row" in text
+    assert all(f"| {description} | " in text for _, description in STAGES)
+    assert (tmp_path / "profiles" / "budget-1-row-4-clients.folded").stat().st_size > 0
 
 
 def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path):

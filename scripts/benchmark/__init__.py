@@ -21,10 +21,12 @@ Paths (all on loopback, each measured alone while the others sit idle):
 
 at batch sizes 1, 32, 256 and concurrency 1 and 16: p50/p90/p99 latency, throughput, the load
 generator's own CPU, the servers' CPU per request, and (b, c) the pre+post time KServe measures
-inside the transformer. Then a soak: many requests at concurrency 32 through (b), checking that
+inside the transformer. Then the CPU budget of (b) at one row, stage by stage (``budget.py``: each thread's
+CPU time split by py-spy's samples of it), at each concurrency. Then a soak: many requests at concurrency 32 through (b), checking that
 none is lost and that memory stays bounded. Writes results.md, results.json and latency.png.
 
-One module per thing measured: ``paths.py`` (every serving path, the anchors, the soak), ``compute.py``
+One module per thing measured: ``paths.py`` (every serving path, the anchors, the soak), ``budget.py`` (where
+one request's CPU goes), ``compute.py``
 (the arithmetic in-process), ``overload.py``, ``chaos.py``; ``report.py`` writes and judges them and
 ``cli.py`` is the command line.
 """

@@ -13,6 +13,7 @@ import httpx
 import psutil
 
 import scripts.benchmark as package
+from scripts.benchmark.budget import have_py_spy, measure_budget
 from scripts.benchmark.chaos import chaos
 from scripts.benchmark.common import FUSED, MODEL, machine, newest_version_dir
 from scripts.benchmark.compute import graph_microbenchmark, kernel_microbenchmark
@@ -159,6 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"({target.key}) {target.label:40s} batch {batch:3d} c={concurrency:2d}: "
                           f"p50 {result.p(50):7.2f} ms  p99 {result.p(99):7.2f} ms  {result.throughput:7.0f} req/s  "
                           f"client CPU {100 * result.client_cpu_share:3.0f}%", flush=True)
+        budgets = []
+        if have_py_spy():
+            hop = next(t for t in targets if t.key == "b")
+            for concurrency in concurrencies:
+                budget = measure_budget(hop, 1, concurrency, args.seconds, args.warmup, rate=500,
+                                        keep=out / "profiles" / f"budget-1-row-{concurrency}-clients.folded")
+                budgets.append(budget)
+                print(f"budget of (b) batch 1 c={concurrency:2d}: {budget['cpu_us']:,.0f} us of CPU per request; "
+                      + ", ".join(f"{stage} {cell['us']:,.0f}" for stage, cell in budget["stages"].items()),
+                      flush=True)
+        else:
+            print("note: py-spy is not installed (it comes with .[dev]): no CPU budget per stage")
         soak_result = soak(main_stack, transformer_bodies[1], args.soak_requests, args.soak_concurrency)
         print(f"soak: {soak_result}", flush=True)
     except StackError as exc:
@@ -175,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m scripts.benchmark" + (" --smoke" if args.smoke else ""),
         "seconds": args.seconds, "warmup": args.warmup, "machine": machine(),
         "targets": [{"key": t.key, "label": t.label} for t in targets],
-        "runs": runs, "soak": soak_result,
+        "runs": runs, "budgets": budgets, "soak": soak_result,
         "kernel_us": kernel_microbenchmark(args.build, repeats), "kernel_repeats": repeats,
         "graph_us": graph_microbenchmark(args.build, repeats),
         "wall_seconds": time.monotonic() - started,

@@ -1,0 +1,76 @@
+"""The CPU budget's stages (scripts/benchmark/budget.py): each sample goes to the stage of the innermost frame a
+stage claims, and the table adds up."""
+
+import pytest
+
+from scripts.benchmark.budget import STAGES, budget_table, split_cpu, stage_of, stage_samples, thread_samples
+
+OUTER = ("run (asyncio/runners.py:118);HttpToolsProtocol.on_message_complete (uvicorn/protocols/http/"
+         "httptools_impl.py:300);FastPath.__call__ (transformer/serving/rest.py:190);respond (transformer/serving/"
+         "rest.py:95);handle (transformer/serving/edge.py:80);DataPlane.infer (kserve/protocol/dataplane.py:473);"
+         "EmbedderTransformer.__call__ (transformer/model.py:218);Model.__call__ (kserve/model.py:265)")
+
+
+@pytest.mark.parametrize("inner, stage", [
+    ("", "kserve"),
+    (";EmbedderTransformer.preprocess (transformer/model.py:246);V1Codec.rows (transformer/protocols/v1.py:263);"
+     "parse_instances (transformer/protocols/v1.py:130)", "parse"),
+    (";EmbedderTransformer.preprocess (transformer/model.py:248);Pipeline.scale (transformer/pipeline.py:83);"
+     "QuantileScaler.transform (transformer/steps/kernels.py:113)", "scale"),
+    (";EmbedderTransformer.preprocess (transformer/model.py:247);VersionMetrics.observe_rows "
+     "(transformer/serving/metrics.py:90);Histogram.observe (prometheus_client/metrics.py:600)", "metrics"),
+    (";EmbedderTransformer.predict (transformer/model.py:254);GrpcPredictor.forward "
+     "(transformer/predictor/grpc.py:150);UnaryUnaryCall._invoke (grpc/aio/_call.py:595)", "hop"),
+    (";EmbedderTransformer.postprocess (transformer/model.py:263);Pipeline.rank (transformer/pipeline.py:89);"
+     "NearestCentroid.assign (transformer/steps/kernels.py:183)", "rank"),
+    (";EmbedderTransformer.postprocess (transformer/model.py:265);V1Codec.answer (transformer/protocols/v1.py:266);"
+     "encode_predictions (transformer/protocols/v1.py:240)", "encode"),
+    (";Admission.take_rows (transformer/serving/admission.py:120)", "edge"),
+    (";RequestResponseCycle.send (uvicorn/protocols/http/httptools_impl.py:524)", "http"),
+    (";Logger.info (logging/__init__.py:1488)", "kserve"),  # unclaimed frames belong to the innermost claimed one
+])
+def test_a_sample_goes_to_the_innermost_stage_that_claims_a_frame(inner, stage):
+    assert stage_of(OUTER + inner) == stage
+
+
+def test_the_loop_alone_and_grpcs_thread_have_their_stages():
+    assert stage_of("run (asyncio/runners.py:118);BaseEventLoop._run_once (asyncio/base_events.py:1922)") == "rest"
+    thread = ("Thread._bootstrap (threading.py:1002);Thread._bootstrap_inner (threading.py:1045);"
+              "Thread.run (threading.py:982)")
+    assert stage_of(thread) == "hop"
+    assert stage_of(thread + ";_worker (concurrent/futures/thread.py:81)") == "rest"
+
+
+def test_samples_are_counted_per_stage_and_the_table_adds_up():
+    folded = (f"{OUTER};Pipeline.rank (transformer/pipeline.py:89) 3\n{OUTER} 1\n\n"
+              f"{OUTER};encode_predictions (transformer/protocols/v1.py:240) 4\n")
+    counts = stage_samples(folded)
+    assert counts == {"rank": 3, "kserve": 1, "encode": 4}
+    stages = {stage: {"samples": counts[stage], "share": counts[stage] / 8, "us": 800 * counts[stage] / 8}
+              for stage, _ in STAGES}
+    budget = {"concurrency": 16, "cpu_us": 800.0, "samples": 8, "requests": 100, "stages": stages}
+    lines = budget_table([budget], {16: 100.0})
+    assert lines[0] == "| stage | 16 clients: us (share) |"
+    assert "| ranking (Pipeline.rank: segment, threshold, top-k) | 300 (38%) |" in lines
+    assert "| **the transformer's CPU per request** | **800** |" in lines
+    assert "| the Python HTTP floor's, at the same clients | 100 (x8.0) |" in lines
+
+
+def test_each_threads_cpu_is_split_by_its_own_samples():
+    folded = (f"thread (100): MainThread;{OUTER};Pipeline.rank (transformer/pipeline.py:89) 3\n"
+              f"thread (100): MainThread;{OUTER} 1\n"
+              "thread (7): Thread-1 (_poll);_bootstrap (threading.py:1002);_bootstrap_inner (threading.py:1045);"
+              "run (threading.py:982) 2\n")
+    samples = thread_samples(folded)
+    assert samples == {100: {"rank": 3, "kserve": 1}, 7: {"hop": 2}}
+    # The loop spent 0.8 s, gRPC's thread 0.5 s, a thread never caught running 0.1 s.
+    stages = split_cpu({100: 0.8, 7: 0.5, 9: 0.1}, samples)
+    assert stages == pytest.approx({"rank": 0.6, "kserve": 0.2, "hop": 0.5, "rest": 0.1})
+
+
+def test_py_spy_names_methods_with_or_without_their_class():
+    assert stage_of(OUTER + ";scale (transformer/pipeline.py:84)") == "scale"
+    assert stage_of(OUTER + ";answer (transformer/protocols/v1.py:266)") == "encode"
+    assert stage_of(OUTER + ";rows (transformer/protocols/v2.py:338)") == "parse"
+    assert stage_of(OUTER + ";predict (transformer/model.py:254)") == "hop"
+    assert stage_of(OUTER + ";scale (transformer/steps/kernels.py:84)") == "kserve"  # not the pipeline's
