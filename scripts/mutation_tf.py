@@ -190,11 +190,11 @@ def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, flo
     return ("passed" if done.returncode == 0 else "failed"), time.monotonic() - started
 
 
-def judge(module: str, size: int, seed: int, jobs: int, say=print) -> dict:
-    """Run a sample of the module's mutants; the outcome (JSON-able)."""
+def judge(module: str, size: int, seed: int, jobs: int, say=print, indices: list[int] | None = None) -> dict:
+    """Run a sample of the module's mutants (or the mutation points ``indices``); the outcome (JSON-able)."""
     source = ROOT / module
     points = mutation_points_of(ast.parse(source.read_text()))
-    chosen = sample(points, size, seed)
+    chosen = sample(points, size, seed) if indices is None else sorted(indices)
     tests = REACHING[module]
     workdirs = []
     for _ in range(jobs):
@@ -276,7 +276,8 @@ def table(runs: list[dict], with_tests: bool = True) -> list[str]:
         tests = f" `{' '.join(run['tests'])}` |" if with_tests else ""
         lines.append(f"| `{run['module']}` | {run['points']} | {len(run['results'])} ({run['seed']}) | "
                      f"{counts['killed']} | {counts['timeout']} | {counts['survived']} | {counts['equivalent']} | "
-                     f"{100 * caught / max(rest, 1):.1f}% |{tests} {run['date']} at {run['commit']} |")
+                     f"{100 * caught / max(rest, 1):.1f}% |{tests} {run['date']} at {run['commit']}"
+                     f"{'; ' + run['again'] if run.get('again') else ''} |")
     return lines
 
 
@@ -308,6 +309,25 @@ def update_main_report(runs: list[dict]) -> None:
         head, sep, tail = text.partition("\n## Survivors")
         text = head.rstrip("\n") + "\n\n" + section + "\n" + sep + tail
     MAIN_REPORT.write_text(text)
+
+
+def judge_survivors_again(run: dict, jobs: int, say=print) -> dict:
+    """The run with its survivors judged again against today's tests (after tests were added for them); its
+    killed mutants stay killed, as tests are only ever added. Refused when the module changed since the run."""
+    source = ROOT / run["module"]
+    survivors = [r for r in run["results"] if r["status"] in ("survived", "equivalent")]
+    for result in survivors:
+        _, now = make_mutant(source, result["index"])
+        if (now.before, now.after) != (result["before"], result["after"]):
+            raise SystemExit(f"error: {run['module']} changed since its run of {run['date']} at {run['commit']} "
+                             f"(mutation point {result['index']} is now {now.after!r}): judge it whole again")
+    if not survivors:
+        return run
+    again = judge(run["module"], 0, run["seed"], jobs, say, indices=[r["index"] for r in survivors])
+    fresh = {r["index"]: r for r in again["results"]}
+    results = [fresh.get(r["index"], r) for r in run["results"]]
+    return {**run, "results": results, "tests": again["tests"],
+            "again": f"{len(survivors)} survivors judged again on {again['date']} at {again['commit']}"}
 
 
 def merged(saved: list[dict], new: list[dict]) -> list[dict]:
@@ -348,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (in the report)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants judged at once")
     parser.add_argument("--save", type=Path, metavar="FILE", help="also save the runs (JSON), for --report-from")
+    parser.add_argument("--survivors-again", action="store_true",
+                        help="judge again only the survivors of each module's saved run, after tests were added "
+                             "for them (the module itself unchanged)")
     parser.add_argument("--report-from", type=Path, nargs="+", metavar="FILE",
                         help="judge nothing: take the runs saved with --save (each replacing its module's run in "
                              "tests/mutation-runs-tf.json) and write the reports")
@@ -357,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     saved = json.loads(RUNS.read_text()) if RUNS.exists() else []
     if args.report_from:
         new = [run for path in args.report_from for run in json.loads(path.read_text())]
+    elif args.survivors_again:
+        modules = args.module or sorted(REACHING)
+        missing = sorted(set(modules) - {run["module"] for run in saved})
+        if missing:
+            parser.error(f"no saved run of {', '.join(missing)} in {RUNS.relative_to(ROOT)} to judge again")
+        new = [judge_survivors_again(run, args.jobs) for run in saved if run["module"] in modules]
     else:
         new = [judge(module, args.sample, args.seed, args.jobs) for module in (args.module or sorted(REACHING))]
         if args.save:

@@ -102,3 +102,24 @@ def test_the_main_report_shows_the_latest_sample_of_each_module_once(tmp_path, m
     assert "| `model/a.py` | 40 | 4 (0) | 4 | 0 | 0 | 0 | 100.0% | 2026-12-07 at def5678 |" in text
     assert "| `model/b.py` | 40 | 1 (0) | 1 | 0 | 0 | 0 | 100.0% | 2026-12-07 at abc1234 |" in text
     assert "75.0%" not in text  # the replaced run is gone
+
+
+def test_survivors_are_judged_again_only_while_the_module_is_unchanged():
+    import pytest
+
+    from scripts.mutation_tf import judge_survivors_again
+
+    path = ROOT / "build" / "mutation-tf-again.py"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(SOURCE)
+    try:
+        _, mutant = make_mutant(path, 0)
+        result = {**mutant.__dict__, "status": "survived", "seconds": 1.0}
+        run = {"module": mutant.module, "seed": 0, "results": [result], "date": "2026-12-07", "commit": "abc1234"}
+        all_killed = {**run, "results": [{**result, "status": "killed"}]}
+        assert judge_survivors_again(all_killed, jobs=1) is all_killed  # nothing to judge
+        path.write_text(SOURCE.replace("factor=2.0", "factor=3.0"))
+        with pytest.raises(SystemExit, match="changed since its run of 2026-12-07 at abc1234"):
+            judge_survivors_again(run, jobs=1)
+    finally:
+        path.unlink()
