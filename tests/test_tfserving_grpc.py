@@ -218,6 +218,30 @@ def test_grpc_and_rest_toward_tf_serving_give_identical_answers(stack, offline, 
         rest.stop()
 
 
+@pytest.mark.parametrize("signature", [[], ["--full_scores"]], ids=["candidates", "every-score"])
+def test_each_rest_client_answers_what_grpc_does_for_every_batch_and_both_signatures(stack, offline, raw_users,
+                                                                                     tmp_path, signature):
+    """The REST hop through the loop client (the default) and through aiohttp, against the gRPC hop: the same
+    bytes for 1 to 1,024 rows, with the candidates signature and with every score."""
+    paths = {name: stack.another_transformer(log_dir=tmp_path / name, transformer_args=[*args, *signature])
+             for name, args in (("grpc", []), ("loop", ["--predictor_api", "rest"]),
+                                ("aiohttp", ["--predictor_api", "rest", "--predictor_rest_client", "aiohttp"]))}
+    try:
+        for path in paths.values():
+            path.start_transformer()
+        for n in (1, 2, 37, 256, 1024):
+            rows = raw_users[np.arange(n) % len(raw_users)]
+            answers = {name: httpx.post(f"{path.transformer_url}/v1/models/{MODEL_NAME}:predict",
+                                        json={"instances": rows.tolist()}, timeout=60)
+                       for name, path in paths.items()}
+            assert all(a.status_code == 200 for a in answers.values()), {k: a.text[:300] for k, a in answers.items()}
+            assert answers["loop"].content == answers["grpc"].content == answers["aiohttp"].content, n
+            assert_same_predictions(answers["loop"].json()["predictions"], offline.predictions(rows))
+    finally:
+        for path in paths.values():
+            path.stop()
+
+
 def test_grpc_predictor_down_means_503_then_service_returns(stack, build_dir, raw_users, tmp_path):
     """A predictor of its own, stopped and started again: 503 (UNAVAILABLE after the retries, not
     a hang), readiness false, then answers again once it is back, without restarting the transformer."""

@@ -20,7 +20,7 @@ from kserve import model_server
 from transformer.serving.admission import Admission
 from transformer.store.bundle import BundleError
 from transformer.steps.kernels import UnsupportedEstimator
-from transformer.predictor import APIS, PredictorError, RetryPolicy, connect, metadata_problems
+from transformer.predictor import APIS, REST_CLIENTS, PredictorError, RetryPolicy, connect, metadata_problems
 from transformer.serving.rest import PREDICT_PATHS
 from transformer.helpformat import HelpFormatter
 
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--predictor_api", choices=APIS, default="grpc",
                       help="how to call TF Serving: grpc (its gRPC API on --predictor_grpc_port of the predictor "
                            "host, tensors as bytes) or rest (its REST API at --predictor_host, JSON)")
+    ours.add_argument("--predictor_rest_client", choices=sorted(REST_CLIENTS), default="loop",
+                      help="with --predictor_api rest, the HTTP client: loop (a keep-alive HTTP/1.1 client on the "
+                           "event loop, httptools parsing the answers) or aiohttp")
     ours.add_argument("--predictor_grpc_port", type=int, default=9000,
                       help="TF Serving's gRPC port (tensorflow_model_server --port; KServe's TF Serving runtime "
                            "uses 9000) on the host of --predictor_host")
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model_base_path,
         predictor_host=args.predictor_host,
         predictor_api=args.predictor_api,
+        predictor_rest_client=args.predictor_rest_client,
         predictor_grpc_port=args.predictor_grpc_port,
         predictor_timeout=args.predictor_timeout,
         predictor_use_ssl=args.predictor_use_ssl,
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     contracts = {v: served.pipeline.contract for v, served in model.versions.loaded.items()}
     problems = asyncio.run(check_predictor(connect(args.predictor_api, args.predictor_host, args.model_name,
                                                    grpc_port=args.predictor_grpc_port, timeout=3.0,
+                                                   rest_client=args.predictor_rest_client,
                                                    use_ssl=args.predictor_use_ssl,
                                                    retry=RetryPolicy(attempts=1)), contracts))
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run closed its loop; KServe expects one

@@ -10,14 +10,20 @@ from transformer.predictor.base import (  # noqa: F401  (the package's interface
     metadata_problems,
 )
 from transformer.predictor.grpc import GrpcPredictorClient
-from transformer.predictor.rest import Answer, RestPredictorClient  # noqa: F401
+from transformer.predictor.rest import Answer, LoopRestPredictorClient, RestPredictorClient  # noqa: F401
+
+REST_CLIENTS = {"loop": LoopRestPredictorClient, "aiohttp": RestPredictorClient}  # --predictor_rest_client
 
 
-def connect(api: str, host: str, model_name: str, *, grpc_port: int = 9000, **options) -> PredictorClient:
+def connect(api: str, host: str, model_name: str, *, grpc_port: int = 9000, rest_client: str = "loop",
+            **options) -> PredictorClient:
     """The client for ``--predictor_api``: REST at ``host`` (KServe's --predictor_host, port 80 when it
-    names none), or gRPC at the same host on ``grpc_port`` (TF Serving's --port)."""
+    names none) through ``rest_client`` (:data:`REST_CLIENTS`), or gRPC at the same host on ``grpc_port``
+    (TF Serving's --port)."""
     if api == "rest":
-        return RestPredictorClient(host, model_name, **options)
+        if rest_client not in REST_CLIENTS:
+            raise ValueError(f"the REST client must be one of {', '.join(REST_CLIENTS)}, got {rest_client!r}")
+        return REST_CLIENTS[rest_client](host, model_name, **options)
     if api == "grpc":
         return GrpcPredictorClient(grpc_address(host, grpc_port), model_name, **options)
     raise ValueError(f"predictor api must be one of {', '.join(APIS)}, got {api!r}")

@@ -1,5 +1,9 @@
-"""The transformer's client for TF Serving's REST API: ``/v1/models/<name>[/versions/<v>]:predict``,
-model status and metadata, as JSON over a pool of keep-alive connections (aiohttp).
+"""The transformer's clients for TF Serving's REST API: ``/v1/models/<name>[/versions/<v>]:predict``,
+model status and metadata, as JSON over a pool of keep-alive connections.
+
+What is asked and how answers and failures are read is one class (:class:`RestPredictorClient`); how the bytes
+travel is its ``_exchange``: aiohttp's client session there, or (:class:`LoopRestPredictorClient`) the small
+HTTP/1.1 client on the event loop of ``http1.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import aiohttp
 import numpy as np
 import orjson
 
+from transformer.predictor import http1
 from transformer.predictor.base import Contract, PredictorClient, PredictorError, Retryable, VersionNotServed
 
 
@@ -72,27 +77,39 @@ class RestPredictorClient(PredictorClient):
         if self._session is not None:
             await self._session.close()
 
+    def _unreachable(self, reason) -> Retryable:
+        return Retryable(PredictorError(503, f"the predictor at {self.base_url} is unreachable ({reason})",
+                                        "predictor_unreachable"))
+
+    def _timed_out(self) -> PredictorError:
+        return PredictorError(504, f"the predictor at {self.base_url} did not answer within {self.timeout:g}s",
+                              "predictor_timeout")
+
+    @staticmethod
+    def _lost(kind: str) -> Retryable:
+        return Retryable(PredictorError(502, f"the connection to the predictor failed: {kind}",
+                                        "predictor_connection_lost"))
+
+    async def _exchange(self, method: str, url: str, content: bytes | None) -> Answer:
+        """One HTTP exchange; transport failures raised as the PredictorError (or Retryable) they mean."""
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        try:
+            async with self._client().request(method, url, data=content, headers=headers) as response:
+                return Answer(response.status, await response.read())
+        except aiohttp.ClientConnectorError as exc:
+            raise self._unreachable(exc.os_error or exc) from None
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+            raise self._lost(type(exc).__name__) from None
+        except aiohttp.ClientError as exc:
+            raise PredictorError(502, f"the call to the predictor failed: {exc}", "predictor_failed") from None
+
     async def _send(self, method: str, url: str, content: bytes | None = None, retry: bool = True) -> Answer:
         """One request, retried on connection failures and 503 within the retry budget."""
-        headers = {"Content-Type": "application/json"} if content is not None else None
 
         async def attempt() -> Answer:
-            try:
-                async with self._client().request(method, url, data=content, headers=headers) as response:
-                    answer = Answer(response.status, await response.read())
-            except aiohttp.ClientConnectorError as exc:
-                raise Retryable(PredictorError(
-                    503, f"the predictor at {self.base_url} is unreachable ({exc.os_error or exc})",
-                    "predictor_unreachable")) from None
-            except asyncio.TimeoutError:
-                raise PredictorError(
-                    504, f"the predictor at {self.base_url} did not answer within {self.timeout:g}s", "predictor_timeout"
-                ) from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
-                raise Retryable(PredictorError(502, f"the connection to the predictor failed: {type(exc).__name__}",
-                                               "predictor_connection_lost")) from None
-            except aiohttp.ClientError as exc:
-                raise PredictorError(502, f"the call to the predictor failed: {exc}", "predictor_failed") from None
+            answer = await self._exchange(method, url, content)
             if answer.status == 503:
                 raise Retryable(PredictorError(503, f"the predictor is unavailable: {_error_text(answer)}",
                                                "predictor_unavailable"))
@@ -141,3 +158,66 @@ class RestPredictorClient(PredictorClient):
         if answer.status != 200:
             raise PredictorError(502, f"model metadata answered {answer.status}: {_error_text(answer)}")
         return answer.json()
+
+
+def host_and_port(address: str, use_ssl: bool) -> tuple[str, int]:
+    """``host[:port]`` (``[v6]:port`` for IPv6 literals) -> (host, port); 80, or 443 with TLS, when none."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else (443 if use_ssl else 80)
+    host, colon, port = address.rpartition(":")
+    if colon and port.isdigit() and ":" not in host:
+        return host, int(port)
+    return address, 443 if use_ssl else 80
+
+
+class LoopRestPredictorClient(RestPredictorClient):
+    """The same client over ``http1.py``: one asyncio protocol per keep-alive connection, the answer parsed by
+    httptools as it arrives, the request written in one piece. Everything but the exchange (the URLs, retries,
+    statuses and messages) is :class:`RestPredictorClient`'s."""
+
+    def __init__(self, host: str, model_name: str, *, use_ssl: bool = False, max_connections: int = 64, **options):
+        super().__init__(host, model_name, use_ssl=use_ssl, max_connections=max_connections, **options)
+        self._host, self._port = host_and_port(host, use_ssl)
+        self._use_ssl = use_ssl
+        self._pool: http1.ConnectionPool | None = None
+        self._heads: dict[tuple[str, str], bytes] = {}  # (method, url) -> the request head up to its length
+
+    def _connections(self) -> http1.ConnectionPool:
+        if self._pool is None:  # made on first use, inside the running loop
+            import ssl
+
+            self._pool = http1.ConnectionPool(self._host, self._port,
+                                              ssl=ssl.create_default_context() if self._use_ssl else None,
+                                              limit=self.max_connections, connect_timeout=min(self.timeout, 2.0))
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    def _request(self, method: str, url: str, content: bytes | None) -> bytes:
+        head = self._heads.get((method, url))
+        if head is None:
+            lines = [f"{method} {url[len(self.base_url):]} HTTP/1.1", f"Host: {self.address}"]
+            if content is not None:
+                lines += ["Content-Type: application/json", "Content-Length: "]
+            head = self._heads[(method, url)] = "\r\n".join(lines).encode("latin-1")
+        if content is None:
+            return head + b"\r\n\r\n"
+        return b"".join((head, str(len(content)).encode(), b"\r\n\r\n", content))
+
+    async def _exchange(self, method: str, url: str, content: bytes | None) -> Answer:
+        request = self._request(method, url, content)
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await self._connections().request(request)
+        except TimeoutError:
+            raise self._timed_out() from None
+        except (http1.ServerDisconnectedError, http1.ClientPayloadError) as exc:
+            raise self._lost(type(exc).__name__) from None
+        except http1.HttpClientError as exc:
+            raise PredictorError(502, f"the call to the predictor failed: {exc}", "predictor_failed") from None
+        except OSError as exc:  # the connection could not be made
+            raise self._unreachable(exc) from None
+        return Answer(response.status, response.body)
