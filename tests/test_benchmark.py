@@ -19,8 +19,8 @@ def test_benchmark_smoke(build_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     # e, f: v2 REST and gRPC at the transformer; g: its REST hop to the predictor; h: the predictor's gRPC API;
-    # i: the Python HTTP floor; j: the plain KServe transformer
-    assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j"}
+    # i: the Python HTTP floor; j: the plain KServe transformer; k: the REST hop on aiohttp
+    assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"}
     for run in report["runs"]:
         assert run["requests"] > 0 and run["non_2xx"] == 0 and run["socket_errors"] == 0, run
     assert report["soak"]["lost"] == 0 and report["soak"]["ok"] == report["soak"]["requests"]
@@ -31,16 +31,18 @@ def test_benchmark_smoke(build_dir, tmp_path):
     assert "REST / gRPC toward the predictor" in text
     assert "(i) Python HTTP floor (fixed answer)" in text and "(j) plain KServe transformer -> predictor" in text
     assert "ahead of the plain KServe transformer in every cell" in text and "5x the floor's" in text
-    # The CPU budget of (b) at one row: every stage, sampled, adding up to the CPU per request measured.
+    # The CPU budget of each hop at one row: every stage, sampled, adding up to the CPU per request measured.
     from scripts.benchmark.budget import STAGES
 
-    (budget,) = report["budgets"]
-    assert budget["samples"] > 50 and budget["cpu_us"] > 0 and budget["threads"]["loop"] > 0
-    assert sum(cell["us"] for cell in budget["stages"].values()) == pytest.approx(budget["cpu_us"])
-    assert budget["stages"]["hop"]["samples"] > 0 and budget["stages"]["kserve"]["samples"] > 0
-    assert "## CPU budget per stage: (b), one row" in text
+    assert [(b["target"], b["concurrency"]) for b in report["budgets"]] == [("b", 4), ("g", 4), ("k", 4)]
+    for budget in report["budgets"]:
+        assert budget["samples"] > 50 and budget["cpu_us"] > 0 and budget["threads"]["loop"] > 0
+        assert sum(cell["us"] for cell in budget["stages"].values()) == pytest.approx(budget["cpu_us"])
+        assert budget["stages"]["hop"]["samples"] > 0 and budget["stages"]["kserve"]["samples"] > 0
+        assert (tmp_path / "profiles" / f"budget-{budget['target']}-1-row-4-clients.folded").stat().st_size > 0
+    assert "## CPU budget per stage: the transformer over each hop, one row" in text
     assert all(f"| {description} | " in text for _, description in STAGES)
-    assert (tmp_path / "profiles" / "budget-1-row-4-clients.folded").stat().st_size > 0
+    assert "| stage | (b) 4 clients: us (share) | (g) 4 clients: us (share) | (k) 4 clients: us (share) |" in text
 
 
 def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path):

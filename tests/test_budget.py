@@ -48,9 +48,10 @@ def test_samples_are_counted_per_stage_and_the_table_adds_up():
     assert counts == {"rank": 3, "kserve": 1, "encode": 4}
     stages = {stage: {"samples": counts[stage], "share": counts[stage] / 8, "us": 800 * counts[stage] / 8}
               for stage, _ in STAGES}
-    budget = {"concurrency": 16, "cpu_us": 800.0, "samples": 8, "requests": 100, "stages": stages}
-    lines = budget_table([budget], {16: 100.0})
-    assert lines[0] == "| stage | 16 clients: us (share) |"
+    budget = {"target": "g", "concurrency": 16, "cpu_us": 800.0, "samples": 8, "requests": 100, "stages": stages}
+    lines = budget_table([budget], {16: 100.0}, {("g", 16): 700.0})
+    assert lines[0] == "| stage | (g) 16 clients: us (share) |"
+    assert "| the same, in its cell without py-spy | 700 |" in lines
     assert "| ranking (Pipeline.rank: segment, threshold, top-k) | 300 (38%) |" in lines
     assert "| **the transformer's CPU per request** | **800** |" in lines
     assert "| the Python HTTP floor's, at the same clients | 100 (x8.0) |" in lines

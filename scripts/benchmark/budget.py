@@ -165,14 +165,17 @@ def measure_budget(target: Target, batch: int, concurrency: int, seconds: float,
                                "us": 1e6 * stages[stage] / requests} for stage, _ in STAGES}}
 
 
-def budget_table(budgets: list[dict], floor_us: dict[int, float], unsampled_us: dict[int, float] | None = None
-                 ) -> list[str]:
-    """The report's table: a row per stage, a column per measured concurrency (CPU per request and share),
-    then the totals, the same path's CPU per request in its cell without the sampler (``unsampled_us``, what
-    py-spy's pauses cost it) and the floor's total at the same concurrency."""
+def budget_table(budgets: list[dict], floor_us: dict[int, float],
+                 unsampled_us: dict[tuple[str, int], float] | None = None) -> list[str]:
+    """The report's table: a row per stage, a column per budget (its path and clients: CPU per request and
+    share), then the totals, each path's CPU per request in its cell without the sampler (``unsampled_us`` by
+    (path, clients): what py-spy costs it) and the floor's total at the same clients (``floor_us``)."""
     unsampled_us = unsampled_us or {}
-    budgets = sorted(budgets, key=lambda b: b["concurrency"])
-    head = " | ".join(f"{b['concurrency']} client{'s' if b['concurrency'] > 1 else ''}: us (share)" for b in budgets)
+
+    def clients(n: int) -> str:
+        return f"{n} client{'s' if n > 1 else ''}"
+
+    head = " | ".join(f"({b.get('target', 'b')}) {clients(b['concurrency'])}: us (share)" for b in budgets)
     lines = [f"| stage | {head} |", "| --- |" + " ---: |" * len(budgets)]
     for stage, description in STAGES:
         cells = " | ".join(f"{b['stages'][stage]['us']:,.0f} ({100 * b['stages'][stage]['share']:.0f}%)"
@@ -181,8 +184,8 @@ def budget_table(budgets: list[dict], floor_us: dict[int, float], unsampled_us: 
     lines.append("| **the transformer's CPU per request** | " +
                  " | ".join(f"**{b['cpu_us']:,.0f}**" for b in budgets) + " |")
     lines.append("| the same, in its cell without py-spy | " + " | ".join(
-        f"{unsampled_us[b['concurrency']]:,.0f}" if unsampled_us.get(b["concurrency"]) else "-" for b in budgets)
-        + " |")
+        f"{unsampled_us[(b.get('target', 'b'), b['concurrency'])]:,.0f}"
+        if unsampled_us.get((b.get("target", "b"), b["concurrency"])) else "-" for b in budgets) + " |")
     lines.append("| the Python HTTP floor's, at the same clients | " + " | ".join(
         f"{floor_us[b['concurrency']]:,.0f} (x{b['cpu_us'] / floor_us[b['concurrency']]:.1f})"
         if floor_us.get(b["concurrency"]) else "-" for b in budgets) + " |")

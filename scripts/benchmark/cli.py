@@ -26,6 +26,9 @@ from transformer.store.bundle import bundle_dir, model_versions
 from transformer.helpformat import HelpFormatter
 
 
+BUDGETED = ("b", "g", "k")  # the transformer over each hop: gRPC, REST on the loop's client, REST on aiohttp
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=package.__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     main_stack = LocalStack(build=args.build, predictor="local", log_dir=logs / "main")
     baseline = main_stack.another_transformer(log_dir=logs / "baseline", transformer_args=["--kernels", "sklearn"])
     rest_hop = main_stack.another_transformer(log_dir=logs / "rest-hop", transformer_args=["--predictor_api", "rest"])
+    aiohttp_hop = main_stack.another_transformer(log_dir=logs / "aiohttp-hop", transformer_args=[
+        "--predictor_api", "rest", "--predictor_rest_client", "aiohttp"])
     fused = LocalStack(build=args.build, model_name=FUSED, predictor="local", log_dir=logs / "fused")
     anchors = []
     started = time.monotonic()
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         main_stack.start()
         baseline.start_transformer()
         rest_hop.start_transformer()
+        aiohttp_hop.start_transformer()
         fused.start_predictor()
         # The floor answers a fixed body the size of the transformer's one-row answer.
         answer_bytes = len(httpx.post(f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = {name: psutil.Process(s.processes[part].pid) for name, s, part in (
             ("predictor", main_stack, "predictor"), ("transformer", main_stack, "transformer"),
             ("baseline", baseline, "transformer"), ("rest_hop", rest_hop, "transformer"),
+            ("aiohttp_hop", aiohttp_hop, "transformer"),
             ("fused", fused, "predictor"))}
         proc["floor"], proc["plain"] = psutil.Process(floor.process.pid), psutil.Process(plain.process.pid)
         targets = [
@@ -133,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             Target("g", "transformer -> predictor over REST", f"{rest_hop.transformer_url}/v1/models/{MODEL}:predict",
                    transformer_bodies, {"transformer": proc["rest_hop"], "predictor": proc["predictor"]},
                    f"{rest_hop.transformer_url}/metrics"),
+            Target("k", "transformer -> predictor over REST, aiohttp",
+                   f"{aiohttp_hop.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
+                   {"transformer": proc["aiohttp_hop"], "predictor": proc["predictor"]},
+                   f"{aiohttp_hop.transformer_url}/metrics"),
             Target("c", "transformer, scikit-learn per request", f"{baseline.transformer_url}/v1/models/{MODEL}:predict",
                    transformer_bodies, {"transformer": proc["baseline"], "predictor": proc["predictor"]},
                    f"{baseline.transformer_url}/metrics"),
@@ -162,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                           f"client CPU {100 * result.client_cpu_share:3.0f}%", flush=True)
         budgets = []
         if have_py_spy():
-            hop = next(t for t in targets if t.key == "b")
-            for concurrency in concurrencies:
-                budget = measure_budget(hop, 1, concurrency, args.seconds, args.warmup, rate=500,
-                                        keep=out / "profiles" / f"budget-1-row-{concurrency}-clients.folded")
-                budgets.append(budget)
-                print(f"budget of (b) batch 1 c={concurrency:2d}: {budget['cpu_us']:,.0f} us of CPU per request; "
-                      + ", ".join(f"{stage} {cell['us']:,.0f}" for stage, cell in budget["stages"].items()),
-                      flush=True)
+            for hop in (t for t in targets if t.key in BUDGETED):
+                for concurrency in concurrencies:
+                    budget = measure_budget(hop, 1, concurrency, args.seconds, args.warmup, rate=500,
+                                            keep=out / "profiles" / f"budget-{hop.key}-1-row-{concurrency}-clients.folded")
+                    budgets.append({"target": hop.key, **budget})
+                    print(f"budget of ({hop.key}) batch 1 c={concurrency:2d}: {budget['cpu_us']:,.0f} us of CPU per "
+                          "request; " + ", ".join(f"{stage} {cell['us']:,.0f}" for stage, cell in budget["stages"].items()),
+                          flush=True)
         else:
             print("note: py-spy is not installed (it comes with .[dev]): no CPU budget per stage")
         soak_result = soak(main_stack, transformer_bodies[1], args.soak_requests, args.soak_concurrency)
@@ -180,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for anchor in anchors:
             anchor.stop()
-        for stack in (baseline, rest_hop, main_stack, fused):
+        for stack in (baseline, rest_hop, aiohttp_hop, main_stack, fused):
             stack.stop()
     repeats = 200 if args.smoke else 2000
     results = {

@@ -208,14 +208,16 @@ def write_report(results: dict, out: Path) -> None:
 
         floor = {r["concurrency"]: own_cpu_us(r, "floor") for r in runs if r["target"] == "i" and r["batch"] == 1}
         first = results["budgets"][0]
-        lines += ["", "## CPU budget per stage: (b), one row", "",
+        lines += ["", "## CPU budget per stage: the transformer over each hop, one row", "",
                   f"Where the transformer's own CPU per request goes, at one row: py-spy sampled its process "
                   f"({first['rate']} Hz, the event loop's idle waiting left out) over {results['seconds']}s of load "
                   "of its own, each sample put in the stage of the innermost frame a stage claims "
                   "(`scripts/benchmark/budget.py`), times the process's CPU per request measured over the same "
-                  "window. The raw samples, for a flame graph: `profiles/budget-1-row-<clients>-clients.folded`.",
-                  "", *budget_table(results["budgets"], floor, {r["concurrency"]: own_cpu_us(r, "transformer")
-                                                                for r in runs if r["target"] == "b" and r["batch"] == 1})]
+                  "window. (b) calls TF Serving over gRPC (grpc.aio), (g) over REST with the client on the event loop "
+                  "(`transformer/predictor/http1.py`), (k) over REST with aiohttp. The raw samples, for a flame graph: "
+                  "`profiles/budget-<path>-1-row-<clients>-clients.folded`.",
+                  "", *budget_table(results["budgets"], floor, {(r["target"], r["concurrency"]): own_cpu_us(r, "transformer")
+                                                                for r in runs if r["batch"] == 1})]
     lines += ["", "## Latency and throughput", "",
               "Ratios are to (a), the predictor alone, to (j), the plain KServe transformer, and (own CPU) to (i), "
               "the Python HTTP floor, at the same batch size and concurrency. Own CPU is the path's own process "
