@@ -29,7 +29,7 @@ def _bytes(tensor) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.serialize_tensor(tensor).numpy()]))
 
 
-def write_shards(X: np.ndarray, data: UserData, directory: str | Path, *, seed: int = 0,
+def write_shards(X: np.ndarray, data: UserData, directory: str | Path, *, seed: int,
                  min_shards: int = 1) -> list[Path]:
     """Write the scaled features ``X`` (n_users, F) float32 and the interactions of ``data`` as TFRecord shards.
 
@@ -60,7 +60,7 @@ def write_shards(X: np.ndarray, data: UserData, directory: str | Path, *, seed: 
     return paths
 
 
-def training_dataset(files: list[str | Path], batch_size: int, *, n_features: int, weighted: bool, seed: int = 0,
+def training_dataset(files: list[str | Path], batch_size: int, *, n_features: int, weighted: bool, seed: int,
                      cache: bool = True, shuffle_batches: int = 1024,
                      input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Batches of (features float32 [b, F], items int32 ragged [b, None], weights float32 ragged [b, None]).

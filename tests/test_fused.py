@@ -171,6 +171,15 @@ def test_compiled_rules_threshold_and_ties():
     assert kept.numpy()[0].tolist() == pytest.approx([0.9, 0.9, 0.3])
 
 
+def test_compiled_rules_answer_the_catalogues_ids_text_or_numbers():
+    scores = tf.constant(np.array([[0.1, 0.8, 0.5], [0.1, 0.2, 0.0]], dtype=np.float32))
+    rules = Rules(min_score=0.3, top_k=2)
+    ids, _ = compile_rules(rules, n_items=3, item_ids=np.array(["x", "y", "z"]))(scores)
+    assert ids.numpy().tolist() == [[b"y", b"z"], [b"", b""]]  # text ids; "" pads what the rules drop
+    ids, _ = compile_rules(rules, n_items=3, item_ids=np.array([70, 80, 90], dtype=np.int32))(scores)
+    assert ids.dtype == tf.int64 and ids.numpy().tolist() == [[80, 90], [-1, -1]]
+
+
 def test_unsupported_estimator_fails_at_compile_time():
     with pytest.raises(UnsupportedEstimator, match="RobustScaler is not supported as the scaler; supported scalers: QuantileTransformer"):
         compile_scaler(RobustScaler().fit(np.ones((4, 2))))
