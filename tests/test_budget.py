@@ -35,6 +35,11 @@ def test_a_sample_goes_to_the_innermost_stage_that_claims_a_frame(inner, stage):
 
 def test_the_loop_alone_and_grpcs_thread_have_their_stages():
     assert stage_of("run (asyncio/runners.py:118);BaseEventLoop._run_once (asyncio/base_events.py:1922)") == "rest"
+    # the server's start-up frames around the loop are not a request's: the loop's own work is the rest
+    started = ("<module> (transformer/__main__.py:258);serve (transformer/serving/server.py:81);start "
+               "(kserve/model_server.py:410);run (asyncio/runners.py:190);run (asyncio/runners.py:118)")
+    assert stage_of(started) == "rest"
+    assert stage_of(started + ";predict (transformer/model.py:254)") == "hop"
     thread = ("Thread._bootstrap (threading.py:1002);Thread._bootstrap_inner (threading.py:1045);"
               "Thread.run (threading.py:982)")
     assert stage_of(thread) == "hop"

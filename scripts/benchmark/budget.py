@@ -67,11 +67,18 @@ _LINE = re.compile(r"^(.*) (\d+)$")
 _THREAD = re.compile(r"^thread \((\d+)\)[^;]*;?")
 
 
+# The event loop's own frames: what a request's code is called from. Frames outside them (the command that
+# started the server: KServe's ModelServer.start) are not the request's; time spent in them is the loop's.
+LOOP = re.compile(r"^(?:\w+\.)?(?:run|run_until_complete|run_forever|_run_once) \(asyncio/")
+
+
 def stage_of(stack: str) -> str:
     """The stage of one collapsed stack (frames outermost first, ``;``-separated)."""
     if GRPC_THREAD.match(stack):
         return "hop"
-    for frame in reversed(stack.split(";")):
+    frames = stack.split(";")
+    loop = max((i for i, frame in enumerate(frames) if LOOP.match(frame)), default=-1)
+    for frame in reversed(frames[loop + 1:]):
         for stage, pattern in RULES:
             if pattern.search(frame):
                 return stage
