@@ -297,3 +297,17 @@ def test_log_lines_write_any_value_as_text(caplog):
         edge.log_event(logging.INFO, "loaded", path=Path("/models/embedder/3"), version=3)
     assert [orjson.loads(r.getMessage()) for r in caplog.records] == [
         {"event": "loaded", "path": "/models/embedder/3", "version": 3}]
+
+
+@pytest.mark.heavy  # starts a process
+def test_request_ids_made_here_are_unique_hex_and_differ_between_processes():
+    import subprocess
+    import sys
+
+    from transformer.serving.edge import new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    other = subprocess.run([sys.executable, "-c", "from transformer.serving.edge import new_request_id as n; "
+                            "print(n())"], capture_output=True, text=True, check=True).stdout.strip()
+    assert other[:16] != ids[0][:16] and other not in ids

@@ -24,7 +24,6 @@ import asyncio
 import contextvars
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,7 +38,7 @@ from transformer.serving.coalesce import Coalescer
 from transformer.protocols.v1 import V1Codec
 from transformer.protocols.v2 import V2Codec, V2Request, tensor_metadata
 from transformer.serving.drift import DriftMonitor
-from transformer.serving.edge import Failure, grpc_code, handle, request_version
+from transformer.serving.edge import Failure, grpc_code, handle, new_request_id, request_version
 from transformer.serving.metrics import ModelMetrics, VersionMetrics
 from transformer.pipeline import Pipeline
 from transformer.predictor import PredictorClient, PredictorError, RetryPolicy, VersionNotServed, connect
@@ -212,7 +211,7 @@ class EmbedderTransformer(kserve.Model):
             from grpc_interceptor.exceptions import GrpcException
 
             headers = dict(headers or {})
-            request_id = headers.setdefault("x-request-id", uuid.uuid4().hex)
+            request_id = headers.setdefault("x-request-id", new_request_id())
             try:
                 return await handle(self, self.name, request_id, headers.get(TIMEOUT_HEADER),
                                     lambda: self._answer(body, headers, verb))

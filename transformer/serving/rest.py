@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any, AsyncIterator
 
 import orjson
@@ -38,7 +37,7 @@ from kserve.errors import ModelNotFound
 from transformer.serving.admission import TIMEOUT_HEADER
 from transformer.protocols.v1 import RequestError, decode_json
 from transformer.protocols.v2 import HEADER_LENGTH, EncodedAnswer, from_rest
-from transformer.serving.edge import Failure, failure, handle
+from transformer.serving.edge import Failure, failure, handle, new_request_id
 
 log = logging.getLogger("transformer")
 
@@ -82,7 +81,7 @@ async def respond(dataplane, model: Any, model_name: str, headers: Headers, chun
     body, the protocol's decoder, the edge, KServe's DataPlane and the model; an answer or a status.
     ``client``: the connection's (address, port), for admission's pacing of clients that re-send too early;
     ``connected``: whether that client is still there after such a wait (the fast path can tell)."""
-    request_id = headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = headers.get("x-request-id") or new_request_id()
 
     async def work():
         try:
@@ -241,7 +240,7 @@ class ShedWhenFull:
                 and scope["path"].endswith((":predict", "/infer")) and not admission.paces(scope.get("client")):
             started = time.perf_counter()
             request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None) \
-                or uuid.uuid4().hex
+                or new_request_id()
             refused = failure(admission.refusal(scope.get("client")), getattr(self.model, "metrics", None),
                               self.model_name, request_id, started)
             body = orjson.dumps({"error": refused.message})
