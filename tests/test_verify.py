@@ -104,3 +104,25 @@ def test_a_fused_model_that_differs_fails_verification(build_dir, rows_and_answe
     result = verify(version_dir(build_dir), wrong)
     assert result.problems == [f"fused parity on {PARITY_ROWS + 4} rows: segments differ on {PARITY_ROWS + 4} of "
                                f"{PARITY_ROWS + 4} rows"]
+
+
+@pytest.mark.parametrize("ids, pad", [(np.array([[7, 8], [9, 7]]), -1),
+                                      (np.array([["x", "y"], ["z", "x"]]), b"")], ids=["numbers", "text"])
+def test_slots_the_rules_drop_compare_as_the_fused_models_padding(monkeypatch, tmp_path, ids, pad):
+    """Where the rules keep fewer than k items, the fused model pads (-1, or "" for text ids): a fused answer
+    padded so is the same answer, one that keeps the dropped item is not."""
+    import model.gate
+    from transformer.pipeline import Ranked
+
+    keep = np.array([[True, False], [True, True]])
+    ranked = Ranked(labels=np.array([0, 1]), distances=np.array([0.5, 0.25]), item_ids=ids,
+                    item_scores=np.array([[0.9, 0.1], [0.8, 0.7]], np.float32), keep=keep)
+    monkeypatch.setattr(model.gate, "ranked_offline", lambda version_dir, raw: (1, ranked))
+    fused_ids = np.where(keep, ids, pad) if ids.dtype.kind in "iu" else np.where(keep, ids.astype(bytes), pad)
+    answer = {"segment": np.array([0, 1]), "segment_distance": np.array([0.5, 0.25], np.float32),
+              "item_ids": fused_ids, "item_scores": np.where(keep, ranked.item_scores, np.float32(-1.0))}
+    rows = np.zeros((2, 3))
+    assert fused_differences(tmp_path, answering(tmp_path / "padded", answer), rows) == []
+    unpadded = {**answer, "item_ids": ids if ids.dtype.kind in "iu" else ids.astype(bytes)}
+    assert fused_differences(tmp_path, answering(tmp_path / "kept", unpadded), rows) == [
+        "the items kept by the rules differ"]
