@@ -357,3 +357,20 @@ def test_peak_memory_is_this_processs_in_gib_and_a_pid_runs_until_it_is_gone():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert not _running(child.pid)
+
+
+def test_quiet_training_prints_nothing_and_otherwise_says_what_it_read(tmp_path, capsys):
+    from model.train import main as train
+
+    data = make_synthetic(n_users=200, n_items=20, seed=5)
+    users, interactions = tmp_path / "users.csv", tmp_path / "interactions.csv"
+    write_two_files(data, users, interactions)
+    common = ["--data", str(users), "--interactions", str(interactions), "--epochs", "1", "--embedding-dim", "4",
+              "--no-fused"]
+    assert train([*common, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and quiet.err == ""
+    assert train([*common, "--out", str(tmp_path / "told")]) == 0
+    told = capsys.readouterr()
+    assert "features (" in told.out and "data: 200 users x" in told.out, told.out
+    assert "reading" in told.err  # the progress of the read, on stderr

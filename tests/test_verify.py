@@ -53,7 +53,7 @@ def test_a_trained_version_passes_every_check(build_dir, fused_dir):
         f"fused parity on {PARITY_ROWS + 4} rows"]
     assert result.markdown().startswith("# Checks of version 1: all pass\n\n| check | result |\n| --- | --- |\n"
                                         "| the transformer's bundle checks | ok |\n")
-    assert "Fails because" not in result.markdown()
+    assert "Fails because" not in result.markdown() and result.markdown().endswith(" | ok |\n")
     assert len(verify(version_dir(build_dir)).checks) == 2  # no fused model: neither of its checks
 
 
@@ -67,6 +67,7 @@ def test_a_bundle_that_does_not_load_is_the_one_problem(build_dir, tmp_path):
     assert result.problems[0].startswith("the transformer's bundle checks: ")
     text = result.markdown()
     assert text.startswith("# Checks of version -1: FAILED\n") and "\nFails because:\n- the transformer's bundle" in text
+    assert text.endswith(result.problems[0] + "\n")
 
 
 def test_parity_rows_cover_the_training_range_its_edges_and_beyond():
@@ -126,3 +127,23 @@ def test_slots_the_rules_drop_compare_as_the_fused_models_padding(monkeypatch, t
     unpadded = {**answer, "item_ids": ids if ids.dtype.kind in "iu" else ids.astype(bytes)}
     assert fused_differences(tmp_path, answering(tmp_path / "kept", unpadded), rows) == [
         "the items kept by the rules differ"]
+
+
+def test_ops_tf_serving_lacks_are_named_with_the_graph(build_dir, fused_dir, monkeypatch):
+    import model.verify
+
+    real = model.verify.registry()
+    fewer = {**real, "ops": {op: attrs for op, attrs in real["ops"].items() if op not in ("MatMul", "Ndtri")}}
+    monkeypatch.setattr(model.verify, "registry", lambda: fewer)
+    result = verify(version_dir(build_dir), fused_dir)
+    assert result.problems[0] == "embedder graph on TF Serving 2.20: unknown to its TensorFlow: op MatMul"
+    assert result.problems[1] == "fused graph on TF Serving 2.20: unknown to its TensorFlow: op MatMul, op Ndtri"
+
+
+def test_every_fused_difference_is_named_in_one_line(build_dir, rows_and_answer, tmp_path):
+    rows, answer = rows_and_answer
+    wrong = changed(changed(answer, "segment", lambda a: a.__iadd__(1)), "segment_distance", lambda a: a.__iadd__(1))
+    result = verify(version_dir(build_dir), answering(tmp_path / "wrong", wrong))
+    n = PARITY_ROWS + 4
+    assert result.problems == [f"fused parity on {n} rows: segments differ on {n} of {n} rows; "
+                               "segment distances differ by more than 1e-5"]
