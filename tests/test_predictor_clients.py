@@ -582,7 +582,7 @@ def test_connect_picks_the_transport_and_refuses_others():
     assert connect("grpc", "tf", "embedder").address == "tf:9000"  # TF Serving's gRPC port in KServe's runtime
     with pytest.raises(ValueError) as caught:
         connect("thrift", "host", "embedder")
-    assert str(caught.value) == "predictor api must be one of grpc, rest, got 'thrift'"
+    assert str(caught.value) == "predictor api must be one of grpc, rest, auto, got 'thrift'"
 
 
 def test_backoff_is_full_jitter_under_a_growing_cap(monkeypatch):

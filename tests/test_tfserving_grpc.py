@@ -221,11 +221,13 @@ def test_grpc_and_rest_toward_tf_serving_give_identical_answers(stack, offline, 
 @pytest.mark.parametrize("signature", [[], ["--full_scores"]], ids=["candidates", "every-score"])
 def test_each_rest_client_answers_what_grpc_does_for_every_batch_and_both_signatures(stack, offline, raw_users,
                                                                                      tmp_path, signature):
-    """The REST hop through the loop client (the default) and through aiohttp, against the gRPC hop: the same
-    bytes for 1 to 1,024 rows, with the candidates signature and with every score."""
+    """The REST hop through the loop client (the default) and through aiohttp, and auto (REST up to 37 rows, gRPC
+    above), against the gRPC hop: the same bytes for 1 to 1,024 rows, with the candidates signature and with every
+    score."""
     paths = {name: stack.another_transformer(log_dir=tmp_path / name, transformer_args=[*args, *signature])
              for name, args in (("grpc", []), ("loop", ["--predictor_api", "rest"]),
-                                ("aiohttp", ["--predictor_api", "rest", "--predictor_rest_client", "aiohttp"]))}
+                                ("aiohttp", ["--predictor_api", "rest", "--predictor_rest_client", "aiohttp"]),
+                                ("auto", ["--predictor_api", "auto", "--predictor_rest_rows", "37"]))}
     try:
         for path in paths.values():
             path.start_transformer()
@@ -235,7 +237,8 @@ def test_each_rest_client_answers_what_grpc_does_for_every_batch_and_both_signat
                                         json={"instances": rows.tolist()}, timeout=60)
                        for name, path in paths.items()}
             assert all(a.status_code == 200 for a in answers.values()), {k: a.text[:300] for k, a in answers.items()}
-            assert answers["loop"].content == answers["grpc"].content == answers["aiohttp"].content, n
+            assert answers["loop"].content == answers["grpc"].content == answers["aiohttp"].content \
+                == answers["auto"].content, n
             assert_same_predictions(answers["loop"].json()["predictions"], offline.predictions(rows))
     finally:
         for path in paths.values():

@@ -93,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                            f"${TRUSTED_ENV}; empty: any manifest whose files verify")
     ours.add_argument("--predictor_api", choices=APIS, default="grpc",
                       help="how to call TF Serving: grpc (its gRPC API on --predictor_grpc_port of the predictor "
-                           "host, tensors as bytes) or rest (its REST API at --predictor_host, JSON)")
+                           "host, tensors as bytes), rest (its REST API at --predictor_host, JSON) or auto (REST for "
+                           "batches of up to --predictor_rest_rows rows, gRPC above)")
     ours.add_argument("--predictor_rest_client", choices=sorted(REST_CLIENTS), default="loop",
-                      help="with --predictor_api rest, the HTTP client: loop (a keep-alive HTTP/1.1 client on the "
-                           "event loop, httptools parsing the answers) or aiohttp")
+                      help="the HTTP client of the REST API: loop (a keep-alive HTTP/1.1 client on the event loop, "
+                           "httptools parsing the answers) or aiohttp")
+    ours.add_argument("--predictor_rest_rows", type=int, default=64,
+                      help="with --predictor_api auto, the largest batch sent over REST (larger ones go over gRPC)")
     ours.add_argument("--predictor_grpc_port", type=int, default=9000,
                       help="TF Serving's gRPC port (tensorflow_model_server --port; KServe's TF Serving runtime "
                            "uses 9000) on the host of --predictor_host")
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers != 1:
         parser.error("--workers must be 1: KServe's multi-process mode loses the predictor "
                      "configuration; scale with replicas instead")
+    if args.predictor_rest_rows < 0:
+        parser.error(f"--predictor_rest_rows must be 0 or more (0: every batch over gRPC), got {args.predictor_rest_rows}")
     if min(args.max_rows, args.max_body_bytes) < 1 or args.predictor_timeout <= 0 or args.predictor_retries < 0:
         parser.error("--max_rows, --max_body_bytes and --predictor_timeout must be positive, --predictor_retries >= 0")
     if min(args.model_versions, args.drift_window, args.max_inflight, args.min_inflight, args.max_inflight_rows) < 1 \
@@ -190,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor_host=args.predictor_host,
         predictor_api=args.predictor_api,
         predictor_rest_client=args.predictor_rest_client,
+        predictor_rest_rows=args.predictor_rest_rows,
         predictor_grpc_port=args.predictor_grpc_port,
         predictor_timeout=args.predictor_timeout,
         predictor_use_ssl=args.predictor_use_ssl,
@@ -217,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = asyncio.run(check_predictor(connect(args.predictor_api, args.predictor_host, args.model_name,
                                                    grpc_port=args.predictor_grpc_port, timeout=3.0,
                                                    rest_client=args.predictor_rest_client,
+                                                   rest_rows=args.predictor_rest_rows,
                                                    use_ssl=args.predictor_use_ssl,
                                                    retry=RetryPolicy(attempts=1)), contracts))
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run closed its loop; KServe expects one

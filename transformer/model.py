@@ -84,6 +84,7 @@ class EmbedderTransformer(kserve.Model):
         predictor_host: str | None = None,
         predictor_api: str = "grpc",
         predictor_rest_client: str = "loop",
+        predictor_rest_rows: int = 64,
         predictor_grpc_port: int = 9000,
         predictor_timeout: float = 5.0,
         predictor_use_ssl: bool = False,
@@ -116,6 +117,7 @@ class EmbedderTransformer(kserve.Model):
         self._predictor_host = predictor_host
         self._predictor_api = predictor_api
         self._predictor_rest_client = predictor_rest_client
+        self._predictor_rest_rows = predictor_rest_rows
         self._predictor_grpc_port = predictor_grpc_port
         self._predictor_timeout = predictor_timeout
         self._predictor_use_ssl = predictor_use_ssl
@@ -186,7 +188,7 @@ class EmbedderTransformer(kserve.Model):
             if not host:
                 raise PredictorError(503, "no predictor host configured: start with --predictor_host HOST:PORT")
             self._predictor = connect(self._predictor_api, host, self.name, grpc_port=self._predictor_grpc_port,
-                                      rest_client=self._predictor_rest_client,
+                                      rest_client=self._predictor_rest_client, rest_rows=self._predictor_rest_rows,
                                       timeout=self._predictor_timeout, use_ssl=self._predictor_use_ssl,
                                       retry=self._retry, on_retry=self.metrics.retry)
         return self._predictor

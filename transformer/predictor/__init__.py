@@ -16,14 +16,20 @@ REST_CLIENTS = {"loop": LoopRestPredictorClient, "aiohttp": RestPredictorClient}
 
 
 def connect(api: str, host: str, model_name: str, *, grpc_port: int = 9000, rest_client: str = "loop",
-            **options) -> PredictorClient:
+            rest_rows: int = 64, **options) -> PredictorClient:
     """The client for ``--predictor_api``: REST at ``host`` (KServe's --predictor_host, port 80 when it
-    names none) through ``rest_client`` (:data:`REST_CLIENTS`), or gRPC at the same host on ``grpc_port``
-    (TF Serving's --port)."""
+    names none) through ``rest_client`` (:data:`REST_CLIENTS`), gRPC at the same host on ``grpc_port``
+    (TF Serving's --port), or auto: REST for batches of up to ``rest_rows`` rows and gRPC above
+    (``routed.py``)."""
     if api == "rest":
         if rest_client not in REST_CLIENTS:
             raise ValueError(f"the REST client must be one of {', '.join(REST_CLIENTS)}, got {rest_client!r}")
         return REST_CLIENTS[rest_client](host, model_name, **options)
     if api == "grpc":
         return GrpcPredictorClient(grpc_address(host, grpc_port), model_name, **options)
+    if api == "auto":
+        from transformer.predictor.routed import RoutedPredictorClient
+
+        return RoutedPredictorClient(connect("rest", host, model_name, rest_client=rest_client, **options),
+                                     connect("grpc", host, model_name, grpc_port=grpc_port, **options), rest_rows)
     raise ValueError(f"predictor api must be one of {', '.join(APIS)}, got {api!r}")

@@ -34,7 +34,7 @@ import numpy as np
 log = logging.getLogger("transformer")
 
 T = TypeVar("T")
-APIS = ("grpc", "rest")  # how the transformer talks to TF Serving (--predictor_api)
+APIS = ("grpc", "rest", "auto")  # how the transformer talks to TF Serving (--predictor_api); auto: routed.py
 
 
 class PredictorError(Exception):
