@@ -11,6 +11,7 @@ Paths (all on loopback, each measured alone while the others sit idle):
     (g) transformer, REST hop the same with --predictor_api rest: JSON toward TF Serving, through the
                               HTTP/1.1 client on the event loop (transformer/predictor/http1.py)
     (k) REST hop, aiohttp     the same through aiohttp (--predictor_rest_client aiohttp)
+    (l) auto hop              --predictor_api auto: REST (the loop's client) up to 64 rows, gRPC above
     (c) transformer, sklearn  the same transformer calling scikit-learn per request (the naive baseline)
     (d) fused alone           the fused SavedModel: raw features in, segment and items out
     (e) transformer v2 REST   the Open Inference Protocol's JSON at the transformer

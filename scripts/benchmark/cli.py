@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     rest_hop = main_stack.another_transformer(log_dir=logs / "rest-hop", transformer_args=["--predictor_api", "rest"])
     aiohttp_hop = main_stack.another_transformer(log_dir=logs / "aiohttp-hop", transformer_args=[
         "--predictor_api", "rest", "--predictor_rest_client", "aiohttp"])
+    auto_hop = main_stack.another_transformer(log_dir=logs / "auto-hop", transformer_args=["--predictor_api", "auto"])
     fused = LocalStack(build=args.build, model_name=FUSED, predictor="local", log_dir=logs / "fused")
     anchors = []
     started = time.monotonic()
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline.start_transformer()
         rest_hop.start_transformer()
         aiohttp_hop.start_transformer()
+        auto_hop.start_transformer()
         fused.start_predictor()
         # The floor answers a fixed body the size of the transformer's one-row answer.
         answer_bytes = len(httpx.post(f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = {name: psutil.Process(s.processes[part].pid) for name, s, part in (
             ("predictor", main_stack, "predictor"), ("transformer", main_stack, "transformer"),
             ("baseline", baseline, "transformer"), ("rest_hop", rest_hop, "transformer"),
-            ("aiohttp_hop", aiohttp_hop, "transformer"),
+            ("aiohttp_hop", aiohttp_hop, "transformer"), ("auto_hop", auto_hop, "transformer"),
             ("fused", fused, "predictor"))}
         proc["floor"], proc["plain"] = psutil.Process(floor.process.pid), psutil.Process(plain.process.pid)
         targets = [
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"{aiohttp_hop.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
                    {"transformer": proc["aiohttp_hop"], "predictor": proc["predictor"]},
                    f"{aiohttp_hop.transformer_url}/metrics"),
+            Target("l", "transformer -> predictor, auto (REST <= 64 rows, gRPC above)",
+                   f"{auto_hop.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
+                   {"transformer": proc["auto_hop"], "predictor": proc["predictor"]},
+                   f"{auto_hop.transformer_url}/metrics"),
             Target("c", "transformer, scikit-learn per request", f"{baseline.transformer_url}/v1/models/{MODEL}:predict",
                    transformer_bodies, {"transformer": proc["baseline"], "predictor": proc["predictor"]},
                    f"{baseline.transformer_url}/metrics"),
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for anchor in anchors:
             anchor.stop()
-        for stack in (baseline, rest_hop, aiohttp_hop, main_stack, fused):
+        for stack in (baseline, rest_hop, aiohttp_hop, auto_hop, main_stack, fused):
             stack.stop()
     repeats = 200 if args.smoke else 2000
     results = {
