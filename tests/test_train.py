@@ -347,16 +347,52 @@ def test_a_run_writes_into_the_embedders_folder_and_the_fused_ones_unless_told_n
     assert output_dirs(argparse.Namespace(out=tmp_path, model_name="m", no_fused=True)) == [tmp_path / "models" / "m"]
 
 
-def test_peak_memory_is_this_processs_in_gib_and_a_pid_runs_until_it_is_gone():
+def test_peak_memory_is_this_processs_in_gib_and_a_pid_runs_until_it_is_gone(monkeypatch):
     import os
+    import time
+
+    import psutil
 
     from model.train import _running, peak_memory_gib
 
     assert 0.01 < peak_memory_gib() < 64  # KiB read as bytes or as MiB would land far outside
-    assert _running(os.getpid())
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
+    assert peak_memory_gib() >= psutil.Process().memory_info().rss / 2**30 * 0.99  # never below what it holds now
+    # A running process is asked about without being signalled: one that exits on SIGHUP is still there after.
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGHUP, "
+                              "lambda *a: sys.exit(3)); print('ready', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert _running(child.pid)
+        time.sleep(0.2)
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
     assert not _running(child.pid)
+
+    def not_ours(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_ours)
+    assert _running(12345)  # another user's process runs too: its folder is kept
+
+
+def test_sigterm_ends_training_with_143_and_only_the_main_thread_takes_the_signal():
+    import signal
+    import threading
+
+    from model.train import Terminated, _main_thread, _terminate
+
+    with pytest.raises(Terminated) as caught:
+        _terminate(signal.SIGTERM, None)
+    assert caught.value.code == 143
+    assert _main_thread()
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(_main_thread()))
+    worker.start()
+    worker.join()
+    assert seen == [False]
 
 
 def test_quiet_training_prints_nothing_and_otherwise_says_what_it_read(tmp_path, capsys):
@@ -374,3 +410,6 @@ def test_quiet_training_prints_nothing_and_otherwise_says_what_it_read(tmp_path,
     told = capsys.readouterr()
     assert "features (" in told.out and "data: 200 users x" in told.out, told.out
     assert "reading" in told.err  # the progress of the read, on stderr
+    import re
+
+    assert re.search(r"training: 1/1 epoch \(loss=\d+\.\d{4}\)", told.err), told.err[-500:]  # the mean loss
