@@ -15,7 +15,12 @@ from scripts.localstack import ROOT
 
 
 def test_build_layout_and_reported_quality(build_dir):
+    from transformer.store.bundle import load_bundle
+
     version_dir = build_dir / "models" / "embedder" / "1"
+    # As many segments as the synthetic data has (conftest's build: 1,500 users, 60 items)
+    truth = make_synthetic(n_users=1500, n_items=60, seed=0).segments
+    assert load_bundle(version_dir).n_segments == int(truth.max()) + 1
     assert (version_dir / "saved_model.pb").is_file() and (version_dir / "variables").is_dir()
     manifest = json.loads((bundle_path(build_dir) / "manifest.json").read_text())
     assert manifest["model"]["version"] == 1
@@ -406,8 +411,13 @@ def test_quiet_training_prints_nothing_and_otherwise_says_what_it_read(tmp_path,
     assert train([*common, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
     quiet = capsys.readouterr()
     assert quiet.out == "" and quiet.err == ""
-    assert train([*common, "--out", str(tmp_path / "told")]) == 0
+    out = tmp_path / "runs" / "told"  # its parent is made too
+    assert train([*common, "--out", str(out)]) == 0
     told = capsys.readouterr()
+    training = json.loads((bundle_path(out) / "manifest.json").read_text())["training"]
+    # What the run was, in the manifest: its own options and sizes (a 4-wide embedding over 20 items).
+    assert (training["epochs"], training["test_fraction"], training["seed"]) == (1, 0.2, 0)
+    assert training["n_train_users"] == 160 and training["parameters"] > 20 * 4 + 20
     assert "features (" in told.out and "data: 200 users x" in told.out, told.out
     assert "reading" in told.err  # the progress of the read, on stderr
     import re
