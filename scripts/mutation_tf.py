@@ -315,7 +315,7 @@ def judge_survivors_again(run: dict, jobs: int, say=print) -> dict:
     """The run with its survivors judged again against today's tests (after tests were added for them); its
     killed mutants stay killed, as tests are only ever added. Refused when the module changed since the run."""
     source = ROOT / run["module"]
-    survivors = [r for r in run["results"] if r["status"] in ("survived", "equivalent")]
+    survivors = [r for r in judged([run])[0]["results"] if r["status"] == "survived"]  # not the explained ones
     for result in survivors:
         _, now = make_mutant(source, result["index"])
         if (now.before, now.after) != (result["before"], result["after"]):
