@@ -50,7 +50,8 @@ def test_defaults_reach_the_model(store, started):
     assert not asyncio.get_event_loop_policy().get_event_loop().is_closed()  # the start-up check's is; KServe needs one
     model, args = started["model"], started["args"]
     assert (model.name, model.model_base_path, model._predictor_host) == ("embedder", store, "127.0.0.1:9")
-    assert (model._predictor_api, model._predictor_grpc_port, model._predictor_timeout) == ("grpc", 9000, 5.0)
+    assert (model._predictor_api, model._predictor_grpc_port, model._predictor_timeout) == ("auto", 9000, 5.0)
+    assert (model._predictor_rest_client, model._predictor_rest_rows) == ("loop", 64)
     assert model._retry.attempts == 3 and model.max_rows == 1024 and model.kernels == "numpy"
     assert (model.coalesce_inflight, model.coalesce_rows, model.full_scores, model.offload_rows) == (2, 256, False, 0)
     assert (model.keep_versions, model.poll_seconds, model.trusted_manifests, model.drift_window) == (

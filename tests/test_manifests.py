@@ -239,7 +239,7 @@ def test_names_ports_and_paths_agree_everywhere(overlay):
     rest, grpc = model["ports"]
     assert rest["containerPort"] == int(tf_serving_rest_port(model)) == 8080 and "grpc" not in rest["name"]
     assert "grpc" in grpc["name"] and grpc["containerPort"] == TF_SERVING_GRPC_PORT
-    assert arg_value(args, "--predictor_api") == defaults.predictor_api == "grpc"
+    assert arg_value(args, "--predictor_api") == defaults.predictor_api == "auto"
     assert int(arg_value(args, "--predictor_grpc_port")) == defaults.predictor_grpc_port == TF_SERVING_GRPC_PORT
     (policy,) = [p for p in objects(overlay, "NetworkPolicy") if p["metadata"]["name"].endswith("predictor-ingress")]
     allowed = {p["port"] for rule in policy["spec"]["ingress"] if "podSelector" in rule["from"][0]
@@ -425,7 +425,7 @@ def test_collocated_transformer_shares_the_predictor_pod_and_store():
     # Its other ports become Service ports of their own: v2 gRPC on 8081 (h2c by its name).
     assert container["ports"][1] == {"containerPort": 8081, "name": "grpc-v2", "protocol": "TCP"}
     # TF Serving's gRPC API in the same pod; its declared ports are the ones it listens on.
-    assert arg_value(args, "--predictor_api") == "grpc"
+    assert arg_value(args, "--predictor_api") == "auto"
     assert int(arg_value(args, "--predictor_grpc_port")) == TF_SERVING_GRPC_PORT
     assert [p["containerPort"] for p in predictor["model"]["ports"]] == [int(rest_port), TF_SERVING_GRPC_PORT]
     # The store comes from the predictor's storageUri (mounted into both); STORAGE_URI here is refused.

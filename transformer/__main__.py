@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated sha256 digests of the bundle manifests that may be loaded (training "
                            f"prints each one); a bundle whose manifest is not among them is refused. Default: "
                            f"${TRUSTED_ENV}; empty: any manifest whose files verify")
-    ours.add_argument("--predictor_api", choices=APIS, default="grpc",
+    ours.add_argument("--predictor_api", choices=APIS, default="auto",
                       help="how to call TF Serving: grpc (its gRPC API on --predictor_grpc_port of the predictor "
                            "host, tensors as bytes), rest (its REST API at --predictor_host, JSON) or auto (REST for "
                            "batches of up to --predictor_rest_rows rows, gRPC above)")

@@ -82,7 +82,7 @@ class EmbedderTransformer(kserve.Model):
         model_base_path: str | Path,
         *,
         predictor_host: str | None = None,
-        predictor_api: str = "grpc",
+        predictor_api: str = "auto",
         predictor_rest_client: str = "loop",
         predictor_rest_rows: int = 64,
         predictor_grpc_port: int = 9000,
