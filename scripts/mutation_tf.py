@@ -327,7 +327,8 @@ def judge_survivors_again(run: dict, jobs: int, say=print) -> dict:
     fresh = {r["index"]: r for r in again["results"]}
     results = [fresh.get(r["index"], r) for r in run["results"]]
     return {**run, "results": results, "tests": again["tests"],
-            "again": f"{len(survivors)} survivors judged again on {again['date']} at {again['commit']}"}
+            "again": f"{len(survivors)} survivor{'s' if len(survivors) != 1 else ''} judged again on {again['date']} "
+                     f"at {again['commit']}"}
 
 
 def merged(saved: list[dict], new: list[dict]) -> list[dict]:
