@@ -19,8 +19,8 @@ def test_benchmark_smoke(build_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     # e, f: v2 REST and gRPC at the transformer; g: its REST hop to the predictor; h: the predictor's gRPC API;
-    # i: the Python HTTP floor; j: the plain KServe transformer; k: the REST hop on aiohttp; l: auto
-    assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"}
+    # i: the Python HTTP floor; j: the plain KServe transformer; k: the REST hop on aiohttp; m: the gRPC hop only
+    assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "m"}
     for run in report["runs"]:
         assert run["requests"] > 0 and run["non_2xx"] == 0 and run["socket_errors"] == 0, run
     assert report["soak"]["lost"] == 0 and report["soak"]["ok"] == report["soak"]["requests"]
@@ -28,13 +28,13 @@ def test_benchmark_smoke(build_dir, tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "## Goals" in text and "## Soak" in text and "(d) fused alone" in text
     assert "(f) transformer v2 gRPC -> predictor" in text and "(h) predictor alone, gRPC" in text
-    assert "REST / gRPC toward the predictor" in text
+    assert "over REST only / gRPC only / auto (transformer)" in text
     assert "(i) Python HTTP floor (fixed answer)" in text and "(j) plain KServe transformer -> predictor" in text
     assert "ahead of the plain KServe transformer in every cell" in text and "5x the floor's" in text
     # The CPU budget of each hop at one row: every stage, sampled, adding up to the CPU per request measured.
     from scripts.benchmark.budget import STAGES
 
-    assert [(b["target"], b["concurrency"]) for b in report["budgets"]] == [("b", 4), ("g", 4), ("k", 4)]
+    assert [(b["target"], b["concurrency"]) for b in report["budgets"]] == [("b", 4), ("m", 4), ("k", 4)]
     for budget in report["budgets"]:
         assert budget["samples"] > 50 and budget["cpu_us"] > 0 and budget["threads"]["loop"] > 0
         assert sum(cell["us"] for cell in budget["stages"].values()) == pytest.approx(budget["cpu_us"])
@@ -42,7 +42,7 @@ def test_benchmark_smoke(build_dir, tmp_path):
         assert (tmp_path / "profiles" / f"budget-{budget['target']}-1-row-4-clients.folded").stat().st_size > 0
     assert "## CPU budget per stage: the transformer over each hop, one row" in text
     assert all(f"| {description} | " in text for _, description in STAGES)
-    assert "| stage | (b) 4 clients: us (share) | (g) 4 clients: us (share) | (k) 4 clients: us (share) |" in text
+    assert "| stage | (b) 4 clients: us (share) | (m) 4 clients: us (share) | (k) 4 clients: us (share) |" in text
 
 
 def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path):

@@ -7,11 +7,12 @@ Paths (all on loopback, each measured alone while the others sit idle):
 
     (a) predictor alone       pre-scaled features straight to TF Serving's REST API
     (h) predictor alone, gRPC the same request to TF Serving's gRPC API (tensor_content bytes)
-    (b) transformer           our transformer (v1 REST in, numpy kernels) -> predictor over gRPC (the default)
-    (g) transformer, REST hop the same with --predictor_api rest: JSON toward TF Serving, through the
-                              HTTP/1.1 client on the event loop (transformer/predictor/http1.py)
+    (b) transformer           our transformer (v1 REST in, numpy kernels) -> predictor, its default hop
+                              (--predictor_api auto: REST through the HTTP/1.1 client on the event loop for
+                              up to 64 rows, gRPC above)
+    (g) REST hop only         the same with --predictor_api rest: JSON toward TF Serving at every size
     (k) REST hop, aiohttp     the same through aiohttp (--predictor_rest_client aiohttp)
-    (l) auto hop              --predictor_api auto: REST (the loop's client) up to 64 rows, gRPC above
+    (m) gRPC hop only         --predictor_api grpc: grpc.aio toward TF Serving at every size
     (c) transformer, sklearn  the same transformer calling scikit-learn per request (the naive baseline)
     (d) fused alone           the fused SavedModel: raw features in, segment and items out
     (e) transformer v2 REST   the Open Inference Protocol's JSON at the transformer
@@ -24,7 +25,7 @@ Paths (all on loopback, each measured alone while the others sit idle):
 
 at batch sizes 1, 32, 256 and concurrency 1 and 16: p50/p90/p99 latency, throughput, the load
 generator's own CPU, the servers' CPU per request, and (b, c) the pre+post time KServe measures
-inside the transformer. Then the CPU budget of (b), (g) and (k) at one row, stage by stage (``budget.py``: each thread's
+inside the transformer. Then the CPU budget of (b), (m) and (k) at one row, stage by stage (``budget.py``: each thread's
 CPU time split by py-spy's samples of it), at each concurrency. Then a soak: many requests at concurrency 32 through (b), checking that
 none is lost and that memory stays bounded. Writes results.md, results.json and latency.png.
 

@@ -26,7 +26,8 @@ from transformer.store.bundle import bundle_dir, model_versions
 from transformer.helpformat import HelpFormatter
 
 
-BUDGETED = ("b", "g", "k")  # the transformer over each hop: gRPC, REST on the loop's client, REST on aiohttp
+BUDGETED = ("b", "m", "k")  # the transformer over each hop at one row: REST on the loop's client (the default's
+# choice at one row), gRPC (grpc.aio), REST on aiohttp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     rest_hop = main_stack.another_transformer(log_dir=logs / "rest-hop", transformer_args=["--predictor_api", "rest"])
     aiohttp_hop = main_stack.another_transformer(log_dir=logs / "aiohttp-hop", transformer_args=[
         "--predictor_api", "rest", "--predictor_rest_client", "aiohttp"])
-    auto_hop = main_stack.another_transformer(log_dir=logs / "auto-hop", transformer_args=["--predictor_api", "auto"])
+    grpc_hop = main_stack.another_transformer(log_dir=logs / "grpc-hop", transformer_args=["--predictor_api", "grpc"])
     fused = LocalStack(build=args.build, model_name=FUSED, predictor="local", log_dir=logs / "fused")
     anchors = []
     started = time.monotonic()
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline.start_transformer()
         rest_hop.start_transformer()
         aiohttp_hop.start_transformer()
-        auto_hop.start_transformer()
+        grpc_hop.start_transformer()
         fused.start_predictor()
         # The floor answers a fixed body the size of the transformer's one-row answer.
         answer_bytes = len(httpx.post(f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = {name: psutil.Process(s.processes[part].pid) for name, s, part in (
             ("predictor", main_stack, "predictor"), ("transformer", main_stack, "transformer"),
             ("baseline", baseline, "transformer"), ("rest_hop", rest_hop, "transformer"),
-            ("aiohttp_hop", aiohttp_hop, "transformer"), ("auto_hop", auto_hop, "transformer"),
+            ("aiohttp_hop", aiohttp_hop, "transformer"), ("grpc_hop", grpc_hop, "transformer"),
             ("fused", fused, "predictor"))}
         proc["floor"], proc["plain"] = psutil.Process(floor.process.pid), psutil.Process(plain.process.pid)
         targets = [
@@ -136,20 +137,20 @@ def main(argv: list[str] | None = None) -> int:
             Target("h", "predictor alone, gRPC",
                    f"grpc://127.0.0.1:{main_stack.predictor_grpc_port}/tensorflow.serving.PredictionService/Predict",
                    bodies["predictor_grpc"], {"predictor": proc["predictor"]}),
-            Target("b", "transformer -> predictor", f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
+            Target("b", "transformer -> predictor (default: auto)", f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
                    transformer_bodies, {"transformer": proc["transformer"], "predictor": proc["predictor"]},
                    f"{main_stack.transformer_url}/metrics"),
-            Target("g", "transformer -> predictor over REST", f"{rest_hop.transformer_url}/v1/models/{MODEL}:predict",
+            Target("g", "transformer -> predictor over REST only", f"{rest_hop.transformer_url}/v1/models/{MODEL}:predict",
                    transformer_bodies, {"transformer": proc["rest_hop"], "predictor": proc["predictor"]},
                    f"{rest_hop.transformer_url}/metrics"),
             Target("k", "transformer -> predictor over REST, aiohttp",
                    f"{aiohttp_hop.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
                    {"transformer": proc["aiohttp_hop"], "predictor": proc["predictor"]},
                    f"{aiohttp_hop.transformer_url}/metrics"),
-            Target("l", "transformer -> predictor, auto (REST <= 64 rows, gRPC above)",
-                   f"{auto_hop.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
-                   {"transformer": proc["auto_hop"], "predictor": proc["predictor"]},
-                   f"{auto_hop.transformer_url}/metrics"),
+            Target("m", "transformer -> predictor over gRPC only",
+                   f"{grpc_hop.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
+                   {"transformer": proc["grpc_hop"], "predictor": proc["predictor"]},
+                   f"{grpc_hop.transformer_url}/metrics"),
             Target("c", "transformer, scikit-learn per request", f"{baseline.transformer_url}/v1/models/{MODEL}:predict",
                    transformer_bodies, {"transformer": proc["baseline"], "predictor": proc["predictor"]},
                    f"{baseline.transformer_url}/metrics"),
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for anchor in anchors:
             anchor.stop()
-        for stack in (baseline, rest_hop, aiohttp_hop, auto_hop, main_stack, fused):
+        for stack in (baseline, rest_hop, aiohttp_hop, grpc_hop, main_stack, fused):
             stack.stop()
     repeats = 200 if args.smoke else 2000
     results = {

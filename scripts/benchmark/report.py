@@ -52,26 +52,29 @@ def explain(results: dict) -> list[str]:
             "client CPU than wrk."
         )
     hop = ""
-    if ("b", top_batch, top_c) in runs and ("g", top_batch, top_c) in runs:
+    if all((k, top_batch, top_c) in runs for k in "bgm"):
         per_request = {k: 1000 * runs[(k, top_batch, top_c)]["extra"]["cpu_share"].get("transformer", 0.0)
-                       / max(runs[(k, top_batch, top_c)]["throughput"], 1e-9) for k in "bg"}
-        hop = (f" At {top_batch} rows and concurrency {top_c} the bytes of gRPC pay: the transformer's CPU per "
-               f"request is {per_request['b']:.1f} ms with the gRPC hop against {per_request['g']:.1f} ms with REST.")
+                       / max(runs[(k, top_batch, top_c)]["throughput"], 1e-9) for k in "bgm"}
+        hop = (f" At {top_batch} rows and concurrency {top_c} the transformer's CPU per request is "
+               f"{per_request['m']:.1f} ms over gRPC only (m), {per_request['g']:.1f} ms over REST only (g) and "
+               f"{per_request['b']:.1f} ms with the default, auto (b).")
     notes.append(
-        "Where the transformer's time goes: benchmarks/profile-hop.md (py-spy, before and after the fast path). "
-        "Predict requests no longer pass through Starlette's and FastAPI's middleware, KServe's timing "
-        "middleware (a CPU-time read per request) or FastAPI's routing; what is left per request is uvicorn's "
-        "HTTP work (what (i) also pays), grpc.aio's call objects toward the predictor, KServe's Model.__call__ "
-        "with its histograms and DataPlane, and the transformer's own parsing, kernels and metrics." + hop
+        "Where the transformer's time goes: the CPU budget per stage above (py-spy samples of each thread, split "
+        "over the thread's measured CPU time). Predict requests no longer pass through Starlette's and FastAPI's "
+        "middleware, KServe's timing middleware or FastAPI's routing (benchmarks/profile-hop.md); what is left per "
+        "request is uvicorn's HTTP work (what (i) also pays), the event loop's own I/O, the hop toward the "
+        "predictor, KServe's Model.__call__ with its histograms and DataPlane, and the transformer's own parsing, "
+        "kernels and metrics." + hop
     )
     cells = []
     for batch, c in sorted({(b, c) for _, b, c in runs}):
-        if all((key, batch, c) in runs for key in "ahgb"):
-            rate = {key: runs[(key, batch, c)]["throughput"] for key in "ahgb"}
+        if all((key, batch, c) in runs for key in "ahgmb"):
+            rate = {key: runs[(key, batch, c)]["throughput"] for key in "ahgmb"}
             cells.append(f"batch {batch} x {c}: predictor alone {rate['a']:.0f} / {rate['h']:.0f}, "
-                         f"transformer {rate['g']:.0f} / {rate['b']:.0f}")
+                         f"transformer {rate['g']:.0f} / {rate['m']:.0f} / {rate['b']:.0f}")
     if cells:
-        notes.append("REST / gRPC toward the predictor, in requests per second: " + "; ".join(cells) + ".")
+        notes.append("Requests per second toward the predictor over REST / gRPC (predictor alone) and over REST only / "
+                     "gRPC only / auto (transformer): " + "; ".join(cells) + ".")
     notes.append(
         "The predictor here is `python -m model.standin`, TF Serving's REST and gRPC APIs in Python over the "
         "same SavedModel (no container engine on this machine). Its own HTTP, JSON and gRPC work is slower than "
@@ -213,8 +216,9 @@ def write_report(results: dict, out: Path) -> None:
                   f"({first['rate']} Hz, the event loop's idle waiting left out) over {results['seconds']}s of load "
                   "of its own, each sample put in the stage of the innermost frame a stage claims "
                   "(`scripts/benchmark/budget.py`), times the process's CPU per request measured over the same "
-                  "window. (b) calls TF Serving over gRPC (grpc.aio), (g) over REST with the client on the event loop "
-                  "(`transformer/predictor/http1.py`), (k) over REST with aiohttp. The raw samples, for a flame graph: "
+                  "window. At one row (b) calls TF Serving over REST with the client on the event loop "
+                  "(`transformer/predictor/http1.py`), (m) over gRPC (grpc.aio), (k) over REST with aiohttp. The raw "
+                  "samples, for a flame graph: "
                   "`profiles/budget-<path>-1-row-<clients>-clients.folded`.",
                   "", *budget_table(results["budgets"], floor, {(r["target"], r["concurrency"]): own_cpu_us(r, "transformer")
                                                                 for r in runs if r["batch"] == 1})]
