@@ -211,14 +211,18 @@ def write_report(results: dict, out: Path) -> None:
 
         floor = {r["concurrency"]: own_cpu_us(r, "floor") for r in runs if r["target"] == "i" and r["batch"] == 1}
         first = results["budgets"][0]
+        wakeups = (f" (its CPU per request at one client is {floor[min(floor)] / floor[max(floor)]:.1f} times its own "
+                   f"at {max(floor)})" if len(floor) > 1 and floor[max(floor)] else "")
         lines += ["", "## CPU budget per stage: the transformer over each hop, one row", "",
-                  f"Where the transformer's own CPU per request goes, at one row: py-spy sampled its process "
-                  f"({first['rate']} Hz, the event loop's idle waiting left out) over {results['seconds']}s of load "
-                  "of its own, each sample put in the stage of the innermost frame a stage claims "
-                  "(`scripts/benchmark/budget.py`), times the process's CPU per request measured over the same "
-                  "window. At one row (b) calls TF Serving over REST with the client on the event loop "
-                  "(`transformer/predictor/http1.py`), (m) over gRPC (grpc.aio), (k) over REST with aiohttp. The raw "
-                  "samples, for a flame graph: "
+                  f"Where the transformer's own CPU per request goes, at one row: over {results['seconds']}s of load "
+                  "of its own, the kernel's CPU time of each of the process's threads, each thread's time split by "
+                  f"py-spy's samples of that thread ({first['rate']} Hz, `--nonblocking`; idle waiting is not "
+                  "sampled: an idle event loop gives none), each sample in the stage of the innermost frame a stage "
+                  "claims (`scripts/benchmark/budget.py`). The rest is mostly the event loop's own C work (uvloop's "
+                  "polling, socket reads and writes, waking up): at one client every request wakes an idle loop twice "
+                  f"(its arrival and the predictor's answer), which the floor pays too{wakeups}. At one row (b) calls "
+                  "TF Serving over REST with the client on the event loop (`transformer/predictor/http1.py`), (m) over "
+                  "gRPC (grpc.aio), (k) over REST with aiohttp. The raw samples, for a flame graph: "
                   "`profiles/budget-<path>-1-row-<clients>-clients.folded`.",
                   "", *budget_table(results["budgets"], floor, {(r["target"], r["concurrency"]): own_cpu_us(r, "transformer")
                                                                 for r in runs if r["batch"] == 1})]
