@@ -80,3 +80,27 @@ def test_py_spy_names_methods_with_or_without_their_class():
     assert stage_of(OUTER + ";rows (transformer/protocols/v2.py:338)") == "parse"
     assert stage_of(OUTER + ";predict (transformer/model.py:254)") == "hop"
     assert stage_of(OUTER + ";scale (transformer/steps/kernels.py:84)") == "kserve"  # not the pipeline's
+
+
+def test_a_function_is_claimed_with_its_file_not_by_its_name_alone():
+    # a kernel's __call__ under the fast path's __call__ is the scaling's, not the parser's
+    assert stage_of(OUTER + ";scale (transformer/pipeline.py:84);__call__ (transformer/steps/kernels.py:70)") == "scale"
+    assert stage_of(OUTER + ";__call__ (transformer/steps/kernels.py:70)") == "kserve"
+    assert stage_of(OUTER + ";rows (transformer/protocols/v2.py:338)") == "parse"
+    assert stage_of(OUTER + ";rows (transformer/store/versions.py:12)") == "kserve"
+
+
+def test_a_kept_run_is_split_again_by_todays_rules():
+    from scripts.benchmark.budget import restaged
+
+    folded = (f"thread (100): MainThread;{OUTER};scale (transformer/pipeline.py:84);__call__ "
+              "(transformer/steps/kernels.py:70) 3\n"
+              f"thread (100): MainThread;{OUTER} 1\n"
+              "thread (7): Thread-1;_bootstrap (threading.py:1002);_bootstrap_inner (threading.py:1045);"
+              "run (threading.py:982) 2\n")
+    old = {"target": "b", "concurrency": 1, "cpu_us": 900.0, "threads": {"loop": 800.0, "7": 100.0},
+           "stages": {stage: {"samples": 0, "share": 0.0, "us": 0.0} for stage, _ in STAGES}}
+    again = restaged(old, folded)
+    assert again["stages"]["scale"]["us"] == pytest.approx(600.0) and again["stages"]["kserve"]["us"] == pytest.approx(200.0)
+    assert again["stages"]["hop"]["us"] == pytest.approx(100.0) and again["cpu_us"] == 900.0
+    assert sum(cell["share"] for cell in again["stages"].values()) == pytest.approx(1.0)

@@ -36,25 +36,32 @@ STAGES = [
     ("metrics", "metrics and drift (our series, prometheus_client)"),
     ("rest", "the rest (the event loop's own work, logging, garbage collection)"),
 ]
-PARSE = {"read_body", "_chunks", "decode_v1", "decode_v2", "decode_json", "decode_body", "parse_instances",
-         "V1Codec.rows", "V2Codec.rows", "from_rest", "from_infer_request", "parse_v2", "codec_for",
-         "_LookAhead.__call__"}
-ENCODE = {"encode_predictions", "V1Codec.answer", "V2Codec.answer", "encode_rest", "to_infer_response",
-          "output_tensors", "json_response"}
+# (function, file under transformer/) of the codecs' work; py-spy names a method with or without its class.
+PARSE = {("read_body", "serving/rest.py"), ("_chunks", "serving/rest.py"), ("decode_v1", "serving/rest.py"),
+         ("decode_v2", "serving/rest.py"), ("decode_json", "protocols/v1.py"), ("decode_body", "protocols/v1.py"),
+         ("parse_instances", "protocols/v1.py"), ("_plain_rows", "protocols/v1.py"),
+         ("_checked_rows", "protocols/v1.py"), ("rows", "protocols/v1.py"), ("rows", "protocols/v2.py"),
+         ("from_rest", "protocols/v2.py"), ("from_infer_request", "protocols/v2.py"), ("parse_v2", "protocols/v2.py"),
+         ("codec_for", "model.py")}
+ENCODE = {("encode_predictions", "protocols/v1.py"), ("answer", "protocols/v1.py"), ("answer", "protocols/v2.py"),
+          ("encode_rest", "protocols/v2.py"), ("to_infer_response", "protocols/v2.py"),
+          ("output_tensors", "protocols/v2.py"), ("json_response", "serving/rest.py")}
 
-def _functions(names: set[str], where: str) -> re.Pattern:
-    """Frames of these functions in files under ``where`` (py-spy names a method with or without its class)."""
-    bare = sorted({name.rsplit(".", 1)[-1] for name in names})
-    return re.compile(r"^(?:\w+\.)?(?:" + "|".join(map(re.escape, bare)) + r") \(" + re.escape(where))
+
+def _functions(places: set[tuple[str, str]]) -> re.Pattern:
+    """Frames of these (function, file under transformer/) pairs: a bare name alone would also claim another
+    file's function of that name (every ``__call__``)."""
+    return re.compile("|".join(rf"^(?:\w+\.)?{re.escape(name)} \(transformer/{re.escape(file)}:"
+                               for name, file in sorted(places)))
 
 
 # Each frame, innermost first, is tried against these in order; the first that matches names the stage.
 RULES: list[tuple[str, re.Pattern]] = [
     ("metrics", re.compile(r"transformer/serving/(metrics|drift)\.py|prometheus_client/")),
-    ("scale", _functions({"Pipeline.scale"}, "transformer/pipeline.py")),
-    ("rank", _functions({"Pipeline.rank"}, "transformer/pipeline.py")),
-    ("encode", _functions(ENCODE, "transformer/")),
-    ("parse", _functions(PARSE, "transformer/")),
+    ("scale", _functions({("scale", "pipeline.py")})),
+    ("rank", _functions({("rank", "pipeline.py")})),
+    ("encode", _functions(ENCODE)),
+    ("parse", _functions(PARSE)),
     ("hop", re.compile(r"transformer/predictor/|transformer/serving/coalesce\.py|\(grpc/|\(aiohttp/|"
                        r"^(?:\w+\.)?(?:predict|serve_version|call|forward) \(transformer/model\.py")),
     ("edge", re.compile(r"transformer/serving/(edge|admission|rest)\.py")),
@@ -199,3 +206,17 @@ def budget_table(budgets: list[dict], floor_us: dict[int, float],
     lines.append("| samples (requests) | " + " | ".join(f"{b['samples']:,} ({b['requests']:,})" for b in budgets)
                  + " |")
     return lines
+
+
+def restaged(budget: dict, folded: str) -> dict:
+    """The budget with its CPU split over the stages again, by today's rules, from the raw samples its run kept
+    (``measure_budget``'s ``keep``): the same measured CPU of each thread, attributed anew."""
+    main = re.search(r"^thread \((\d+)\): MainThread", folded, re.MULTILINE)
+    cpu = {(int(main.group(1)) if name == "loop" and main else int(name) if name.isdigit() else -1): us
+           for name, us in budget["threads"].items()}
+    samples = thread_samples(folded)
+    stages = split_cpu(cpu, samples)
+    counts = sum(samples.values(), Counter())
+    total = sum(cpu.values())
+    return {**budget, "stages": {stage: {"samples": counts[stage], "share": stages[stage] / max(total, 1e-12),
+                                         "us": stages[stage]} for stage, _ in STAGES}}
