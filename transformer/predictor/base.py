@@ -149,17 +149,22 @@ class PredictorClient:
         pass
 
 
+def split_address(address: str) -> tuple[str, str | None]:
+    """``host[:port]`` -> (host, port or None): an IPv6 literal as ``[::1]:port``, ``[::1]`` or bare ``::1``
+    (bare, it has no port)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if address.count(":") == 1:
+        host, port = address.split(":")
+        return host, port
+    return address, None
+
+
 def grpc_address(host: str, grpc_port: int) -> str:
     """``host[:port]`` -> ``host:grpc_port``; IPv6 literals as ``[::1]:port``."""
-    if host.startswith("["):
-        name = host[: host.index("]") + 1]
-    elif host.count(":") == 1:
-        name = host.split(":")[0]
-    elif ":" in host:
-        name = f"[{host}]"  # a bare IPv6 literal
-    else:
-        name = host
-    return f"{name}:{grpc_port}"
+    name, _ = split_address(host)
+    return f"{f'[{name}]' if ':' in name else name}:{grpc_port}"
 
 
 def _dims(tensor_info: dict) -> list[int] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -17,7 +18,9 @@ import numpy as np
 import orjson
 
 from transformer.predictor import http1
-from transformer.predictor.base import Contract, PredictorClient, PredictorError, Retryable, VersionNotServed
+from transformer.predictor.base import (
+    Contract, PredictorClient, PredictorError, Retryable, VersionNotServed, split_address,
+)
 
 
 @dataclass(frozen=True)
@@ -162,13 +165,8 @@ class RestPredictorClient(PredictorClient):
 
 def host_and_port(address: str, use_ssl: bool) -> tuple[str, int]:
     """``host[:port]`` (``[v6]:port`` for IPv6 literals) -> (host, port); 80, or 443 with TLS, when none."""
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else (443 if use_ssl else 80)
-    host, colon, port = address.rpartition(":")
-    if colon and port.isdigit() and ":" not in host:
-        return host, int(port)
-    return address, 443 if use_ssl else 80
+    host, port = split_address(address)
+    return host, int(port) if port and port.isdigit() else (443 if use_ssl else 80)
 
 
 class LoopRestPredictorClient(RestPredictorClient):
@@ -185,8 +183,6 @@ class LoopRestPredictorClient(RestPredictorClient):
 
     def _connections(self) -> http1.ConnectionPool:
         if self._pool is None:  # made on first use, inside the running loop
-            import ssl
-
             self._pool = http1.ConnectionPool(self._host, self._port,
                                               ssl=ssl.create_default_context() if self._use_ssl else None,
                                               limit=self.max_connections, connect_timeout=min(self.timeout, 2.0))
