@@ -131,29 +131,24 @@ def main(argv: list[str] | None = None) -> int:
             ("aiohttp_hop", aiohttp_hop, "transformer"), ("grpc_hop", grpc_hop, "transformer"),
             ("fused", fused, "predictor"))}
         proc["floor"], proc["plain"] = psutil.Process(floor.process.pid), psutil.Process(plain.process.pid)
+
+        def v1_through(key: str, label: str, stack: LocalStack, process: str) -> Target:
+            """One of our transformers taking v1 REST: its CPU and the predictor's counted, its stage histograms."""
+            return Target(key, label, f"{stack.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
+                          {"transformer": proc[process], "predictor": proc["predictor"]},
+                          f"{stack.transformer_url}/metrics")
+
         targets = [
             Target("a", "predictor alone", f"{main_stack.predictor_url}/v1/models/{MODEL}:predict", predictor_bodies,
                    {"predictor": proc["predictor"]}),
             Target("h", "predictor alone, gRPC",
                    f"grpc://127.0.0.1:{main_stack.predictor_grpc_port}/tensorflow.serving.PredictionService/Predict",
                    bodies["predictor_grpc"], {"predictor": proc["predictor"]}),
-            Target("b", "transformer -> predictor (default: auto)", f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
-                   transformer_bodies, {"transformer": proc["transformer"], "predictor": proc["predictor"]},
-                   f"{main_stack.transformer_url}/metrics"),
-            Target("g", "transformer -> predictor over REST only", f"{rest_hop.transformer_url}/v1/models/{MODEL}:predict",
-                   transformer_bodies, {"transformer": proc["rest_hop"], "predictor": proc["predictor"]},
-                   f"{rest_hop.transformer_url}/metrics"),
-            Target("k", "transformer -> predictor over REST, aiohttp",
-                   f"{aiohttp_hop.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
-                   {"transformer": proc["aiohttp_hop"], "predictor": proc["predictor"]},
-                   f"{aiohttp_hop.transformer_url}/metrics"),
-            Target("m", "transformer -> predictor over gRPC only",
-                   f"{grpc_hop.transformer_url}/v1/models/{MODEL}:predict", transformer_bodies,
-                   {"transformer": proc["grpc_hop"], "predictor": proc["predictor"]},
-                   f"{grpc_hop.transformer_url}/metrics"),
-            Target("c", "transformer, scikit-learn per request", f"{baseline.transformer_url}/v1/models/{MODEL}:predict",
-                   transformer_bodies, {"transformer": proc["baseline"], "predictor": proc["predictor"]},
-                   f"{baseline.transformer_url}/metrics"),
+            v1_through("b", "transformer -> predictor (default: auto)", main_stack, "transformer"),
+            v1_through("g", "transformer -> predictor over REST only", rest_hop, "rest_hop"),
+            v1_through("k", "transformer -> predictor over REST, aiohttp", aiohttp_hop, "aiohttp_hop"),
+            v1_through("m", "transformer -> predictor over gRPC only", grpc_hop, "grpc_hop"),
+            v1_through("c", "transformer, scikit-learn per request", baseline, "baseline"),
             Target("d", "fused alone", f"{fused.predictor_url}/v1/models/{FUSED}:predict", fused_bodies,
                    {"predictor": proc["fused"]}),
             Target("e", "transformer v2 REST -> predictor", f"{main_stack.transformer_url}/v2/models/{MODEL}/infer",
