@@ -284,6 +284,43 @@ def test_the_time_inside_is_what_the_admission_learns_and_the_log_shows(caplog):
     assert 20 <= line["ms"] <= elapsed * 1000 and line["ms"] == round(line["ms"], 3) and isinstance(line["ms"], float)
 
 
+def test_the_admission_learns_the_time_after_admitting_not_a_paced_clients_wait_before_it(caplog):
+    """A client that came back before its Retry-After waits (``early_retry_wait``) before it is admitted. That wait
+    is not work inside the process: the limit follows the time after admission, so a storm of early re-senders
+    does not push it to its floor. The log line still shows the whole time the request took."""
+    import time
+
+    model = Model(admission=Timed(max_requests=1, min_requests=1, early_retry_wait=0.2))
+    client = ("10.0.0.9", 4242)
+
+    async def scenario():
+        model.admission.enter(None, client=("10.0.0.1", 1))  # the one slot taken
+        with pytest.raises(Failure):  # refused, and told to come back later
+            await handle(model, model.name, "rid-first", None, answering({"ok": 1}), client)
+
+        async def free_the_slot():
+            while model.admission.waiting == 0:  # once the re-sent request waits, the slot's request leaves
+                await asyncio.sleep(0)
+            model.admission.leave(0.001)
+
+        freeing = asyncio.get_running_loop().create_task(free_the_slot())
+
+        async def work():
+            await asyncio.sleep(0.02)
+            return {"ok": 2}
+
+        started = time.perf_counter()
+        with caplog.at_level(logging.INFO, logger="transformer"):
+            answer = await handle(model, model.name, "rid-paced", None, work, client)
+        await freeing
+        return answer, time.perf_counter() - started
+
+    answer, elapsed = contextvars.copy_context().run(asyncio.run, scenario())
+    assert answer == {"ok": 2} and elapsed >= 0.2  # it was paced, then admitted
+    assert model.admission.told[0] == 0.001  # the slot's own request
+    assert 0.02 <= model.admission.told[1] < 0.2  # the paced request: its work, not its wait
+
+
 def test_a_model_without_metrics_or_admission_is_still_answered():
     from types import SimpleNamespace
 
