@@ -3,6 +3,9 @@ uvloop, one process), answering every request with one fixed JSON body. Nothing 
 request can cost less; the benchmark reports the transformer's cost against it.
 
     python -m scripts.anchors.floor --port 8070 --body-bytes 420
+
+``--loop asyncio`` runs it on Python's own event loop instead of uvloop: the overload benchmark compares the two
+under 1,024 connections, where uvloop leaves some connections unanswered for seconds (benchmarks/overload.md).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="the loopback port to listen on")
     parser.add_argument("--body-bytes", type=int, default=420, help="size of the fixed answer (the transformer's "
                                                                     "one-row answer is about this)")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="the event loop (the transformer's is uvloop)")
     args = parser.parse_args(argv)
     import uvicorn
 
-    uvicorn.run(app_answering(fixed_body(args.body_bytes)), host="127.0.0.1", port=args.port, loop="uvloop",
+    uvicorn.run(app_answering(fixed_body(args.body_bytes)), host="127.0.0.1", port=args.port, loop=args.loop,
                 http="httptools", log_level="warning", access_log=False, lifespan="on")
     return 0
 
