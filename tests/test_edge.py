@@ -183,6 +183,15 @@ def test_version_metrics_count_rows_outside_the_training_range_and_segments_exac
     # the edges themselves are inside the range
     assert ranges == {("a", "below"): 1, ("a", "above"): 1, ("b", "below"): 2, ("b", "above"): 1}
     assert [value("embedder_segment_assignments_total", segment=str(s)) for s in range(3)] == [1, 0, 3]
+    # one row at a time, as most requests come: inside the range counts nothing, outside counts its side
+    for row in ([0.5, 15.0], [0.0, 20.0], [2.0, 15.0], [0.5, 9.5], [-1.0, 30.0]):
+        seen.observe_rows(np.array([row]))
+    for label in (1, 1, 0):
+        seen.observe_segments(np.array([label]))
+    ranges = {(f, side): value("embedder_feature_out_of_range_total", feature=f, side=side)
+              for f in "ab" for side in ("below", "above")}
+    assert ranges == {("a", "below"): 2, ("a", "above"): 2, ("b", "below"): 3, ("b", "above"): 2}
+    assert [value("embedder_segment_assignments_total", segment=str(s)) for s in range(3)] == [2, 2, 3]
 
 
 # -- the shedding middleware ---------------------------------------------------------------------------------
