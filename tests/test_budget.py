@@ -104,3 +104,18 @@ def test_a_kept_run_is_split_again_by_todays_rules():
     assert again["stages"]["scale"]["us"] == pytest.approx(600.0) and again["stages"]["kserve"]["us"] == pytest.approx(200.0)
     assert again["stages"]["hop"]["us"] == pytest.approx(100.0) and again["cpu_us"] == 900.0
     assert sum(cell["share"] for cell in again["stages"].values()) == pytest.approx(1.0)
+
+
+def test_samples_with_a_frame_name_torn_while_sampled_are_still_read(tmp_path):
+    """py-spy samples without pausing the process, so a frame's name can be read half-written: bytes that are not
+    UTF-8. That one frame reads as U+FFFD; every other sample counts as before."""
+    from collections import Counter
+
+    from scripts.benchmark.budget import read_samples, thread_samples
+
+    raw = tmp_path / "samples.txt"
+    raw.write_bytes(b"thread (7): MainThread;run (asyncio/runners.py:118);rank (transformer/pipeline.py:80) 3\n"
+                    b"thread (7): MainThread;run (asyncio/runners.py:118);f\xf9\xfe (transformer/model.py:1) 2\n")
+    text = read_samples(raw)
+    assert "\ufffd" in text
+    assert thread_samples(text) == {7: Counter({"rank": 3, "kserve": 2})}

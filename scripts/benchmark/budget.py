@@ -108,6 +108,13 @@ def thread_samples(folded: str) -> dict[int, Counter]:
     return threads
 
 
+def read_samples(path: Path) -> str:
+    """py-spy's raw output as text. Sampling without pausing the process (``--nonblocking``) can read a frame's name
+    while the interpreter rewrites it: such a byte that is not UTF-8 becomes U+FFFD in that one frame, instead of
+    ending the whole run (it did, 17 minutes into one)."""
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
 def stage_samples(folded: str) -> Counter:
     """Samples per stage of py-spy's raw output, over every thread."""
     return sum(thread_samples(folded).values(), Counter())
@@ -161,7 +168,7 @@ def measure_budget(target: Target, batch: int, concurrency: int, seconds: float,
         _, error = spy.communicate(timeout=seconds + 60)
         if spy.returncode != 0 or not raw.exists():
             raise RuntimeError(f"py-spy could not sample the transformer (pid {process.pid}): {error.strip()[-400:]}")
-        folded = raw.read_text()
+        folded = read_samples(raw)
         if keep is not None:
             keep.parent.mkdir(parents=True, exist_ok=True)
             keep.write_text(folded)

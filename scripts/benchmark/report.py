@@ -284,13 +284,13 @@ def write_report(results: dict, out: Path) -> None:
 def rewrite_report(results_json: Path) -> None:
     """Write results.md and latency.png again from a results.json (same run, new wording); the CPU budgets are split
     over the stages again from the raw samples kept beside it, when they are there."""
-    from scripts.benchmark.budget import restaged
+    from scripts.benchmark.budget import read_samples, restaged
 
     results = json.loads(results_json.read_text())
     profiles = results_json.parent / "profiles"
     for i, budget in enumerate(results.get("budgets", [])):
         kept = profiles / f"budget-{budget['target']}-1-row-{budget['concurrency']}-clients.folded"
         if kept.exists():
-            results["budgets"][i] = restaged(budget, kept.read_text())
+            results["budgets"][i] = restaged(budget, read_samples(kept))
     results["notes"] = explain(results)
     write_report(results, results_json.parent)
