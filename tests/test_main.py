@@ -344,6 +344,44 @@ def test_kserves_server_flags_reach_its_model_server(monkeypatch, store, started
         vars(model_server.args).update(saved)
 
 
+def test_the_event_loop_is_asyncios_own_unless_uvloop_is_asked_for(monkeypatch, store, started):
+    """asyncio's loop by default (it accepts every waiting connection when a burst arrives; uvloop accepts one per
+    turn of the loop, benchmarks/overload.md): the server is started on it, and uvloop's policy is set only when
+    asked for, as KServe's --event-loop says."""
+    import asyncio
+
+    import uvloop
+    from kserve import model_server
+
+    import transformer.serving.server as server
+
+    assert cli.build_parser().parse_args(["--model_name", "m"]).event_loop == "asyncio"
+    made = {}
+
+    class FakeModelServer:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+            self.dataplane = object()
+
+        def start(self, models):
+            made["policy"] = type(asyncio.get_event_loop_policy())
+
+    saved, policy = vars(model_server.args).copy(), asyncio.get_event_loop_policy()
+    monkeypatch.setattr(server, "ModelServer", FakeModelServer)
+    monkeypatch.setattr(server, "install", lambda *a, **k: None)
+    monkeypatch.setattr(server.gc, "freeze", lambda: None)
+    try:
+        for given, loop, expected in (((), "asyncio", asyncio.DefaultEventLoopPolicy),
+                                      (("--event-loop", "uvloop"), "uvloop", uvloop.EventLoopPolicy)):
+            assert cli.main(base(store, *given)) == 0
+            REAL_SERVE(started["model"], started["args"])
+            assert (made["event_loop"], made["policy"]) == (loop, expected)
+            asyncio.set_event_loop_policy(policy)
+    finally:
+        vars(model_server.args).update(saved)
+        asyncio.set_event_loop_policy(policy)
+
+
 def test_help_says_what_each_kserve_predictor_flag_does_here(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit):

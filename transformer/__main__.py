@@ -40,6 +40,16 @@ KSERVE_PREDICTOR_FLAGS = {
                                      "that its signature fits the bundle",
 }
 
+# KServe's --event-loop defaults to auto (uvloop). Here asyncio's own loop is the default: uvloop's libuv accepts one
+# connection per turn of the loop, so on a busy transformer a burst of new connections waits in the listen queue
+# (the Python HTTP floor on uvloop, 1,024 wrk connections: 344 to 464 of them not yet accepted after 4 s, p99 of all
+# answers 7 s; on asyncio's loop, which accepts every waiting connection at once: 88 ms). The transformer on
+# asyncio's loop costs within 6% of uvloop's CPU per request in every cell of benchmarks/results.md and held 93-97%
+# of its peak goodput in three retry storms back to back, against 66-75% on uvloop (benchmarks/overload.md).
+EVENT_LOOP_HELP = ("the event loop: asyncio (the default here: it accepts every waiting connection when a burst "
+                   "arrives) or uvloop (KServe's default, auto; it accepts one connection per turn of the loop, so "
+                   "under load new connections wait: benchmarks/overload.md)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -51,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # KServe's predictor flags: "not given" must be told from their defaults to map them onto ours.
     parser.set_defaults(protocol=None, predictor_protocol=None, predictor_request_timeout_seconds=None,
-                        predictor_request_retries=None)
+                        predictor_request_retries=None, event_loop="asyncio")
     for action in parser._actions:
         if action.dest in KSERVE_PREDICTOR_FLAGS:
             action.help = KSERVE_PREDICTOR_FLAGS[action.dest]
+        elif action.dest == "event_loop":
+            action.help = EVENT_LOOP_HELP
     ours = parser.add_argument_group("transformer")
     ours.add_argument("--model_base_path", default=DEFAULT_MODEL_BASE_PATH,
                       help="the model's version folders, the same that TF Serving serves: each holds a "
