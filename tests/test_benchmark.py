@@ -20,7 +20,7 @@ def test_benchmark_smoke(build_dir, tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     # e, f: v2 REST and gRPC at the transformer; g: its REST hop to the predictor; h: the predictor's gRPC API;
     # i: the Python HTTP floor; j: the plain KServe transformer; k: the REST hop on aiohttp; m: the gRPC hop only;
-    # n: the default on asyncio's event loop
+    # n: the default on uvloop
     assert {r["target"] for r in report["runs"]} == {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "m", "n"}
     for run in report["runs"]:
         assert run["requests"] > 0 and run["non_2xx"] == 0 and run["socket_errors"] == 0, run
@@ -65,7 +65,7 @@ def test_overload_mode_sheds_with_503_and_reports_its_goals(build_dir, tmp_path)
     assert len(report["goals"]) == 6
     if report["wrk_phases"]:  # the storms with wrk: answered 200 or 503, nothing lost, counted by status
         text = (tmp_path / "overload.md").read_text()
-        for loop in ("", ", --event-loop asyncio"):
+        for loop in ("", ", --event-loop uvloop"):
             for number in (1, 2, 3):  # back to back, each with what it left behind
                 name = f"storm {number}, wrk (Retry-After ignored){loop}"
                 storm = report["wrk_phases"][name]

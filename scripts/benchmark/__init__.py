@@ -13,8 +13,9 @@ Paths (all on loopback, each measured alone while the others sit idle):
     (g) REST hop only         the same with --predictor_api rest: JSON toward TF Serving at every size
     (k) REST hop, aiohttp     the same through aiohttp (--predictor_rest_client aiohttp)
     (m) gRPC hop only         --predictor_api grpc: grpc.aio toward TF Serving at every size
-    (n) on asyncio's loop     (b) with --event-loop asyncio: Python's own event loop instead of uvloop
-                              (fairer to 1,024 connections, benchmarks/overload.md; what it costs here)
+    (n) on uvloop             (b) with --event-loop uvloop (KServe's default) instead of asyncio's own
+                              event loop (the transformer's default: it accepts a burst of connections at
+                              once, benchmarks/overload.md); what uvloop would save here
     (c) transformer, sklearn  the same transformer calling scikit-learn per request (the naive baseline)
     (d) fused alone           the fused SavedModel: raw features in, segment and items out
     (e) transformer v2 REST   the Open Inference Protocol's JSON at the transformer

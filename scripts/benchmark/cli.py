@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     aiohttp_hop = main_stack.another_transformer(log_dir=logs / "aiohttp-hop", transformer_args=[
         "--predictor_api", "rest", "--predictor_rest_client", "aiohttp"])
     grpc_hop = main_stack.another_transformer(log_dir=logs / "grpc-hop", transformer_args=["--predictor_api", "grpc"])
-    asyncio_loop = main_stack.another_transformer(log_dir=logs / "asyncio-loop", transformer_args=["--event-loop",
-                                                                                                  "asyncio"])
+    on_uvloop = main_stack.another_transformer(log_dir=logs / "uvloop", transformer_args=["--event-loop", "uvloop"])
     fused = LocalStack(build=args.build, model_name=FUSED, predictor="local", log_dir=logs / "fused")
     anchors = []
     started = time.monotonic()
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         rest_hop.start_transformer()
         aiohttp_hop.start_transformer()
         grpc_hop.start_transformer()
-        asyncio_loop.start_transformer()
+        on_uvloop.start_transformer()
         fused.start_predictor()
         # The floor answers a fixed body the size of the transformer's one-row answer.
         answer_bytes = len(httpx.post(f"{main_stack.transformer_url}/v1/models/{MODEL}:predict",
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             ("predictor", main_stack, "predictor"), ("transformer", main_stack, "transformer"),
             ("baseline", baseline, "transformer"), ("rest_hop", rest_hop, "transformer"),
             ("aiohttp_hop", aiohttp_hop, "transformer"), ("grpc_hop", grpc_hop, "transformer"),
-            ("asyncio_loop", asyncio_loop, "transformer"),
+            ("on_uvloop", on_uvloop, "transformer"),
             ("fused", fused, "predictor"))}
         proc["floor"], proc["plain"] = psutil.Process(floor.process.pid), psutil.Process(plain.process.pid)
 
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             v1_through("g", "transformer -> predictor over REST only", rest_hop, "rest_hop"),
             v1_through("k", "transformer -> predictor over REST, aiohttp", aiohttp_hop, "aiohttp_hop"),
             v1_through("m", "transformer -> predictor over gRPC only", grpc_hop, "grpc_hop"),
-            v1_through("n", "transformer -> predictor on asyncio's event loop", asyncio_loop, "asyncio_loop"),
+            v1_through("n", "transformer -> predictor on uvloop", on_uvloop, "on_uvloop"),
             v1_through("c", "transformer, scikit-learn per request", baseline, "baseline"),
             Target("d", "fused alone", f"{fused.predictor_url}/v1/models/{FUSED}:predict", fused_bodies,
                    {"predictor": proc["fused"]}),
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for anchor in anchors:
             anchor.stop()
-        for stack in (baseline, rest_hop, aiohttp_hop, grpc_hop, asyncio_loop, main_stack, fused):
+        for stack in (baseline, rest_hop, aiohttp_hop, grpc_hop, on_uvloop, main_stack, fused):
             stack.stop()
     repeats = 200 if args.smoke else 2000
     results = {

@@ -125,11 +125,10 @@ def wrk_storms(url: str, body: bytes, transformer, scale: float, label: str = ""
     and what it left behind (``left_behind``): the phases by name (``label`` after each)."""
     metrics_url = url.split("/v1/")[0] + "/metrics"
     phases = {}
-    for number, (name, connections, seconds) in enumerate(
-            [WRK_PEAK, *((storm_name(i), STORM_CONNECTIONS, STORM_SECONDS_EACH) for i in range(1, STORMS + 1))]):
-        if number:
-            time.sleep(STORM_GAP_SECONDS * scale)  # the quiet between two storms (after the peak too)
+    for name, connections, seconds in [WRK_PEAK, *((storm_name(i), STORM_CONNECTIONS, STORM_SECONDS_EACH)
+                                                    for i in range(1, STORMS + 1))]:
         phase = phases[name + label] = wrk_phase(url, body, connections, seconds * scale, transformer)
+        time.sleep(STORM_GAP_SECONDS * scale)  # the quiet after it (the next storm starts at its end)
         phase["left_behind"] = left_behind(metrics_url, transformer)
         print(f"   {name + label:>48}: {connections:>5} connections, {phase['goodput']:7.0f} ok/s, p99 of all "
               f"answers {phase['all_p99_ms']:.1f} ms, {phase['shed']} shed; left: {phase['left_behind']}", flush=True)
@@ -153,13 +152,13 @@ def floor_storms(scale: float, logs: Path) -> dict[str, dict]:
     return floors
 
 
-# The transformer's event loop in the storms compared beside the default's (uvloop): KServe's --event-loop flag.
-OTHER_LOOP = "asyncio"
+# The transformer's event loop in the storms compared beside the default's (asyncio's own): KServe's --event-loop.
+OTHER_LOOP = "uvloop"
 
 
 def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[str] | None = None) -> dict:
     """The transformer at 16, then 1,024, then 16 connections (1-row requests, default admission); then wrk's storms
-    on the default event loop and on asyncio's, and the floor's."""
+    on the default event loop (asyncio's own) and on uvloop, and the floor's on both."""
     transformer_bodies = request_bodies(build, [1])["v1"]
     body = transformer_bodies[1]
     logs = Path(tempfile.mkdtemp(prefix="overload-logs-"))
@@ -228,9 +227,9 @@ def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[
          over["rss_after_mb"] <= 1.1 * over["rss_before_mb"]),
         (f"clients that ignore Retry-After at 1,024 connections, in {STORMS} storms of {STORMS} back to back "
          f"({STORM_GAP_SECONDS:g} s apart): only 200/503/504, goodput >= 80% of the peak, p99 of all answers <= 1 s, "
-         "memory flat (judged with wrk on the default event loop, the storm's usual client; beside it the same storms "
-         f"with the transformer on {OTHER_LOOP}'s event loop, and the Python client, whose own CPU on the same two "
-         "cores is part of what it measures)",
+         "memory flat (judged with wrk, the storm's usual client, on the default event loop, asyncio's own; beside "
+         f"it the same storms with the transformer on {OTHER_LOOP}, and the Python client, whose own CPU on the same "
+         "two cores is part of what it measures)",
          "; ".join(storm_lines), (sum(storms_met) == STORMS) if storms_met else None),
         ("full service again as soon as load drops", f"after: {after['goodput']:.0f} ok/s, {after['shed']} shed, "
          f"p99 {after['admitted_p99_ms']:.1f} ms", after["shed"] == 0 and after["goodput"] >= 0.9 * peak["goodput"]),
@@ -267,7 +266,7 @@ def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[
                   f"included. Its peak, then {STORMS} storms back to back with {STORM_GAP_SECONDS:g} s of quiet after "
                   "each; what each left behind is read at the end of that quiet (the request limit, the requests "
                   "inside, the transformer's TCP connections: its listening sockets and the predictor's pool "
-                  f"included). Then the same on {OTHER_LOOP}'s event loop (`--event-loop {OTHER_LOOP}`):", "",
+                  f"included). Then the same on {OTHER_LOOP} (`--event-loop {OTHER_LOOP}`):", "",
                   "| phase | connections | seconds | requests | 200/s | 503 | other | p50 / p99 / p99.9 ms of all "
                   "answers | transformer CPU us per answer | client CPU | RSS MB before / after | left behind: "
                   "limit, inside, connections |",
