@@ -303,19 +303,13 @@ def test_predictor_use_ssl_calls_tf_serving_over_tls_on_either_api(store, starte
     assert (plain.base_url.startswith("http://") if api == "rest" else plain.use_ssl is False)
 
 
-def test_kserves_server_flags_reach_its_model_server(monkeypatch, store, started):
-    """--max_threads, --max_asyncio_workers, --ssl_certfile/--ssl_keyfile go to KServe's ModelServer; its logging
-    and gRPC message flags to the settings it reads itself; the gRPC receive limit is the lower of its flag and
-    --max_body_bytes."""
-    from kserve import model_server
+def fake_model_server(monkeypatch) -> dict:
+    """serve() with KServe's ModelServer replaced: what it was made with, the models it was started with and the
+    event loop policy in force then (nothing else of serve()'s is run: the routes, gc.freeze)."""
+    import asyncio
 
     import transformer.serving.server as server
 
-    assert cli.main(base(store, "--max_threads", "7", "--max_asyncio_workers", "3", "--ssl_certfile", "/tls/crt",
-                         "--ssl_keyfile", "/tls/key", "--grpc_max_send_message_length", "1000",
-                         "--grpc_max_receive_message_length", "2048", "--max_body_bytes", "4096",
-                         "--configure_logging", "false", "--timeout-keep-alive", "30")) == 0
-    args = started["args"]
     made = {}
 
     class FakeModelServer:
@@ -324,12 +318,27 @@ def test_kserves_server_flags_reach_its_model_server(monkeypatch, store, started
             self.dataplane = object()
 
         def start(self, models):
-            made["started"] = models
+            made["started"], made["policy"] = models, type(asyncio.get_event_loop_policy())
 
-    saved = vars(model_server.args).copy()
     monkeypatch.setattr(server, "ModelServer", FakeModelServer)
     monkeypatch.setattr(server, "install", lambda *a, **k: None)
     monkeypatch.setattr(server.gc, "freeze", lambda: None)
+    return made
+
+
+def test_kserves_server_flags_reach_its_model_server(monkeypatch, store, started):
+    """--max_threads, --max_asyncio_workers, --ssl_certfile/--ssl_keyfile go to KServe's ModelServer; its logging
+    and gRPC message flags to the settings it reads itself; the gRPC receive limit is the lower of its flag and
+    --max_body_bytes."""
+    from kserve import model_server
+
+    assert cli.main(base(store, "--max_threads", "7", "--max_asyncio_workers", "3", "--ssl_certfile", "/tls/crt",
+                         "--ssl_keyfile", "/tls/key", "--grpc_max_send_message_length", "1000",
+                         "--grpc_max_receive_message_length", "2048", "--max_body_bytes", "4096",
+                         "--configure_logging", "false", "--timeout-keep-alive", "30")) == 0
+    args = started["args"]
+    made = fake_model_server(monkeypatch)
+    saved = vars(model_server.args).copy()
     try:
         REAL_SERVE(started["model"], args)
         assert {k: made[k] for k in ("max_threads", "max_asyncio_workers", "ssl_certfile", "ssl_keyfile",
@@ -353,23 +362,9 @@ def test_the_event_loop_is_asyncios_own_unless_uvloop_is_asked_for(monkeypatch, 
     import uvloop
     from kserve import model_server
 
-    import transformer.serving.server as server
-
     assert cli.build_parser().parse_args(["--model_name", "m"]).event_loop == "asyncio"
-    made = {}
-
-    class FakeModelServer:
-        def __init__(self, **kwargs):
-            made.update(kwargs)
-            self.dataplane = object()
-
-        def start(self, models):
-            made["policy"] = type(asyncio.get_event_loop_policy())
-
+    made = fake_model_server(monkeypatch)
     saved, policy = vars(model_server.args).copy(), asyncio.get_event_loop_policy()
-    monkeypatch.setattr(server, "ModelServer", FakeModelServer)
-    monkeypatch.setattr(server, "install", lambda *a, **k: None)
-    monkeypatch.setattr(server.gc, "freeze", lambda: None)
     try:
         for given, loop, expected in (((), "asyncio", asyncio.DefaultEventLoopPolicy),
                                       (("--event-loop", "uvloop"), "uvloop", uvloop.EventLoopPolicy)):
