@@ -42,10 +42,11 @@ KSERVE_PREDICTOR_FLAGS = {
 
 # KServe's --event-loop defaults to auto (uvloop). Here asyncio's own loop is the default: uvloop's libuv accepts one
 # connection per turn of the loop, so on a busy transformer a burst of new connections waits in the listen queue
-# (the Python HTTP floor on uvloop, 1,024 wrk connections: 344 to 464 of them not yet accepted after 4 s, p99 of all
-# answers 7 s; on asyncio's loop, which accepts every waiting connection at once: 88 ms). The transformer on
-# asyncio's loop costs within 6% of uvloop's CPU per request in every cell of benchmarks/results.md and held 93-97%
-# of its peak goodput in three retry storms back to back, against 66-75% on uvloop (benchmarks/overload.md).
+# (the Python HTTP floor on uvloop: of 1,000 wrk connections, 464 still waiting to be accepted after 1 s and 344
+# after 4 s; p99 of all answers 6.4 s at 1,024, against 87 ms on asyncio's loop, which accepts every waiting
+# connection at once). In three retry storms back to back the transformer answered with a p99 of 0.72-0.78 s on
+# asyncio's loop against 1.5-1.7 s on uvloop, for a CPU per one-row request within noise of uvloop's
+# (benchmarks/overload.md, benchmarks/results.md).
 EVENT_LOOP_HELP = ("the event loop: asyncio (the default here: it accepts every waiting connection when a burst "
                    "arrives) or uvloop (KServe's default, auto; it accepts one connection per turn of the loop, so "
                    "under load new connections wait: benchmarks/overload.md)")
