@@ -48,11 +48,6 @@ def admission_state(metrics_url: str) -> dict[str, int | None]:
     return state
 
 
-def admission_limit(metrics_url: str) -> int | None:
-    """The transformer's request limit in force (``embedder_admission_limit``)."""
-    return admission_state(metrics_url)["limit"]
-
-
 def left_behind(metrics_url: str, transformer) -> dict:
     """What a storm left in the transformer once it is over: its admission's state, its open TCP connections (the
     listening sockets and the predictor's pool included), threads and memory."""
@@ -72,7 +67,7 @@ def overload_phase(url: str, body: bytes, connections: int, seconds: float, hono
     cpu_before = sum(transformer.cpu_times()[:2])
     run = run_recorded(url, body, connections, seconds, honour)
     cpu = sum(transformer.cpu_times()[:2]) - cpu_before
-    limit = admission_limit(metrics_url)
+    limit = admission_state(metrics_url)["limit"]
     statuses, latencies = run["statuses"], run["latencies_s"] * 1000.0
     ok, shed = statuses == 200, statuses == 503
     settled = run["sent_at_s"] >= STORM_SECONDS  # past the storm of connections opened at once
@@ -162,25 +157,22 @@ def overload(build: Path, out: Path, scale: float = 1.0, transformer_args: list[
     body = transformer_bodies[1]
     logs = Path(tempfile.mkdtemp(prefix="overload-logs-"))
     phases, wrk_phases, floors = {}, {}, {}
-    for loop in ("default", OTHER_LOOP):
-        if loop != "default" and not have_wrk():
-            break
-        stack = LocalStack(build=build, predictor="local", log_dir=logs / loop,
-                           transformer_args=[*(transformer_args or []),
-                                             *(["--event-loop", loop] if loop != "default" else [])])
+    # The default loop (None) for every phase; the other loop for wrk's storms only, so only when wrk is there.
+    for loop in (None, OTHER_LOOP) if have_wrk() else (None,):
+        stack = LocalStack(build=build, predictor="local", log_dir=logs / (loop or "default"),
+                           transformer_args=[*(transformer_args or []), *(["--event-loop", loop] if loop else [])])
         stack.start()
         try:
             transformer = psutil.Process(stack.processes["transformer"].pid)
             url = f"{stack.transformer_url}/v1/models/{MODEL}:predict"
             run_recorded(url, body, 16, 2.0 * scale)  # warm-up
-            for name, connections, seconds, honour in OVERLOAD_PHASES if loop == "default" else ():
+            for name, connections, seconds, honour in OVERLOAD_PHASES if loop is None else ():
                 phases[name] = overload_phase(url, body, connections, seconds * scale, honour, transformer)
                 print(f"   {name:>30}: {connections:>5} connections, {phases[name]['goodput']:7.0f} ok/s, "
                       f"admitted p99 {phases[name]['admitted_p99_ms']:.1f} ms, {phases[name]['shed']} shed "
                       f"(p99 {phases[name]['shed_p99_ms']:.1f} ms)", flush=True)
             if have_wrk():  # then the storms with wrk
-                wrk_phases.update(wrk_storms(url, body, transformer, scale,
-                                             "" if loop == "default" else f", --event-loop {loop}"))
+                wrk_phases.update(wrk_storms(url, body, transformer, scale, f", --event-loop {loop}" if loop else ""))
         finally:
             stack.stop()
     if have_wrk():
