@@ -12,7 +12,7 @@ different catalogues are judged alike. The candidate passes when
   recall@10 from 0.412 to 0.429, 4% apart), a broken training far more.
 
 Before anything is scored, the candidate's interface (features by name and order, top-k, segment count, item
-id type: :mod:`model.contract`) must be the served version's: a candidate its clients could not call fails
+id type: :mod:`transformer.store.interface`) must be the served version's: a candidate its clients could not call fails
 with the differences named, and the served version is not asked to answer rows it cannot read.
 
 The segments' agreement (adjusted Rand index of the two versions' segments on the same users, and of
@@ -168,7 +168,7 @@ def evaluate(candidate_dir: str | Path, served_dir: str | Path | None, held_out:
     held-out users; ``popularity_ids``: the training users' most chosen items, best first."""
     from sklearn.metrics import adjusted_rand_score
 
-    from model.contract import Interface, differences
+    from transformer.store.interface import Interface, differences
     from transformer.store.bundle import load_bundle
 
     changes = []

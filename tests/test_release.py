@@ -909,13 +909,13 @@ def test_the_candidate_records_which_files_it_was_trained_on(tmp_path):
 # -- the interface a version's clients rely on -------------------------------------------------------------------
 
 def interface(features=("a", "b", "c"), top_k=10, n_segments=4, ids="integer"):
-    from model.contract import Interface
+    from transformer.store.interface import Interface
 
     return Interface(tuple(features), top_k, n_segments, ids)
 
 
 def test_an_unchanged_interface_has_no_differences():
-    from model.contract import differences
+    from transformer.store.interface import differences
 
     assert differences(interface(), interface()) == []
 
@@ -930,7 +930,7 @@ def test_an_unchanged_interface_has_no_differences():
     (dict(ids="text"), "item ids: text instead of integer"),
 ])
 def test_each_change_a_client_would_meet_is_named(candidate, said):
-    from model.contract import differences
+    from transformer.store.interface import differences
 
     assert differences(interface(), interface(**candidate)) == [said]
 
@@ -938,7 +938,7 @@ def test_each_change_a_client_would_meet_is_named(candidate, said):
 def test_a_bundles_interface_is_read_from_it(tmp_path):
     from small_bundle import new_version, write
 
-    from model.contract import Interface
+    from transformer.store.interface import Interface
     from transformer.store.bundle import load_bundle
 
     folder = new_version(tmp_path)
