@@ -377,3 +377,132 @@ def test_a_verdict_is_forgotten_with_its_version(tmp_path):
     store.add(7)  # with keep=2, versions 4 and 5 leave the loaded set
     refresh(watcher)
     assert set(watcher.loaded) == {6, 7} and 5 not in watcher.fits and 4 not in watcher.fits
+
+
+# -- the interface its clients call ------------------------------------------------------------------------------
+
+FEATURES = ("sessions_30d", "spend_90d")
+
+
+class InterfaceStore(Store):
+    """Version folders whose bundle's features are written in a file of the folder."""
+
+    def add(self, version, features=FEATURES, broken=None):
+        folder = super().add(version, broken)
+        (folder / "assets.extra" / "transformer-bundle" / "features").write_text("\n".join(features))
+        return folder
+
+    def load(self, folder):
+        bundle = super().load(folder)
+        bundle.features = tuple((folder / "assets.extra" / "transformer-bundle" / "features").read_text().split())
+        return bundle
+
+
+def interface_of(features=FEATURES, top_k=10):
+    from transformer.store.interface import Interface
+
+    return Interface(tuple(features), top_k, 4, "integer")
+
+
+def interface_versions(tmp_path, client, **options):
+    store = InterfaceStore(tmp_path)
+    switches, refusals = [], []
+    watcher = ModelVersions(tmp_path, client, lambda bundle: ServedVersion(
+        pipeline=SimpleNamespace(version=bundle.version, contract=CONTRACT), forward=None,
+        interface=interface_of(bundle.features)), load=store.load, on_switch=switches.append,
+        on_refuse=refusals.append, **options)
+    return watcher, store, switches, refusals
+
+
+def test_a_version_that_would_change_the_interface_is_refused_once_said_and_the_served_one_keeps_answering(
+        tmp_path, caplog):
+    client = tf_serving({1: "AVAILABLE", 2: "AVAILABLE"})
+    watcher, store, switches, refusals = interface_versions(tmp_path, client)
+    store.add(1)
+    refresh(watcher)
+    assert watcher.current().version == 1
+    store.add(2, features=("visits_30d", "spend_90d"))  # a plain retrain on a file with a renamed column
+    with caplog.at_level(logging.INFO, logger="transformer"):
+        refresh(watcher)
+        refresh(watcher)
+    assert watcher.current().version == 1 and watcher.ready_now() and switches == [1]
+    assert refusals == [2]  # once, however often the store is looked at
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
+    (refused,) = [e for e in events if e["event"] == "model_interface_refused"]
+    assert refused["model_version"] == 2 and refused["serving"] == 1
+    assert refused["differences"] == ["features: the candidate no longer has 'sessions_30d'; adds 'visits_30d'"]
+    assert "--model-name NEW" in refused["remedy"]
+    assert not [e for e in events if e["event"] == "model_version_switch"]
+    assert watcher.problems() == ["version 2 would change the interface its clients call: features: the candidate "
+                                  "no longer has 'sessions_30d'; adds 'visits_30d'"]
+    del client.states[1]  # TF Serving no longer serves the old one: nothing else may answer its clients
+    refresh(watcher)
+    assert not watcher.ready_now()
+    with pytest.raises(NoServableVersion, match="version 2 would change the interface its clients call"):
+        watcher.current()
+    client.states[1] = "AVAILABLE"
+    store.add(3)  # the next retrain keeps the interface: served
+    client.states[3] = "AVAILABLE"
+    refresh(watcher)
+    assert watcher.current().version == 3 and switches == [1, None, 3] and refusals == [2]
+
+
+def test_a_version_rewritten_with_the_served_interface_is_served(tmp_path):
+    client = tf_serving({1: "AVAILABLE", 2: "AVAILABLE"})
+    watcher, store, switches, refusals = interface_versions(tmp_path, client)
+    store.add(1)
+    refresh(watcher)
+    folder = store.add(2, features=FEATURES[::-1])  # reordered: a client sending lists would mix the columns
+    refresh(watcher)
+    assert watcher.current().version == 1 and refusals == [2]
+    (folder / "assets.extra" / "transformer-bundle" / "features").write_text("\n".join(FEATURES) + "\n")
+    refresh(watcher)
+    assert watcher.current().version == 2 and watcher.problems() == [] and watcher.refused == {}
+
+
+def test_a_transformer_started_after_an_incompatible_version_landed_serves_the_recorded_interface(tmp_path):
+    from transformer.store.interface import write_interface
+
+    client = tf_serving({1: "AVAILABLE", 2: "AVAILABLE"})
+    watcher, store, switches, refusals = interface_versions(tmp_path, client)
+    store.add(1)
+    store.add(2, features=("visits_30d", "spend_90d"))
+    write_interface(tmp_path, interface_of())  # what training and publishing record beside the versions
+    refresh(watcher)
+    assert watcher.current().version == 1 and refusals == [2]
+    # Without the record, the newest version sets the interface: what a store written before it would do.
+    (tmp_path / "interface.json").unlink()
+    fresh, _, _, _ = interface_versions(tmp_path, client)
+    refresh(fresh)
+    assert fresh.current().version == 2
+
+
+def test_an_unreadable_interface_file_is_said_and_the_last_one_read_stays(tmp_path, caplog):
+    from transformer.store.interface import write_interface
+
+    client = tf_serving({1: "AVAILABLE", 2: "AVAILABLE"})
+    watcher, store, _, refusals = interface_versions(tmp_path, client)
+    store.add(1)
+    write_interface(tmp_path, interface_of())
+    watcher.scan()
+    (tmp_path / "interface.json").write_text("{not json")
+    store.add(2, features=("visits_30d", "spend_90d"))
+    with caplog.at_level(logging.ERROR, logger="transformer"):
+        refresh(watcher)
+    assert watcher.current().version == 1 and watcher.recorded == interface_of() and refusals == [2]
+    (error,) = [json.loads(r.getMessage()) for r in caplog.records if "interface_file_unreadable" in r.getMessage()]
+    assert error["error"].startswith(f"{tmp_path / 'interface.json'} is not a model interface (JSONDecodeError")
+
+
+def test_the_interface_served_outlives_an_outage_of_tf_serving(tmp_path):
+    client = tf_serving({1: "AVAILABLE"})
+    watcher, store, switches, refusals = interface_versions(tmp_path, client)
+    store.add(1)
+    refresh(watcher)
+    client.states = {}  # TF Serving restarted and has nothing loaded yet
+    refresh(watcher)
+    assert watcher.active is None
+    store.add(2, features=("visits_30d", "spend_90d"))
+    client.states = {1: "AVAILABLE", 2: "AVAILABLE"}
+    refresh(watcher)
+    assert watcher.current().version == 1 and refusals == [2]

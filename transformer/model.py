@@ -34,6 +34,7 @@ import numpy as np
 
 from transformer.serving.admission import TIMEOUT_HEADER, Admission, check_deadline, deadline
 from transformer.store.bundle import Bundle, BundleError, load_bundle
+from transformer.store.interface import Interface
 from transformer.serving.coalesce import Coalescer
 from transformer.protocols.v1 import V1Codec
 from transformer.protocols.v2 import V2Codec, V2Request, tensor_metadata
@@ -142,7 +143,7 @@ class EmbedderTransformer(kserve.Model):
         self.versions = ModelVersions(
             self.model_base_path, _LazyClient(self), self.serve_version, keep=self.keep_versions,
             poll_seconds=self.poll_seconds, load=load, on_switch=self._switched,
-            on_reject=self.metrics.rejected,
+            on_reject=self.metrics.rejected, on_refuse=self.metrics.interface_refused,
         )
         self.versions.scan()
         if not self.versions.loaded:
@@ -175,7 +176,7 @@ class EmbedderTransformer(kserve.Model):
             drift = None
         metrics = VersionMetrics(self.name, bundle.version, bundle.feature_names, bundle.feature_min,
                                  bundle.feature_max, bundle.n_segments, drift)
-        return ServedVersion(pipeline, forward, metrics)
+        return ServedVersion(pipeline, forward, metrics, Interface.of(bundle))
 
     def _switched(self, version: int | None) -> None:
         served = self.versions.active

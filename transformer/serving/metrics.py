@@ -16,6 +16,8 @@
     embedder_model_version                                   the version answering new requests (0: none)
     embedder_model_version_switches_total                    changes of that version
     embedder_bundle_rejections_total                         version folders whose bundle failed verification
+    embedder_interface_refusals_total{model_version}         versions refused because they would change the
+                                                             interface the clients call (once per bundle)
     embedder_inflight_requests, embedder_inflight_rows       work admitted and not answered yet (admission.py):
                                                              the load signal for an autoscaler
     embedder_admission_limit                                 requests that may be inside at once now
@@ -49,6 +51,8 @@ PREDICTOR_RETRIES = Counter("embedder_predictor_retries_total", "Predictor calls
 MODEL_VERSION = Gauge("embedder_model_version", "Model version answering new requests (0: none)", [LABEL])
 SWITCHES = Counter("embedder_model_version_switches_total", "Changes of the version answering new requests", [LABEL])
 REJECTIONS = Counter("embedder_bundle_rejections_total", "Version folders whose bundle failed verification", [LABEL])
+REFUSALS = Counter("embedder_interface_refusals_total", "Versions refused because they would change the interface "
+                   "the clients call (features, top-k, segments, item id type)", [LABEL, VERSION])
 INFLIGHT_REQUESTS = Gauge("embedder_inflight_requests", "Requests admitted and not answered yet", [LABEL])
 INFLIGHT_ROWS = Gauge("embedder_inflight_rows", "Rows of admitted requests not answered yet", [LABEL])
 ADMISSION_LIMIT = Gauge("embedder_admission_limit", "Requests that may be inside at once now (it follows their "
@@ -117,6 +121,9 @@ class ModelMetrics:
 
     def rejected(self) -> None:
         REJECTIONS.labels(self.model_name).inc()
+
+    def interface_refused(self, version: int) -> None:
+        REFUSALS.labels(self.model_name, str(version)).inc()
 
 
 class VersionMetrics:

@@ -19,6 +19,16 @@ When no version satisfies both, readiness is false and requests get 503 with a
 message naming what the transformer has and what TF Serving serves. A bundle
 that fails verification is skipped with an error log line (and a metric); it
 is tried again only when its files change.
+
+3. Its interface (features by name and order, top-k, segments, item id type:
+   ``interface.py``) is the one the transformer serves: the active version's,
+   or before any is active the one recorded beside the version folders
+   (``interface.json``). A version that would change it is refused, with one
+   log line naming every difference and a metric, and the transformer keeps
+   serving (and stays ready): anything written into the store, a plain
+   ``model.train`` or a copy by hand, cannot break the clients of a running
+   transformer, nor of one started after it. A deliberate change is served
+   under a new model name.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from transformer.store.bundle import Bundle, BundleError, bundle_dir, load_bundle, model_versions
+from transformer.store.interface import Interface, InterfaceFileError, differences, read_interface
 from transformer.steps.kernels import UnsupportedEstimator
 from transformer.pipeline import Pipeline
 from transformer.predictor import PredictorClient, PredictorError, metadata_problems
@@ -58,6 +69,7 @@ class ServedVersion:
     pipeline: Pipeline
     forward: Callable[[np.ndarray], Awaitable[Outputs]]
     metrics: Any = None
+    interface: Interface | None = None  # what its clients send and get back (None: not checked)
 
     @property
     def version(self) -> int:
@@ -96,6 +108,7 @@ class ModelVersions:
         load: Callable[[Path], Bundle] = load_bundle,
         on_switch: Callable[[int | None], None] | None = None,
         on_reject: Callable[[], None] | None = None,
+        on_refuse: Callable[[int], None] | None = None,
     ):
         if keep < 1:
             raise ValueError("keep must be at least 1")
@@ -107,11 +120,15 @@ class ModelVersions:
         self.poll_seconds = poll_seconds
         self._on_switch = on_switch or (lambda version: None)
         self._on_reject = on_reject or (lambda: None)
+        self._on_refuse = on_refuse or (lambda version: None)
         self.loaded: dict[int, ServedVersion] = {}
         self._stamps: dict[int, tuple] = {}  # version -> its files, when loaded
         self.rejected: dict[int, tuple[tuple, str]] = {}  # version -> (files stamp, why)
         self.states: dict[int, str] = {}  # TF Serving's, at the last check
         self.fits: dict[int, list[str]] = {}  # metadata problems per loaded version ([] when it fits)
+        self.recorded: Interface | None = None  # the store's interface.json, at the last scan
+        self.refused: dict[int, tuple[ServedVersion, list[str]]] = {}  # interface changes, said once per bundle
+        self._last_interface: Interface | None = None  # the last active version's, kept through an outage
         self.active: ServedVersion | None = None
         self.predictor_reachable = False
         self.reason = "TF Serving not checked yet"
@@ -125,10 +142,15 @@ class ModelVersions:
         """Load the bundles of the newest ``keep`` version folders and forget older ones."""
         self._apply(*self._scan())
 
-    def _scan(self) -> tuple[dict, dict, dict]:
-        """(loaded, stamps, rejected) as the model store is now. Touches no shared state, so it can
-        run in a worker thread: loading a bundle hashes its files and reads its arrays."""
+    def _scan(self) -> tuple[dict, dict, dict, Interface | None]:
+        """(loaded, stamps, rejected, recorded interface) as the model store is now. Touches no shared state,
+        so it can run in a worker thread: loading a bundle hashes its files and reads its arrays."""
         loaded, stamps, rejected = {}, {}, {}
+        try:
+            recorded = read_interface(self.base_path)
+        except InterfaceFileError as exc:
+            recorded = self.recorded  # the last one read stays: a file being mended is no reason to change
+            log.error("%s", json.dumps({"event": "interface_file_unreadable", "error": str(exc)}))
         for version in model_versions(self.base_path)[-self.keep:]:
             folder = self.base_path / str(version)
             stamp = _files_stamp(folder)
@@ -147,16 +169,49 @@ class ModelVersions:
                 continue
             stamps[version] = stamp
             log.info("%s", json.dumps({"event": "bundle_loaded", "model_version": version, "path": str(folder)}))
-        return loaded, stamps, rejected
+        return loaded, stamps, rejected, recorded
 
-    def _apply(self, loaded: dict, stamps: dict, rejected: dict) -> None:
+    def _apply(self, loaded: dict, stamps: dict, rejected: dict, recorded: Interface | None = None) -> None:
         """Swap in a scan's result; a version whose bundle was (re)loaded has its metadata checked again."""
         self.fits = {v: p for v, p in self.fits.items() if v in loaded and loaded[v] is self.loaded.get(v)}
-        self.loaded, self._stamps, self.rejected = loaded, stamps, rejected
+        self.loaded, self._stamps, self.rejected, self.recorded = loaded, stamps, rejected, recorded
+        self.refused = {v: r for v, r in self.refused.items() if loaded.get(v) is r[0]}
 
     def problems(self) -> list[str]:
-        """Why version folders were not loaded."""
-        return [f"version {v}: {why}" for v, (_, why) in sorted(self.rejected.items())]
+        """Why version folders were not loaded, or are loaded and not served."""
+        return ([f"version {v}: {why}" for v, (_, why) in sorted(self.rejected.items())]
+                + [f"version {v} would change the interface its clients call: {'; '.join(changes)}"
+                   for v, (_, changes) in sorted(self.refused.items()) if v in self.loaded])
+
+    # -- the interface its clients call -------------------------------------------------------------
+
+    @property
+    def interface(self) -> Interface | None:
+        """The interface served: the active version's, else the last active one's (a TF Serving outage changes
+        nothing), else the store's record (None: the first version served sets it)."""
+        if self.active is not None:
+            return self.active.interface
+        return self._last_interface or self.recorded
+
+    def keeps_interface(self, served: ServedVersion) -> bool:
+        """Whether ``served`` answers the clients of the interface served; a first refusal of each bundle is said
+        in a log line naming every difference, and counted."""
+        held = self.interface
+        if held is None or served.interface is None:
+            return True
+        changes = differences(held, served.interface)
+        if not changes:
+            return True
+        if self.refused.get(served.version, (None,))[0] is not served:
+            self.refused[served.version] = (served, changes)
+            self._on_refuse(served.version)
+            serving = self.active.version if self.active is not None else None
+            log.error("%s", json.dumps({
+                "event": "model_interface_refused", "model_version": served.version, "serving": serving,
+                "differences": changes,
+                "remedy": "every client of the served interface would break: publish this version under a new "
+                          "model name (model.train --model-name NEW), served beside this one, and move the clients"}))
+        return False
 
     # -- TF Serving ---------------------------------------------------------------------------------
 
@@ -178,7 +233,7 @@ class ModelVersions:
             self.checked_at = time.monotonic()
         loaded = self.loaded
         for version in sorted(loaded, reverse=True):
-            if self.states.get(version) != "AVAILABLE":
+            if self.states.get(version) != "AVAILABLE" or not self.keeps_interface(loaded[version]):
                 continue
             if version not in self.fits:
                 try:
@@ -210,6 +265,8 @@ class ModelVersions:
         was_ready = self.active is not None and self.predictor_reachable
         previous = self.active.version if self.active else None
         self.active, self.predictor_reachable, self.reason = active, reachable, reason
+        if active is not None and active.interface is not None:
+            self._last_interface = active.interface
         now = active.version if active else None
         if now != previous:
             self._on_switch(now)
@@ -245,7 +302,8 @@ class ModelVersions:
             return self.active
         loaded = self.loaded
         for version in sorted(loaded, reverse=True):
-            if version != exclude and self.states.get(version) == "AVAILABLE" and self.fits.get(version) == []:
+            if (version != exclude and self.states.get(version) == "AVAILABLE" and self.fits.get(version) == []
+                    and self.keeps_interface(loaded[version])):
                 return loaded[version]
         raise NoServableVersion(f"version {exclude} is no longer served and no other version is ready: "
                                 + self._why_none())
