@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from model.publish import PublishError
 from model.store import S3_SCHEME, StoreError
 from transformer.store.bundle import BUNDLE_SUBDIR, MANIFEST_FILE
+from transformer.store.interface import INTERFACE_FILE, Interface, interface_text, parse_interface
 
 SAVED_MODEL = "saved_model.pb"
 MANIFEST = str(PurePosixPath(*BUNDLE_SUBDIR.parts) / MANIFEST_FILE)  # inside a version folder
@@ -139,6 +140,13 @@ class BucketStore:
     def versions(self, name: str) -> list[int]:
         return [v for v in self.numbers_in_place(name) if complete(self.files(name, v))]
 
+    def interface(self, name: str) -> Interface | None:
+        key = self.key(name, INTERFACE_FILE)
+        if not self._call("listing", self.client.list_objects_v2, Prefix=key, MaxKeys=1).get("KeyCount"):
+            return None
+        body = self._call(f"reading {key}", self.client.get_object, Key=key)["Body"].read()
+        return parse_interface(body.decode("utf-8", "replace"), f"{S3_SCHEME}{self.bucket}/{key}")
+
     def fetch(self, name: str, version: int, into: Path) -> Path:
         target = Path(into) / name / str(version)
         for relative in sorted(self.files(name, version)):
@@ -179,6 +187,11 @@ class BucketStore:
                 raise PublishError(f"version {version} was not published: {exc}") from exc
             raise
         return [f"{self.location}/{name}/{version}" for name in folders]
+
+    def record_interface(self, name: str, interface: Interface) -> None:
+        # One PUT replaces an object whole: a reader (the storage initializer) gets the old text or the new.
+        self._call(f"writing {INTERFACE_FILE}", self.client.put_object, Key=self.key(name, INTERFACE_FILE),
+                   Body=interface_text(interface).encode(), ContentType="application/json")
 
     def retire(self, names: list[str], version: int) -> list[str]:
         stamp = time.strftime("%Y%m%dT%H%M%S")

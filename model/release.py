@@ -17,6 +17,7 @@ from model.gate import Evaluation, Thresholds, evaluate, read_held_out
 from model.store import Store, is_bucket, open_store
 from model.verify import Verification, verify
 from transformer.store.bundle import MANIFEST_FILE, BundleError, bundle_dir, load_bundle, model_versions, sha256_of
+from transformer.store.interface import Interface
 
 
 # The start of a line a pipeline task prints for the person running it (run-local shows only these and a line per task).
@@ -164,12 +165,17 @@ def check_candidate(candidate: str | Path, name: str) -> Verification:
 
 
 def publish_candidate(candidate: str | Path, store: str | Path | Store, name: str) -> int:
-    """Publish every model of the candidate into the store (:mod:`model.store`); the version."""
+    """Publish every model of the candidate into the store (:mod:`model.store`); the version. A model the store
+    has no interface record for (a new one, or one published before records) gets the candidate's, first: the gate
+    has passed it, so it is the interface served."""
+    store = as_store(store)
+    if store.interface(name) is None:
+        store.record_interface(name, Interface.of(load_bundle(candidate_dir(candidate, name))))
     folders = {name: candidate_dir(candidate, name)}
     if (Path(candidate) / "models" / fused_name(name)).is_dir():
         folders[fused_name(name)] = candidate_dir(candidate, name, fused=True)
     version = int(folders[name].name)
-    as_store(store).publish(folders, version)
+    store.publish(folders, version)
     return version
 
 

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from model.publish import PublishError, publish, retire
 from transformer.store.bundle import model_versions
+from transformer.store.interface import Interface, read_interface, write_interface
 
 S3_SCHEME = "s3://"
 RETIRED_PREFIX = ".retired-"  # a retired version's folder: .retired-<version>-<time>, ignored by every reader
@@ -53,6 +54,12 @@ class Store(Protocol):
 
     def retire(self, names: list[str], version: int) -> list[str]:
         """Take ``version`` out for each model name, where every reader ignores it and a person can restore it."""
+
+    def interface(self, name: str) -> Interface | None:
+        """The interface recorded for the model's clients (None: none recorded). Raises InterfaceFileError."""
+
+    def record_interface(self, name: str, interface: Interface) -> None:
+        """Record the interface the model's clients call, read by every transformer that starts from now on."""
 
 
 class FolderStore:
@@ -92,6 +99,12 @@ class FolderStore:
 
     def retire(self, names: list[str], version: int) -> list[str]:
         return [str(p) for p in retire(self.root, names, version)]
+
+    def interface(self, name: str) -> Interface | None:
+        return read_interface(self.root / name)
+
+    def record_interface(self, name: str, interface: Interface) -> None:
+        write_interface(self.root / name, interface)
 
 
 def is_bucket(location: str | Path) -> bool:

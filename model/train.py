@@ -44,7 +44,12 @@ from model.options import HelpFormatter, add_options, from_args, problems
 from model.progress import progress
 from model.quality import Quality, popularity_top, recall_at_k
 from model.synthetic import make_synthetic
-from transformer.store.bundle import BUNDLE_SUBDIR, MANIFEST_FILE, ModelSpec, Rules, sha256_of, write_bundle
+from transformer.store.bundle import (
+    BUNDLE_SUBDIR, MANIFEST_FILE, BundleError, ModelSpec, Rules, load_bundle, model_versions, sha256_of, write_bundle,
+)
+from transformer.store.interface import (
+    Interface, InterfaceFileError, differences, interface_file, read_interface, write_interface,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("build"), help="build folder: the version goes into its "
                      "models/<name>/<version>/ and models/<name>-fused/<version>/")
-    out.add_argument("--model-name", default="embedder", help="model name on TF Serving")
+    out.add_argument("--model-name", default="embedder", help="model name on TF Serving; a new name starts a new "
+                     "model beside the others (the way to change the features, top-k, segments or item ids)")
+    out.add_argument("--new-model", action="store_true", help="train even when the model's served interface "
+                     "(its features by name and order, top-k, segments, item id type) differs: the version starts "
+                     "that interface anew and every client must change (a running transformer keeps serving the old version while "
+                     "TF Serving still loads it; one started later serves the new)")
     out.add_argument("--version", type=int, help="model version to write (default: the next free one); "
                      "an existing version is never overwritten")
     out.add_argument("--no-fused", action="store_true", help="skip the fused model (build/models/<name>-fused)")
@@ -133,6 +143,55 @@ def read_data(args: argparse.Namespace) -> tuple[UserData, str]:
     if not args.quiet:
         print(summary.describe(), flush=True)
     return data, source
+
+
+def segments_for(args: argparse.Namespace, data: UserData) -> int:
+    """KMeans clusters: --segments, else as many as the data's known segments, else 6."""
+    return args.segments or (int(data.segments.max()) + 1 if data.segments is not None else 6)
+
+
+def served_interface(model_dir: Path) -> tuple[Interface | None, str]:
+    """The interface the model in ``model_dir`` serves its clients, and where it was read: the recorded one
+    (``interface.json``), else its newest version whose bundle verifies (None: a new model)."""
+    recorded = read_interface(model_dir)  # InterfaceFileError: said by the caller
+    if recorded is not None:
+        return recorded, str(interface_file(model_dir))
+    for version in reversed(model_versions(model_dir)):
+        try:
+            return Interface.of(load_bundle(model_dir / str(version))), f"version {version}"
+        except BundleError:
+            continue
+    return None, ""
+
+
+def interface_problem(args: argparse.Namespace, candidate: Interface) -> str:
+    """Why training into ``--out`` would break the clients of the model served from there ("": it would not)."""
+    model_dir = args.out / "models" / args.model_name
+    try:
+        served, where = served_interface(model_dir)
+    except InterfaceFileError as exc:
+        return str(exc)
+    changes = differences(served, candidate) if served is not None else []
+    if not changes or args.new_model:
+        return ""
+    keep = []
+    if served.features != candidate.features:
+        keep.append(served.features_flag())
+    if served.top_k != candidate.top_k:
+        keep.append(f"--top-k {served.top_k}")
+    if served.n_segments != candidate.n_segments:
+        keep.append(f"--segments {served.n_segments}")
+    lines = [f"{model_dir} serves another interface ({where}), and every client of it would break:"]
+    lines += [f"  {change}" for change in changes]
+    lines.append("To keep it, train with:  " + "  ".join(keep) if keep else
+                 "To keep it, train on item ids of the served type (the interactions' item column)")
+    if served.features != candidate.features:
+        lines.append("  (the users file must have those columns: rename a column back where it was renamed)")
+    lines.append(f"To serve the change beside it:  --model-name {args.model_name}-v2  (a new model; move the "
+                 "clients to it, then retire the old one)")
+    lines.append("To replace this model's interface on purpose:  --new-model  (every client must change; a running "
+                 "transformer keeps serving the old version while TF Serving still loads it)")
+    return "\n".join(lines)
 
 
 def batch_size_for(args: argparse.Namespace, n_train: int) -> int:
@@ -245,6 +304,13 @@ def _main(argv: list[str] | None = None) -> int:
     if data.n_users < 20:
         print("error: need at least 20 users to train and evaluate", file=sys.stderr)
         return 2
+    # Before any training: the header of the users' file is enough to tell a change that breaks the clients.
+    n_segments = segments_for(args, data)
+    interface = Interface.of_parts(data.feature_names, args.top_k, n_segments, data.item_ids)
+    problem = interface_problem(args, interface)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
@@ -317,8 +383,6 @@ def _main(argv: list[str] | None = None) -> int:
     # 3. Embed with the very graph that will be served, then fit the segments (on a sample of users).
     graph = EmbedderGraph(weights, n_candidates=args.top_k)
     sample = np.random.default_rng(args.seed + 2).permutation(train.n_users)[:args.kmeans_sample]
-    n_segments = args.segments or (int(max(train.segments.max(), test.segments.max())) + 1
-                                   if train.segments is not None else 6)
     segments = KMeans(n_clusters=n_segments, n_init=10, random_state=args.seed)
     segments.fit(graph.candidates_in_batches(X_train[np.sort(sample)])[0].astype(np.float64))
 
@@ -387,6 +451,10 @@ def _main(argv: list[str] | None = None) -> int:
     except VersionExists as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # What the model's clients call from now on (a first version, a store from before the record, --new-model):
+    # transformers started later serve this interface whatever else lands in the folder.
+    if args.new_model or read_interface(model_dir) is None:
+        write_interface(model_dir, interface)
 
     # 6. Fused mode: the same fitted steps compiled into one graph TF Serving can answer alone.
     fused = None

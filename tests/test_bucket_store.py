@@ -25,6 +25,7 @@ from model.store import StoreError, open_store
 from tests.controlplane.build import BuildUnavailable
 from tests.objectstore import ObjectStore, build
 from transformer.store.bundle import BundleError, load_bundle, model_versions
+from transformer.store.interface import Interface, read_interface
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]
 
@@ -92,6 +93,8 @@ def test_a_published_version_is_what_the_storage_initializer_downloads_and_the_t
     assert tree(pod / "1") == tree(tmp_path / "c1" / "models" / "embedder" / "1")
     bundle = load_bundle(pod / "1")  # every file's sha256 checked against the manifest
     assert bundle.version == 1 and bundle.feature_names == ("a", "b")
+    # The interface its clients call travels with the versions, so a pod started later serves that one.
+    assert read_interface(pod) == Interface.of(bundle) == store.interface("embedder")
     # The gate reads the served version the same way, through the store.
     assert served_version_dir(store, "embedder", tmp_path / "gate").name == "1"
 
@@ -108,7 +111,7 @@ def test_without_its_slash_the_storage_uri_also_downloads_every_model_whose_name
     loose = storage_initializer(f"s3://{bucket}/models/embedder", tmp_path / "loose", server.env())
     assert sorted(p.name for p in loose.iterdir()) == ["-fused", "1"]
     exact = storage_initializer(f"s3://{bucket}/models/embedder/", tmp_path / "exact", server.env())
-    assert sorted(p.name for p in exact.iterdir()) == ["1"]
+    assert sorted(p.name for p in exact.iterdir()) == ["1", "interface.json"]
 
 
 def test_a_copy_stopped_at_any_point_leaves_nothing_a_reader_takes_for_a_version(bucket, server, tmp_path):

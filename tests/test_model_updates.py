@@ -22,6 +22,7 @@ from conftest import (
 
 from scripts.localstack import LocalStack
 from transformer.pipeline import Pipeline
+from transformer.store.bundle import model_versions
 from transformer.predictor import Contract, PredictorError
 from transformer.store.versions import ModelVersions, NoServableVersion, ServedVersion
 
@@ -253,3 +254,71 @@ def test_a_served_version_without_a_bundle_is_refused_then_recovers(two_versions
                 f'outcome="predictor_error"}} 3.0') in metrics
     finally:
         stack.stop()
+
+
+def test_nothing_written_into_the_store_breaks_the_clients_of_a_running_transformer(build_dir, tmp_path, raw_users):
+    """What a new user did: a plain ``model.train`` on a users file with one renamed column into the store a running
+    stack serves, then (refused) the same version copied in by hand. Every client keeps its 200s from version 1, the
+    log and a metric name the difference, and a transformer started afterwards serves version 1 too."""
+    import subprocess
+    import sys
+
+    from model.csv_input import write_one_file
+    from model.synthetic import make_synthetic
+    from scripts.localstack import ROOT
+
+    models = tmp_path / "build" / "models" / MODEL_NAME
+    shutil.copytree(build_dir / "models" / MODEL_NAME, models)  # version 1 and the interface it recorded
+    data = make_synthetic(n_users=400, n_items=60, seed=3)
+    users = write_one_file(data, tmp_path / "users.csv")
+    header, rest = users.read_text().split("\n", 1)
+    users.write_text(header.replace("sessions_30d", "visits_30d", 1) + "\n" + rest)
+    rows = 3
+    bodies = [(i, json.dumps({"instances": raw_users[i:i + rows].tolist()}).encode())
+              for i in range(0, len(raw_users) - rows, rows)]
+    with LocalStack(build=tmp_path / "build", predictor="local", log_dir=tmp_path / "logs") as stack:
+        url = f"{stack.transformer_url}/v1/models/{MODEL_NAME}:predict"
+        with Traffic(url, bodies) as traffic:
+            wait_until(lambda: len(traffic.log) >= 50, 60, "traffic on version 1")
+            plain = subprocess.run([sys.executable, "-m", "model.train", "--data", str(users), "--epochs", "1",
+                                    "--top-k", "5", "--min-score", "0.2", "--no-fused", "--quiet",
+                                    "--out", str(tmp_path / "build")],
+                                   cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert plain.returncode == 2, plain.stderr
+            assert "features: the candidate no longer has 'sessions_30d'; adds 'visits_30d'" in plain.stderr
+            assert model_versions(models) == [1]
+
+            # The same training elsewhere, copied in by hand (or by a script that knows no better).
+            elsewhere = tmp_path / "elsewhere"
+            train = subprocess.run([sys.executable, "-m", "model.train", "--data", str(users), "--epochs", "1",
+                                    "--top-k", "5", "--min-score", "0.2", "--no-fused", "--quiet", "--version", "2",
+                                    "--out", str(elsewhere)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert train.returncode == 0, train.stderr
+            publish(version_dir(elsewhere, 2), models)
+            copied = time.monotonic()
+            log_file = tmp_path / "logs" / "transformer.log"
+            wait_until(lambda: "model_interface_refused" in log_file.read_text(), 30, "the refusal in the log")
+            tf_serving = f"{stack.predictor_url}/v1/models/{MODEL_NAME}/versions/2"
+            wait_until(lambda: httpx.get(tf_serving, timeout=5).status_code == 200, 30, "TF Serving serving version 2")
+            wait_until(lambda: sum(1 for e in traffic.log if e[0] > copied) >= 200, 60, "traffic after the copy")
+            later = stack.another_transformer(log_dir=tmp_path / "later-logs")
+            later.start_transformer()  # a pod started after the copy
+            try:
+                answer = httpx.post(f"{later.transformer_url}/v1/models/{MODEL_NAME}:predict",
+                                    json={"instances": raw_users[:2].tolist()}, timeout=10)
+                assert answer.status_code == 200 and answer.headers["x-model-version"] == "1"
+            finally:
+                later.stop()
+            metrics = httpx.get(f"{stack.transformer_url}/metrics", timeout=10).text
+            ready = httpx.get(f"{stack.transformer_url}/v1/models/{MODEL_NAME}", timeout=10).status_code
+        log = list(traffic.log)
+
+    assert ready == 200
+    assert not traffic.errors and {e[2] for e in log} == {200} and {e[3] for e in log} == {"1"}
+    check_answers(log, raw_users, rows, {"1": Offline(build_dir, 1)})
+    assert f'embedder_interface_refusals_total{{model_name="{MODEL_NAME}",model_version="2"}} 1.0' in metrics
+    assert f'embedder_model_version{{model_name="{MODEL_NAME}"}} 1.0' in metrics
+    (line,) = [json.loads(text[text.index("{"):]) for text in log_file.read_text().splitlines()
+               if "model_interface_refused" in text]
+    assert line["model_version"] == 2 and line["serving"] == 1
+    assert line["differences"][0] == "features: the candidate no longer has 'sessions_30d'; adds 'visits_30d'"

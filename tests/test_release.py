@@ -453,6 +453,22 @@ def test_a_candidate_is_one_version_published_with_its_fused_twin_and_retired_to
         candidate_dir(candidate, "embedder")
 
 
+def test_a_models_first_publish_records_the_interface_its_clients_call_and_later_ones_keep_it(tmp_path):
+    from small_bundle import new_version, write
+
+    from model.release import publish_candidate
+    from transformer.store.interface import Interface, read_interface, write_interface
+
+    store = tmp_path / "store"
+    write(new_version(tmp_path / "first" / "models", 1))
+    publish_candidate(tmp_path / "first", store, "embedder")
+    assert read_interface(store / "embedder") == Interface(("a", "b"), 2, 2, "text")
+    write_interface(store / "embedder", Interface(("a", "b"), 2, 2, "integer"))  # a record that is not the version's
+    write(new_version(tmp_path / "next" / "models", 2))
+    publish_candidate(tmp_path / "next", store, "embedder")
+    assert read_interface(store / "embedder").item_id_type == "integer"  # the gate judges interfaces, not publish
+
+
 # -- waiting for a version through HTTP --------------------------------------------------------------
 
 @pytest.fixture

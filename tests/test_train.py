@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import bundle_path
 from model.csv_input import write_one_file, write_two_files
 from model.synthetic import make_synthetic
 from scripts.localstack import ROOT
+from transformer.store.bundle import model_versions
 
 
 def test_build_layout_and_reported_quality(build_dir):
@@ -423,3 +425,51 @@ def test_quiet_training_prints_nothing_and_otherwise_says_what_it_read(tmp_path,
     import re
 
     assert re.search(r"training: 1/1 epoch \(loss=\d+\.\d{4}\)", told.err), told.err[-500:]  # the mean loss
+
+
+def test_training_into_a_store_that_serves_another_interface_is_refused_before_it_trains(tmp_path):
+    """A renamed column, another top-k or segment count would break every client of the served version: training
+    says so at once (nothing written, no model trained) with the flags that keep the interface, and goes ahead only
+    with --new-model or under another --model-name."""
+    from model.train import main as train
+    from transformer.store.interface import Interface, read_interface
+
+    data = make_synthetic(n_users=300, n_items=20, seed=5)
+    write_one_file(data, tmp_path / "users.csv")
+    out = tmp_path / "build"
+    common = ["--epochs", "1", "--quiet", "--no-fused", "--out", str(out)]
+    assert train(["--data", str(tmp_path / "users.csv"), *common]) == 0
+    model_dir = out / "models" / "embedder"
+    served = read_interface(model_dir)
+    assert served == Interface(tuple(data.feature_names), 10, 6, "integer")
+    renamed = tmp_path / "renamed.csv"
+    header, rest = (tmp_path / "users.csv").read_text().split("\n", 1)
+    renamed.write_text(header.replace(data.feature_names[0], "visits_30d") + "\n" + rest)
+
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "model.train", "--data", str(renamed), "--top-k", "5", *common],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "training" not in result.stdout  # refused before a single epoch
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"error: {model_dir} serves another interface ({model_dir / 'interface.json'}), and every " \
+                       "client of it would break:"
+    assert lines[1] == f"  features: the candidate no longer has '{data.feature_names[0]}'; adds 'visits_30d'"
+    assert lines[2] == "  top_k: answers hold at most 5 items instead of 10"
+    assert lines[3] == "To keep it, train with:  --features " + ",".join(data.feature_names) + "  --top-k 10"
+    assert "--model-name embedder-v2" in result.stderr and "--new-model" in result.stderr
+    assert model_versions(model_dir) == [1] and time.monotonic() - started < 60
+
+    # The record is gone (a store written before it): the newest version that verifies is the served interface.
+    (model_dir / "interface.json").unlink()
+    assert train(["--data", str(renamed), *common]) == 2 and model_versions(model_dir) == [1]
+    assert train(["--data", str(tmp_path / "users.csv"), "--segments", "3", *common]) == 2
+
+    # Under a new name it is a new model; with --new-model it starts this model's interface anew.
+    assert train(["--data", str(renamed), *common, "--model-name", "embedder-v2"]) == 0
+    assert read_interface(out / "models" / "embedder-v2").features[0] == "visits_30d"
+    assert read_interface(model_dir) is None  # a store from before the record gets one at its next version
+    assert train(["--data", str(renamed), *common, "--new-model"]) == 0
+    assert model_versions(model_dir) == [1, 2] and read_interface(model_dir).features[0] == "visits_30d"
+    # The same interface again trains as always.
+    assert train(["--data", str(renamed), *common]) == 0 and model_versions(model_dir) == [1, 2, 3]
