@@ -1,9 +1,11 @@
 """The whole pipeline on this machine: train, serve, send real requests, show the answers, stop.
 
     python -m scripts.demo              # what ./scripts/demo.sh runs
-    python -m scripts.demo --no-train   # serve the newest version already in build/
+    python -m scripts.demo --no-train   # serve the newest version the demo trained before
 
-Each training run adds a model version to build/models/embedder/ (earlier ones stay, for rollback).
+The demo keeps to a build folder of its own, build/demo/: its model store (each run adds a version to
+build/demo/models/embedder/) and its servers' logs. A stack serving your models from build/models/ beside it is
+left alone: the demo's synthetic versions never reach its store, nor its logs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from scripts.localstack import ROOT, LocalStack, StackError
 from transformer.store.bundle import model_versions
 
 REQUESTS = ROOT / "scripts" / "requests"
+DEMO_BUILD = ROOT / "build" / "demo"
 
 
 def show(title: str, response: httpx.Response, elapsed_ms: float) -> None:
@@ -40,21 +43,23 @@ def show(title: str, response: httpx.Response, elapsed_ms: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-train", action="store_true", help="serve the newest model version already in build/")
+    parser.add_argument("--no-train", action="store_true", help="serve the newest model version the demo trained "
+                        "before (in build/demo/)")
     parser.add_argument("--predictor", choices=["auto", "container", "local"], default="auto",
                         help="container: tensorflow/serving image; local: python -m model.standin; auto: container if one runs")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    if not args.no_train or not model_versions(ROOT / "build" / "models" / "embedder"):
-        print("== training (synthetic users; see `python -m model.train --help` for your own CSV)")
+    if not args.no_train or not model_versions(DEMO_BUILD / "models" / "embedder"):
+        print(f"== training (synthetic users, into {DEMO_BUILD.relative_to(ROOT)}/; see `python -m model.train --help` "
+              "for your own CSV)")
         from model.train import main as train
 
-        if train([]) != 0:
+        if train(["--out", str(DEMO_BUILD)]) != 0:
             return 1
 
     print("\n== starting the predictor (TF Serving REST API) and the transformer on 127.0.0.1")
-    stack = LocalStack(predictor=args.predictor)
+    stack = LocalStack(build=DEMO_BUILD, predictor=args.predictor)
     try:
         stack.start()
     except StackError as exc:
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 response = client.post(target, content=body, headers={"content-type": "application/json"})
                 show(f"{title}  [scripts/requests/{name}]", response, (time.perf_counter() - t0) * 1000)
-            print("\n   to try it yourself, keep both running with  .venv/bin/python -m scripts.localstack up  and send")
+            print("\n   to try it yourself, keep both running with  .venv/bin/python -m scripts.localstack up --build build/demo  and send")
             print("   curl -s -H 'content-type: application/json' -d @scripts/requests/one-user.json "
                   "http://127.0.0.1:8080/v1/models/embedder:predict")
             ok = client.post(url, content=(REQUESTS / "batch.json").read_bytes(),

@@ -3,8 +3,8 @@
 #
 # Set up .venv (scripts/setup.sh), train a model version on synthetic users, serve it on loopback (TF Serving's
 # container where an engine runs, else the local stand-in, and the transformer), send real requests, show the
-# answers and stop. Logs: build/logs/.
-#   --no-train         serve the newest model version already in build/
+# answers and stop. Its model store and logs are build/demo/: a stack serving build/models/ is left alone.
+#   --no-train         serve the newest model version the demo trained before (its own build/demo/)
 #   --predictor        auto (default): the container when an engine runs, else the local stand-in
 #
 # Environment:
