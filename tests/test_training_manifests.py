@@ -167,3 +167,42 @@ def test_the_training_image_installs_the_pinned_stack_and_runs_as_a_user():
     assert "pip install --no-deps ." in text
     assert re.search(r"^USER \d+:\d+$", text, re.M)
     assert "ARG BASE_IMAGE=python:" + pinned("PYTHON_VERSION") in text
+
+
+def dockerignore_keeps(path: str, patterns: list[str]) -> bool:
+    """Whether a build context keeps ``path`` under .dockerignore's rules: the last pattern that matches the path or
+    one of its parent folders decides, ``!`` keeps (Docker's and buildah's reading)."""
+    import fnmatch
+
+    kept = True
+    parts = path.split("/")
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern[1:] if negated else pattern
+        body = body.rstrip("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatchcase(prefix, body) or fnmatch.fnmatchcase(prefix, body.replace("**/", ""))
+               for prefix in prefixes):
+            kept = negated
+    return kept
+
+
+@pytest.mark.parametrize("dockerfile", ["transformer/Dockerfile", "model/Dockerfile"])
+def test_every_file_a_dockerfile_copies_is_in_the_build_context(dockerfile):
+    """Both images build from the repository root under one .dockerignore: a file it leaves out fails the build at
+    its COPY (the training image's README.md, LICENSE and model/ once did, seen only when it was first built)."""
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    copies = [line.split()[1:-1] for line in (ROOT / dockerfile).read_text().splitlines()
+              if line.startswith("COPY ") and "--from=" not in line]
+    sources = [source.rstrip("/") for sources in copies for source in sources]
+    assert sources, dockerfile
+    for source in sources:
+        files = [p for p in (ROOT / source).rglob("*") if p.is_file() and "__pycache__" not in p.parts] \
+            if (ROOT / source).is_dir() else [ROOT / source]
+        assert files, source
+        left_out = [str(p.relative_to(ROOT)) for p in files
+                    if not dockerignore_keeps(str(p.relative_to(ROOT)), patterns)]
+        assert not left_out, f"{dockerfile} copies {source}, but .dockerignore leaves out {left_out[:5]}"
+    assert not dockerignore_keeps("build/models/embedder/1/saved_model.pb", patterns)
+    assert not dockerignore_keeps("transformer/__pycache__/model.cpython-311.pyc", patterns)
