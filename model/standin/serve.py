@@ -338,7 +338,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "--model_name and --model_base_path are then ignored, as in TF Serving")
     parser.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
                         help="how often to re-read --model_config_file (0: read it once)")
+    # What KServe's TF Serving runtime and this project's manifests pass to tensorflow_model_server besides: taken,
+    # so the stand-in starts from the very command line a predictor pod gives TF Serving, and said at start.
+    unserved = parser.add_argument_group("accepted as tensorflow_model_server takes them, not implemented here")
+    unserved.add_argument("--rest_api_timeout_in_ms", type=int, help="TF Serving's REST request timeout")
+    unserved.add_argument("--monitoring_config_file", type=Path, help="TF Serving's Prometheus endpoint")
+    unserved.add_argument("--enable_batching", type=_boolean, help="TF Serving's server-side batching")
+    unserved.add_argument("--batching_parameters_file", type=Path, help="its batching parameters")
     return parser.parse_args(argv)
+
+
+UNSERVED_FLAGS = ("rest_api_timeout_in_ms", "monitoring_config_file", "enable_batching", "batching_parameters_file")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = [f"--{name}" for name in UNSERVED_FLAGS if getattr(args, name) is not None]
+    if given:
+        log.warning("accepted and not implemented by the stand-in (TF Serving itself would honour them): %s",
+                    ", ".join(given))
     if args.model_config_file is not None:
         try:
             configs = read_model_config(args.model_config_file)
