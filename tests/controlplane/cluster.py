@@ -189,8 +189,13 @@ def kwok_stages(kwok: Path) -> list[dict]:
 class ControlPlane:
     """The running control plane; ``stop()`` (or leaving the ``with``) ends every process."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, apiserver_args: tuple[str, ...] = (), users: tuple[tuple[str, str], ...] = (),
+                 kwok: bool = True):
         self.work = work
+        self.apiserver_args = tuple(apiserver_args)
+        self.users = tuple(users)  # (user, groups) that get a token of their own, for processes outside
+        self.tokens: dict[str, str] = {}
+        self.with_kwok = kwok
         self.logs = work / "logs"
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.kubeconfig = work / "kubeconfig"
@@ -199,8 +204,10 @@ class ControlPlane:
 
     # Starting -----------------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, work: Path, say=print) -> "ControlPlane":
-        cp = cls(work)
+    def start(cls, work: Path, say=print, **options) -> "ControlPlane":
+        """Start it all; ``options``: ``apiserver_args`` added to the API server's, ``users`` given tokens (a real
+        node's kubelet, its kube-proxy), ``kwok=False`` for no KWOK node."""
+        cp = cls(work, **options)
         try:
             cp._start(say)
         except BaseException:
@@ -253,8 +260,16 @@ class ControlPlane:
     def _start(self, say) -> None:
         versions = Versions.pinned()
         certs = write_certificates(self.work / "pki")
-        token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
-        (self.work / "tokens.csv").write_text(f"{token},admin,admin,system:masters\n")
+        def new_token() -> str:
+            return base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+
+        token = new_token()
+        lines = [f"{token},admin,admin,system:masters"]
+        for user, groups in self.users:
+            self.tokens[user] = new_token()
+            lines.append(f'{self.tokens[user]},{user},{user},"{groups}"')
+        (self.work / "tokens.csv").write_text("\n".join(lines) + "\n")
+        self.certs = certs
         began = time.monotonic()
 
         etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
@@ -271,11 +286,12 @@ class ControlPlane:
             "kube-apiserver", f"--etcd-servers=http://127.0.0.1:{etcd_port}", "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1", f"--secure-port={api_port}", f"--tls-cert-file={certs['cert']}",
             f"--tls-private-key-file={certs['key']}", f"--client-ca-file={certs['ca']}",
-            f"--token-auth-file={self.work / 'tokens.csv'}", "--authorization-mode=RBAC",
+            f"--token-auth-file={self.work / 'tokens.csv'}", "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={certs['sa_pub']}", f"--service-account-signing-key-file={certs['sa_key']}",
             f"--service-cluster-ip-range={SERVICE_RANGE}", "--allow-privileged=true", "--profiling=false",
-            f"--cert-dir={self.work / 'pki'}", "--v=1"])
+            f"--cert-dir={self.work / 'pki'}", "--v=1", *self.apiserver_args])
         self.server = f"https://127.0.0.1:{api_port}"
         self.kubeconfig.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "controlplane",
@@ -293,22 +309,25 @@ class ControlPlane:
             "--use-service-account-credentials=false", "--secure-port=0", "--v=1"])
         self._run("kube-scheduler", ["kube-scheduler", f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
                                      "--secure-port=0", "--v=1"])
-        kwok = module_dir("sigs.k8s.io/kwok", versions.kwok, open(os.devnull, "w"))
-        stages = self.work / "kwok-stages.yaml"
-        stages.write_text(yaml.safe_dump_all(kwok_stages(kwok)))
-        self._run("kwok", ["kwok", f"--kubeconfig={self.kubeconfig}", f"--config={stages}",
-                           "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                           f"--server-address=127.0.0.1:{free_port()}", "--node-lease-duration-seconds=40"])
-        self.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {
-            "name": NODE, "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-            "labels": {"kubernetes.io/hostname": NODE, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                       "type": "kwok"}},
-            "status": {"allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-                       "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"}}}])
-        self._wait("kwok", lambda: self.node_ready())
+        if self.with_kwok:
+            kwok = module_dir("sigs.k8s.io/kwok", versions.kwok, open(os.devnull, "w"))
+            stages = self.work / "kwok-stages.yaml"
+            stages.write_text(yaml.safe_dump_all(kwok_stages(kwok)))
+            self._run("kwok", ["kwok", f"--kubeconfig={self.kubeconfig}", f"--config={stages}",
+                               "--manage-all-nodes=false",
+                               "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                               f"--server-address=127.0.0.1:{free_port()}", "--node-lease-duration-seconds=40"])
+            self.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {
+                "name": NODE, "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {"kubernetes.io/hostname": NODE, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                           "type": "kwok"}},
+                "status": {"allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                           "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"}}}])
+            self._wait("kwok", lambda: self.node_ready())
         self._wait("kube-controller-manager", lambda: self.kubectl(
             "-n", "default", "get", "serviceaccount", "default", check=False).returncode == 0)
-        self._timed("controller-manager, scheduler and a KWOK node ready", began, say)
+        self._timed("controller-manager and scheduler" + (" and a KWOK node" if self.with_kwok else "") + " ready",
+                    began, say)
 
         began = time.monotonic()
         kserve = module_dir("github.com/kserve/kserve", versions.kserve, open(os.devnull, "w"))
@@ -328,9 +347,13 @@ class ControlPlane:
         serving_certs.mkdir(parents=True, exist_ok=True)
         (serving_certs / "tls.crt").write_bytes(certs["cert"].read_bytes())
         (serving_certs / "tls.key").write_bytes(certs["key"].read_bytes())
+        # The controller runs as its own ServiceAccount, bound by KServe's own ClusterRole and Roles (applied above
+        # from its release manifests), as its pod would: a permission they miss fails here as on a cluster.
+        manager = self.work / "kserve-manager.kubeconfig"
+        manager.write_text(self.kubeconfig_for(self.service_account_token("kserve", "kserve-controller-manager")))
         self._run("kserve-manager", ["kserve-manager", "--metrics-addr=0", f"--webhook-port={webhook_port}",
                                      f"--health-probe-addr=127.0.0.1:{probe_port}"],
-                  env={**self.env, "POD_NAMESPACE": "kserve", "TMPDIR": str(tmp)})
+                  env={**self.env, "POD_NAMESPACE": "kserve", "TMPDIR": str(tmp), "KUBECONFIG": str(manager)})
         self._wait("kserve-manager",
                    lambda: httpx.get(f"http://127.0.0.1:{probe_port}/readyz", timeout=1).status_code == 200)
         self.apply(webhooks)
@@ -339,6 +362,18 @@ class ControlPlane:
         self._wait("kserve-manager", lambda: self.apply(runtimes, check=False).returncode == 0, timeout=60)
         self._timed(f"KServe {versions.kserve} controller, webhooks and {len(runtimes)} serving runtimes installed",
                     began, say)
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        return self.kubectl("-n", namespace, "create", "token", name, "--duration=48h").stdout.strip()
+
+    def kubeconfig_for(self, token: str, server: str | None = None) -> str:
+        """A kubeconfig that talks to the API server (or ``server``, a relay of it) with ``token``."""
+        return yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "controlplane",
+            "clusters": [{"name": "controlplane", "cluster": {"server": server or self.server,
+                                                              "certificate-authority": str(self.certs["ca"])}}],
+            "users": [{"name": "user", "user": {"token": token}}],
+            "contexts": [{"name": "controlplane", "context": {"cluster": "controlplane", "user": "user"}}]})
 
     # Using it -------------------------------------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
