@@ -228,7 +228,7 @@ def same(a: list[tuple[int, dict]], b: list[tuple[int, dict]], tol: float = 1e-5
     return problems
 
 
-def smoke(namespace: str, name: str, entry: str = "transformer") -> int:
+def smoke(namespace: str, name: str, entry: str = "transformer", build: Path = ROOT / "build") -> int:
     port = free_port()
     forward = subprocess.Popen(
         ["kubectl", "-n", namespace, "port-forward", f"svc/{name}-{ENTRIES[entry]}", f"{port}:80"],
@@ -248,13 +248,13 @@ def smoke(namespace: str, name: str, entry: str = "transformer") -> int:
                       file=sys.stderr)
                 return 1
             time.sleep(0.5)
-        remote = (post_fused(base, name, newest_features(ROOT / "build" / "models" / name)) if entry == "fused"
+        remote = (post_fused(base, name, newest_features(build / "models" / name)) if entry == "fused"
                   else post_examples(base, name))
     finally:
         forward.terminate()
         forward.wait()
     try:
-        with LocalStack(predictor="local") as stack:
+        with LocalStack(build=build, predictor="local", log_dir=build / "logs" / "smoke") as stack:
             local = post_examples(stack.transformer_url, "embedder")
     except StackError as exc:
         print(f"error: the local stack did not start: {exc}", file=sys.stderr)
@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
     parser.add_argument("--entry", choices=sorted(ENTRIES), default="transformer",
                         help="the overlay deployed: transformer (kind, production), collocated or fused")
+    parser.add_argument("--build", type=Path, default=ROOT / "build",
+                        help="smoke: the build folder the cluster serves (kind-up.sh mounts build/ into the node); "
+                             "the local stack serves the same models/ for the comparison")
     args = parser.parse_args(argv)
     if args.command == "apply":
         if args.overlay is None:
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "remove-stale":
         remove_stale_components(args.namespace, args.name)
         return 0
-    return smoke(args.namespace, args.name, args.entry)
+    return smoke(args.namespace, args.name, args.entry, args.build)
 
 
 if __name__ == "__main__":
