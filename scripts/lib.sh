@@ -34,17 +34,26 @@ need() {
   fi
 }
 
-# open_store_to_image_user: the model store's folders writable for the training image's user (uid 65532), which the
-# retraining pipeline's tasks and the TFJob's chief run as. They reach build/ through a hostPath volume, and hostPath
-# ignores fsGroup, so the folders they add entries to (publish's staging copy and rename, retire's rename, the
-# chief's temporary folder, made in its --out, the claim's root) need the permission on the host: build/ itself,
-# build/models, build/data and each model's folder, which model.train made 0755 for the host's user. The files
-# in the versions stay as they are.
+# open_store_to_image_user: the model store open to the images' user (uid 65532), which TF Serving's and the
+# transformer's containers read it as, and which the retraining pipeline's tasks and the TFJob's chief write it as.
+# They reach build/ through a hostPath volume, and hostPath ignores fsGroup, so the host's permissions are what
+# they get:
+# - read: every file of every version, and every folder on the way (a+rX). Under a umask of 077, model.train
+#   writes 0600 files and 0700 folders, which the pods could not read.
+# - write: the folders they add entries to (publish's staging copy and rename, retire's rename, the chief's
+#   temporary folder, made in its --out, the claim's root): build/ itself, build/models, build/data and each model's
+#   folder (a+rwx).
+# Only what the host's user owns is changed: a folder the pipeline or the TFJob made is owned by uid 65532 already,
+# and chmod of it would fail for anyone but root (and stop the caller's `set -e`).
 open_store_to_image_user() {
   mkdir -p build/models build/data
-  chmod a+rwx build build/models build/data
-  for folder in build/models/*/; do
-    [ -d "$folder" ] && chmod a+rwx "$folder"
+  local me
+  me=$(id -u)
+  find build/models -user "$me" \( -type d -exec chmod a+rx {} + \) -o \( -type f -exec chmod a+r {} + \)
+  for folder in build build/models build/data build/models/*/; do
+    if [ -d "$folder" ] && [ -O "$folder" ]; then
+      chmod a+rwx "$folder"
+    fi
   done
   return 0
 }

@@ -9,6 +9,7 @@ before anything is created.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -233,3 +234,62 @@ def test_kind_pipelines_installs_kfp_and_the_training_operator_then_the_pipeline
     ours = index_of(lines, "kubectl apply -k manifests/pipeline")
     assert scoped < crd < kfp < operator < waits < ours
     assert "ml-pipeline-ui" in result.stdout
+
+
+def as_user(uid: int, folder: Path, script: str) -> subprocess.CompletedProcess:
+    """``script`` in bash as another user (root's tests would never meet a permission)."""
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "bash", "-c",
+                           f"set -euo pipefail; umask 077; cd {folder}; source scripts/lib.sh; {script}"],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def host_folder():
+    """A project folder of a host user's own, in a place every user can reach (pytest's tmp_path is root's only)."""
+    import tempfile
+
+    made = []
+
+    def make(uid: int) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix="embedder-host-"))
+        folder.chmod(0o755)
+        os.chown(folder, uid, uid)
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as two users")
+def test_the_store_is_opened_to_the_images_user_whatever_the_umask_and_whoever_made_a_folder(host_folder):
+    """A version trained under umask 077 (files 0600, folders 0700) is readable by uid 65532, the user the pods read
+    it as; a model folder the pipeline or the TFJob made (owned by 65532) is left alone instead of failing the chmod,
+    which stopped kind-up.sh and deploy.sh under `set -e`."""
+    host, image = 1000, 65532
+    tmp_path = host_folder(host)
+    (tmp_path / "scripts").mkdir()
+    for name in ("lib.sh", "versions.env"):
+        shutil.copy(ROOT / "scripts" / name, tmp_path / "scripts" / name)
+    made = as_user(host, tmp_path, "mkdir -p build/models/embedder/1/variables && echo graph > "
+                                   "build/models/embedder/1/saved_model.pb && echo w > "
+                                   "build/models/embedder/1/variables/variables.index")
+    assert made.returncode == 0, made.stderr
+    version = tmp_path / "build" / "models" / "embedder" / "1"
+    assert (version / "saved_model.pb").stat().st_mode & 0o777 == 0o600
+    by_pipeline = tmp_path / "build" / "models" / "embedder-v2"
+    by_pipeline.mkdir(mode=0o755)
+    os.chown(by_pipeline, image, image)
+
+    opened = as_user(host, tmp_path, "open_store_to_image_user; echo opened")
+    assert opened.returncode == 0 and opened.stdout.strip() == "opened", opened.stderr
+    for path in (version / "saved_model.pb", version / "variables" / "variables.index"):
+        assert path.stat().st_mode & 0o444 == 0o444, oct(path.stat().st_mode)
+    for path in (version, version / "variables"):
+        assert path.stat().st_mode & 0o555 == 0o555, oct(path.stat().st_mode)
+    for path in (tmp_path / "build", tmp_path / "build" / "models", version.parent):
+        assert path.stat().st_mode & 0o777 == 0o777, path
+    assert by_pipeline.stat().st_mode & 0o777 == 0o755 and by_pipeline.stat().st_uid == image
+    readable = as_user(image, tmp_path, "cat build/models/embedder/1/saved_model.pb")
+    assert readable.returncode == 0 and readable.stdout == "graph\n", readable.stderr
