@@ -387,13 +387,27 @@ def test_transformer_refuses_bad_artifacts_at_start(build_dir, tmp_path, tamper,
     assert "cannot load the artifact bundle" in result.stderr and fragment in result.stderr
 
 
-def test_transformer_refuses_a_predictor_model_that_does_not_fit(stack, build_dir, tmp_path):
+def test_a_predictor_model_that_does_not_fit_is_said_at_start_and_never_served(stack, build_dir, tmp_path):
+    """Said at once and un-Ready, not an exit: on a cluster the predictor behind the Service can be the one being
+    replaced (the fused overlay's while the kind overlay's starts), and an exit there crash-looped the transformer
+    through the rollout (seen on the tests' real node)."""
     base, bundle = copy_of_version_1(build_dir, tmp_path)
     edit_manifest(bundle, lambda m: m["model"].__setitem__("n_candidates", 7))  # the model returns 5
-    result = start_transformer(base, stack)
-    assert result.returncode == 2
-    assert ("the predictor's model does not fit the bundle: version 1: output 'candidate_ids' is DT_INT64 [-1, 5], "
-            "the bundle expects DT_INT64 [-1, 7]") in result.stderr
+    misfit = stack.another_transformer(log_dir=tmp_path / "logs", model_dir=base)
+    misfit._spawn("transformer", misfit.transformer_command(base))
+    try:
+        misfit._wait("transformer", f"{misfit.transformer_url}/", lambda r: r.status_code == 200, 60)
+        health = httpx.get(f"{misfit.transformer_url}/v1/models/{MODEL_NAME}", timeout=10)
+        refused = httpx.post(f"{misfit.transformer_url}/v1/models/{MODEL_NAME}:predict",
+                             json={"instances": [[0.0] * 12]}, timeout=10)
+        log = misfit.log_tail("transformer", 200)
+    finally:
+        misfit.stop()
+    said = ("the predictor's model does not fit the bundle: version 1: output 'candidate_ids' is DT_INT64 [-1, 5], "
+            "the bundle expects DT_INT64 [-1, 7]")
+    assert f"warning: {said}" in log
+    assert health.status_code == 503 and refused.status_code == 503
+    assert "version 1 does not fit its bundle: output 'candidate_ids' is DT_INT64 [-1, 5]" in refused.json()["error"]
 
 
 def test_a_poisoned_pickle_runs_nothing_and_a_pin_refuses_the_rewritten_manifest(

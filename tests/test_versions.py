@@ -292,9 +292,14 @@ def test_the_log_tells_each_load_rejection_misfit_switch_and_readiness_change_on
     [(level, switch)] = told(lambda: refresh(watcher))  # still not ready: no readiness line
     assert (level, switch["event"], switch["from"], switch["to"]) == ("INFO", "model_version_switch", 1, None)
     assert switch["reason"] == watcher.reason and f"version 3 does not fit its bundle: {misfit[0]}; " in watcher.reason
-    client.metadata_by_version[3] = signature(2)  # the same version folder, so its verdict is kept
     refresh(watcher)
-    assert watcher.active is None
+    assert client.asked.count(("metadata", 3)) == 3  # a misfit is asked again at every check, and said once
+    # TF Serving's model now fits (the predictor behind the Service was replaced): version 3 is served.
+    client.metadata_by_version[3] = signature(2)
+    assert told(lambda: refresh(watcher))[0][1] == {"event": "model_version_switch", "from": None, "to": 3}
+    assert watcher.current().version == 3
+    refresh(watcher)
+    assert client.asked.count(("metadata", 3)) == 4  # a fit is not asked again
 
 
 def test_a_version_whose_metadata_cannot_be_read_is_passed_over_until_the_next_check(tmp_path, caplog):

@@ -241,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                                                    retry=RetryPolicy(attempts=1)), contracts))
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run closed its loop; KServe expects one
     if problems:
-        print("error: the predictor's model does not fit the bundle: " + "; ".join(problems)
-              + ". TF Serving and the transformer must read the same model base path (same storage URI).",
-              file=sys.stderr)
-        return 2
+        # Said, not fatal: on a cluster the predictor behind the Service may be the one being replaced (the fused
+        # overlay's, while the kind overlay's starts), and a transformer that exited there crash-looped through the
+        # rollout. It stays un-Ready, with this reason, until a version fits, as it does for a misfit found later.
+        print("warning: the predictor's model does not fit the bundle: " + "; ".join(problems)
+              + ". Readiness stays false until it does. TF Serving and the transformer must read the same model base "
+              "path (same storage URI).", file=sys.stderr, flush=True)
     serve(model, args)
     return 0
 

@@ -235,14 +235,18 @@ class ModelVersions:
         for version in sorted(loaded, reverse=True):
             if self.states.get(version) != "AVAILABLE" or not self.keeps_interface(loaded[version]):
                 continue
-            if version not in self.fits:
+            # A fit holds for the bundle's life; a misfit is asked again at every check, since the predictor can
+            # change under the same name: a new pod behind the Service (seen when the fused overlay's predictor was
+            # replaced by the kind overlay's, which a cached misfit left un-Ready for good).
+            if self.fits.get(version) != []:
                 try:
                     metadata = await self.client.metadata(version)
                 except PredictorError as exc:
                     log.warning("metadata of version %d not read (%s); trying again at the next check", version, exc)
                     continue
+                before = self.fits.get(version)
                 self.fits[version] = metadata_problems(metadata, loaded[version].pipeline.contract)
-                if self.fits[version]:
+                if self.fits[version] and self.fits[version] != before:
                     log.error("%s", json.dumps({"event": "model_does_not_fit", "model_version": version,
                                                 "problems": self.fits[version]}))
             if not self.fits[version]:
