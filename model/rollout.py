@@ -59,6 +59,13 @@ def apps_api():
     return client.AppsV1Api()
 
 
+def core_api():
+    from kubernetes import client
+
+    _load_config()
+    return client.CoreV1Api()
+
+
 def conditions(isvc: dict) -> dict[str, dict]:
     return {c["type"]: c for c in (isvc.get("status") or {}).get("conditions", [])}
 
@@ -160,9 +167,65 @@ def read_state(custom, apps, namespace: str, name: str) -> tuple[dict, dict]:
     return isvc, deployments
 
 
-def wait_rolled_out(namespace: str, name: str, timeout: float, *, custom, apps, sleep=time.sleep,
+# A container of the newest spec's pods that has exited this many times on start keeps crashing: the rollout has
+# failed, whatever time is left (Kubernetes' back-off alone would take minutes to say so). Once can be a fluke.
+CRASHES = 2
+# Waiting reasons that no wait mends: the image is not on the node (kind: not loaded) or the pod spec is wrong.
+STUCK = ("ErrImageNeverPull", "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+         "CreateContainerError", "RunContainerError")
+
+
+def container_failure(pod) -> str | None:
+    """Why one of the pod's containers cannot start (None: none has failed so far), naming the container, its exit
+    code and what it said (its termination message: the manifests ask for the log's last lines on an error)."""
+    status = pod.status
+    for container in [*(status.init_container_statuses or []), *(status.container_statuses or [])]:
+        state, last = container.state, container.last_state
+        waiting = state.waiting if state is not None else None
+        if waiting is not None and waiting.reason in STUCK:
+            return (f"container {container.name} of pod {pod.metadata.name} cannot start: {waiting.reason}"
+                    + (f" ({waiting.message})" if waiting.message else ""))
+        ended = (last.terminated if last is not None else None) or (state.terminated if state is not None else None)
+        if ended is not None and ended.exit_code and (container.restart_count or 0) >= CRASHES:
+            said = " | ".join(line for line in (ended.message or "").strip().splitlines()[-3:] if line.strip())
+            return (f"container {container.name} of pod {pod.metadata.name} exited with code {ended.exit_code}"
+                    f"{f' ({ended.reason})' if ended.reason else ''}, {container.restart_count} times"
+                    + (f": {said}" if said else ""))
+    return None
+
+
+def crashed(core, isvc: dict) -> str | None:
+    """A container of the newest spec's pods that keeps failing to start (None: none), or None when the pods cannot
+    be read (no ``pods list`` permission: then only the wait's timeout tells)."""
+    from kubernetes.client.exceptions import ApiException
+
+    meta = isvc["metadata"]
+    for component in spec_components(isvc):
+        wanted = component_annotations(isvc, component)
+        try:
+            pods = core.list_namespaced_pod(meta["namespace"], label_selector=(
+                f"serving.kserve.io/inferenceservice={meta['name']},component={component}")).items
+        except ApiException as exc:
+            if exc.status in (401, 403):
+                return None
+            raise
+        for pod in pods:
+            if ours(pod.metadata.annotations) == wanted and not pod.metadata.deletion_timestamp:
+                why = container_failure(pod)
+                if why:
+                    return why
+    return None
+
+
+def gave_up_early(pending: str | None) -> bool:
+    """Whether a wait ended before its timeout because the new pods cannot start (:func:`crashed`)."""
+    return bool(pending) and pending.startswith("container ")
+
+
+def wait_rolled_out(namespace: str, name: str, timeout: float, *, custom, apps, core=None, sleep=time.sleep,
                     clock=time.monotonic, say=lambda line: print(line, flush=True)) -> tuple[str | None, dict]:
-    """Wait until the InferenceService serves its newest spec (:func:`rollout_pending`), saying each change.
+    """Wait until the InferenceService serves its newest spec (:func:`rollout_pending`), saying each change; with
+    ``core`` (a CoreV1Api), stop early when a container of the new pods keeps crashing (:func:`crashed`).
 
     Returns (None, the InferenceService) once it does, or (what it still waits for, the last seen) at the timeout.
     """
@@ -171,6 +234,9 @@ def wait_rolled_out(namespace: str, name: str, timeout: float, *, custom, apps, 
         isvc, deployments = read_state(custom, apps, namespace, name)
         pending = rollout_pending(isvc, deployments)
         elapsed = clock() - started
+        failure = crashed(core, isvc) if pending is not None and core is not None and isvc else None
+        if failure:
+            return f"{failure} ({pending})", isvc
         if pending is None or elapsed >= timeout:
             return pending, isvc
         if pending != last:
@@ -269,7 +335,7 @@ def _patch(custom, target: ClusterTarget, values: dict[str, str | None]) -> None
     custom.patch_namespaced_custom_object(GROUP, VERSION, target.namespace, PLURAL, target.name, body)
 
 
-def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *, custom=None, apps=None,
+def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *, custom=None, apps=None, core=None,
                        retire: Callable[[], None] | None = None, timeout: float = 600.0, smoke_timeout: float = 120.0,
                        manifest_sha256: str | None = None, sleep=time.sleep, clock=time.monotonic, smoke=None,
                        say=lambda line: print(line, flush=True)) -> str:
@@ -282,6 +348,8 @@ def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *,
 
     Returns: a line saying what was rolled out. Raises: RolloutFailed, after the rollback.
     """
+    # A caller that brings its own API objects brings the pods' too (or none: no early end on a crash).
+    core = core if core is not None or custom is not None else core_api()
     custom = custom if custom is not None else custom_objects()
     apps = apps if apps is not None else apps_api()
     smoke = smoke or (lambda: wait_until_served(target.predict_url, version, row, timeout=smoke_timeout,
@@ -293,9 +361,10 @@ def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *,
     before = _annotations(isvc)
     _patch(custom, target, {c: str(version) for c in before})
     say(f"{where}: rolling out version {version} (annotation {VERSION_ANNOTATION}={version} on {', '.join(before)})")
-    pending, _ = wait_rolled_out(target.namespace, target.name, timeout, custom=custom, apps=apps, sleep=sleep,
+    pending, _ = wait_rolled_out(target.namespace, target.name, timeout, custom=custom, apps=apps, core=core, sleep=sleep,
                                  clock=clock, say=say)
-    failure = f"the rollout did not finish within {timeout:.0f}s: {pending}" if pending else None
+    failure = (None if not pending else f"the new pods do not start: {pending}" if gave_up_early(pending)
+               else f"the rollout did not finish within {timeout:.0f}s: {pending}")
     if failure is None:
         try:
             seconds = smoke()
@@ -314,7 +383,7 @@ def rollout_on_cluster(target: ClusterTarget, version: int, row: list[float], *,
             retired = f"; the version could not be retired from the model store ({type(exc).__name__}: {exc})"
             say(f"{where}: could not retire version {version}: {exc}; restoring the annotations anyway")
     _patch(custom, target, before)
-    pending, _ = wait_rolled_out(target.namespace, target.name, timeout, custom=custom, apps=apps, sleep=sleep,
+    pending, _ = wait_rolled_out(target.namespace, target.name, timeout, custom=custom, apps=apps, core=core, sleep=sleep,
                                  clock=clock, say=say)
     back = "rolled back" if pending is None else f"the rollback did not finish either: {pending}"
     raise RolloutFailed(f"version {version} was not rolled out to {where}: {failure}; {back}{retired}")

@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 
 from model.rollout import (  # noqa: F401  (rollout_pending, deployment_pending: the wait's rules, tested here)
-    COMPONENTS, GROUP, PLURAL, REVISION_ANNOTATION, VERSION, apps_api, custom_objects, deployment_pending,
-    rollout_pending, spec_components, unproven_components, wait_rolled_out,
+    COMPONENTS, GROUP, PLURAL, REVISION_ANNOTATION, VERSION, apps_api, core_api, custom_objects, deployment_pending,
+    gave_up_early, rollout_pending, spec_components, unproven_components, wait_rolled_out,
 )
 from scripts.localstack import ROOT, LocalStack, StackError, free_port
 from transformer.helpformat import HelpFormatter
@@ -143,12 +143,15 @@ def parse_image_ids(values: list[str]) -> dict[str, str]:
     return ids
 
 
-def wait_ready(namespace: str, name: str, timeout: float, custom=None, apps=None, sleep=time.sleep,
+def wait_ready(namespace: str, name: str, timeout: float, custom=None, apps=None, core=None, sleep=time.sleep,
                clock=time.monotonic) -> int:
-    """Wait until the InferenceService serves its newest spec (:func:`model.rollout.rollout_pending`)."""
+    """Wait until the InferenceService serves its newest spec (:func:`model.rollout.rollout_pending`), or one of its
+    new pods' containers keeps crashing (:func:`model.rollout.crashed`)."""
+    core = core if core is not None or custom is not None else core_api()
     custom = custom if custom is not None else custom_objects()
     apps = apps if apps is not None else apps_api()
-    pending, isvc = wait_rolled_out(namespace, name, timeout, custom=custom, apps=apps, sleep=sleep, clock=clock)
+    pending, isvc = wait_rolled_out(namespace, name, timeout, custom=custom, apps=apps, core=core, sleep=sleep,
+                                    clock=clock)
     unproven = unproven_components(isvc) if isvc else []
     if unproven:
         print(f"note: {', '.join(unproven)} of {namespace}/{name} carry no embedder.example.com/ annotation, so "
@@ -159,7 +162,9 @@ def wait_ready(namespace: str, name: str, timeout: float, custom=None, apps=None
         print(f"{namespace}/{name} is Ready at generation {isvc['metadata'].get('generation')}: "
               f"{isvc['status'].get('url', '')}", flush=True)
         return 0
-    print(f"error: {namespace}/{name} did not roll out within {timeout:.0f}s: {pending}", file=sys.stderr)
+    within = "" if gave_up_early(pending) else f" within {timeout:.0f}s"
+    print(f"error: {namespace}/{name} did not roll out{within}: {pending}", file=sys.stderr)
+    # The old pods keep serving: a Deployment removes them only once the new ones are available.
     print(f"look at: kubectl -n {namespace} get pods; kubectl -n {namespace} describe isvc {name}; "
           f"kubectl -n {namespace} rollout status deploy/{name}-predictor", file=sys.stderr)
     return 1

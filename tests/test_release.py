@@ -231,6 +231,28 @@ class FakeCluster:
         made.spec.template.metadata.annotations = dict(templates[name.removeprefix("embedder-")])
         return made
 
+    crashing: tuple | None = None  # (component, container, exit code, message): the new pods' container crashes
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        """The component's pods: the newest template's once it rolls (crashing as ``crashing`` says), else none."""
+        from types import SimpleNamespace
+
+        from kubernetes import client
+
+        assert namespace == "embedder" and label_selector.startswith("serving.kserve.io/inferenceservice=embedder,")
+        component = label_selector.rsplit("component=", 1)[1]
+        if self.crashing is None or self.crashing[0] != component or not self.patches:
+            return SimpleNamespace(items=[])
+        _, container, code, message = self.crashing
+        ended = client.V1ContainerStateTerminated(exit_code=code, reason="Error", message=message)
+        status = client.V1ContainerStatus(
+            name=container, image="i", image_id="", ready=False, restart_count=min(self.polls_since_patch, 5),
+            last_state=client.V1ContainerState(terminated=ended),
+            state=client.V1ContainerState(waiting=client.V1ContainerStateWaiting(reason="CrashLoopBackOff")))
+        pod = client.V1Pod(metadata=client.V1ObjectMeta(name=f"embedder-{component}-new", annotations=dict(
+            self.templates[component])), status=client.V1PodStatus(container_statuses=[status]))
+        return SimpleNamespace(items=[pod])
+
 
 def rollout(cluster, smoke, retire=None, timeout=600.0):
     return rollout_on_cluster(ClusterTarget(), 2, [0.0], custom=cluster, apps=cluster, retire=retire, timeout=timeout,
@@ -838,6 +860,7 @@ def test_without_clients_given_the_rollout_makes_its_own(monkeypatch, capsys):
     cluster = FakeCluster()
     monkeypatch.setattr(rollout_module, "custom_objects", lambda: cluster)
     monkeypatch.setattr(rollout_module, "apps_api", lambda: cluster)
+    monkeypatch.setattr(rollout_module, "core_api", lambda: cluster)
     said = []
     line = rollout_on_cluster(ClusterTarget(), 2, [0.0], sleep=cluster.sleep, clock=cluster.clock,
                               smoke=lambda: 0.0, say=said.append)
@@ -1011,3 +1034,50 @@ def test_the_gate_refuses_held_out_users_that_are_not_the_candidates_test_split(
     assert split_problem(recorded, users(["u1", "u9"])) == (
         "the held-out users (2) are not the candidate's test split (2 users, by their ids): pass the held-out folder "
         "its own training wrote")
+
+
+def test_a_version_whose_new_pods_crash_on_start_is_rolled_back_at_once_naming_the_container_and_its_exit():
+    """Without looking at the pods the rollout waited its whole timeout (10 minutes) for pods that exit at start, and
+    said only "0 available"; it now stops at the second exit, names the container, its exit code and its last words,
+    and rolls back."""
+    cluster = FakeCluster(roll=False)
+    cluster.crashing = ("transformer", "kserve-container", 2, "loading bundles\nerror: no model version under "
+                        "/mnt/models has a usable bundle")
+    retired = []
+    with pytest.raises(RolloutFailed) as failed:
+        rollout_on_cluster(ClusterTarget(), 2, [0.0], custom=cluster, apps=cluster, core=cluster, timeout=600,
+                           retire=lambda: retired.append(2), sleep=cluster.sleep, clock=cluster.clock, say=lambda _: 0)
+    message = str(failed.value)
+    assert message.startswith("version 2 was not rolled out to embedder/embedder: the new pods do not start: container "
+                              "kserve-container of pod embedder-transformer-new exited with code 2 (Error), 2 times: "
+                              "loading bundles | error: no model version under /mnt/models has a usable bundle")
+    assert cluster.now < 60 and retired == [2]  # at the second exit, not after 600 s
+    assert cluster.isvc["spec"]["predictor"]["annotations"] == {VERSION_ANNOTATION: "1"}  # the annotations restored
+
+
+def test_a_container_that_cannot_start_is_named_with_its_reason_and_one_exit_is_not_yet_a_crash():
+    from kubernetes import client
+
+    from model.rollout import container_failure
+
+    def pod(*statuses):
+        return client.V1Pod(metadata=client.V1ObjectMeta(name="p"), status=client.V1PodStatus(
+            container_statuses=list(statuses)))
+
+    def status(restarts=0, waiting=None, message=None, terminated=None):
+        return client.V1ContainerStatus(name="kserve-container", image="i", image_id="", ready=False,
+                                        restart_count=restarts, state=client.V1ContainerState(
+                                            waiting=client.V1ContainerStateWaiting(reason=waiting, message=message)
+                                            if waiting else None, terminated=terminated))
+
+    assert container_failure(pod(status(waiting="ErrImageNeverPull", message="image kserve-embedder-transformer:dev "
+                                         "is not present"))) == (
+        "container kserve-container of pod p cannot start: ErrImageNeverPull (image kserve-embedder-transformer:dev "
+        "is not present)")
+    once = client.V1ContainerStateTerminated(exit_code=1, reason="Error")
+    assert container_failure(pod(status(restarts=1, terminated=once))) is None  # a fluke, for all we know
+    assert container_failure(pod(status(restarts=2, terminated=once))) == (
+        "container kserve-container of pod p exited with code 1 (Error), 2 times")
+    finished = client.V1ContainerStateTerminated(exit_code=0, reason="Completed")
+    assert container_failure(pod(status(restarts=3, terminated=finished))) is None  # exit 0 is no crash
+    assert container_failure(pod(status(waiting="ContainerCreating"))) is None

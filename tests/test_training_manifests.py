@@ -143,7 +143,8 @@ def test_the_pipelines_store_volume_and_rollout_rights():
     assert volume["spec"]["hostPath"]["path"] == served["spec"]["hostPath"]["path"]
     (role,) = by_kind["Role"]
     rules = {(rule["apiGroups"][0], resource): set(rule["verbs"]) for rule in role["rules"] for resource in rule["resources"]}
-    assert rules == {(rollout.GROUP, rollout.PLURAL): {"get", "patch"}, ("apps", "deployments"): {"get"}}
+    assert rules == {(rollout.GROUP, rollout.PLURAL): {"get", "patch"}, ("apps", "deployments"): {"get"},
+                     ("", "pods"): {"list"}}
     (binding,) = by_kind["RoleBinding"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == pinned("NAMESPACE")
