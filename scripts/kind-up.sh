@@ -25,9 +25,15 @@ else
   echo "== creating kind cluster '$KIND_CLUSTER_NAME' ($KIND_NODE_IMAGE)"
   config=$(mktemp)
   trap 'rm -f "$config"' EXIT
+  # failCgroupV1: false, because a 1.35 kubelet refuses a cgroup v1 host unless told (KEP-5573); kind's node runs
+  # on the host's cgroups. The tests' real node needed the same on this kind of machine (tests/node/node.py).
   cat > "$config" <<YAML
 kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
+kubeadmConfigPatches:
+  - |
+    kind: KubeletConfiguration
+    failCgroupV1: false
 nodes:
   - role: control-plane
     extraMounts:

@@ -8,6 +8,7 @@ before anything is created.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.localstack import ROOT
+from scripts.localstack import ROOT, pinned
 
 # One stand-in for every command: it logs "name args" and answers like the real tool would here.
 STUB = r'''#!/usr/bin/env bash
@@ -30,8 +31,8 @@ case "$name $*" in
   "docker image save --help") echo "      --platform stringArray   Save only the given platform(s)" ;;
   "docker image save"*|"docker save"*) ;;
   "docker image inspect --format {{.Id}} "*) echo "sha256:${STUB_IMAGE_ID:-5e1f}" ;;
-  "kind version") echo "kind ${STUB_KIND_VERSION:-v0.27.0} go1.23.4 linux/amd64" ;;
-  "kubectl version --client -o json") printf '{"clientVersion": {"major": "1", "minor": "%s"}}\n' "${STUB_KUBECTL_MINOR:-32}" ;;
+  "kind version") echo "kind ${STUB_KIND_VERSION:-v0.31.0} go1.25.5 linux/amd64" ;;
+  "kubectl version --client -o json") printf '{"clientVersion": {"major": "1", "minor": "%s"}}\n' "${STUB_KUBECTL_MINOR:-35}" ;;
   "getenforce"*) echo "${STUB_SELINUX:-Disabled}" ;;
   "kind get clusters") [ -f "$state/cluster" ] && echo embedder ;;
   "kind create cluster"*) touch "$state/cluster"
@@ -170,25 +171,46 @@ def test_deploy_without_platform_support_saves_plainly(stubs, tmp_path):
 
 def test_a_kubectl_too_far_from_the_nodes_kubernetes_stops_before_anything_is_created(stubs):
     env, log, state = stubs
-    result = run_kind_up({**env, "STUB_KUBECTL_MINOR": "36"})
+    result = run_kind_up({**env, "STUB_KUBECTL_MINOR": "32"})  # this machine's own kubectl
     assert result.returncode == 1
-    assert ("error: kubectl 1.36 is more than one minor version away from the cluster's Kubernetes\n1.32 "
-            "(kindest/node:v1.32.2)") in result.stderr and "Install kubectl 1.32" in result.stderr
+    assert ("error: kubectl 1.32 is more than one minor version away from the cluster's Kubernetes\n1.35 "
+            f"({pinned('KIND_NODE_IMAGE')})") in result.stderr and "Install kubectl 1.35" in result.stderr
     assert not any(line.startswith("kind create") for line in calls(log))
-    assert run_deploy({**env, "STUB_KUBECTL_MINOR": "30"}).returncode == 1
-    assert run_kind_up({**env, "STUB_KUBECTL_MINOR": "33"}).returncode == 0  # one minor of skew is supported
+    assert run_deploy({**env, "STUB_KUBECTL_MINOR": "37"}).returncode == 1
+    for supported in ("34", "36"):  # one minor of skew either way
+        assert run_kind_up({**env, "STUB_KUBECTL_MINOR": supported}).returncode == 0
 
 
 def test_another_kind_or_an_old_engine_is_named_and_the_pinned_node_image_used(stubs):
     env, log, state = stubs
     result = run_kind_up({**env, "STUB_KIND_VERSION": "v0.32.0", "STUB_DOCKER_VERSION": "19.03.8"})
     assert result.returncode == 0, result.stderr
-    assert "warning: kind v0.32.0 here; these scripts are tested with kind v0.27.0" in result.stderr
+    assert "warning: kind v0.32.0 here; these scripts are tested with kind v0.31.0" in result.stderr
     assert "warning: docker 19.03.8: these scripts are tested with Docker 28-29 and Podman 4-5" in result.stderr
-    assert any(line.startswith("kind create cluster --name embedder --image kindest/node:v1.32.2 ")
+    assert any(line.startswith(f"kind create cluster --name embedder --image {pinned('KIND_NODE_IMAGE')} ")
                for line in calls(log))
     quiet = run_kind_up(env)
     assert "warning" not in quiet.stderr
+
+
+def minor(version: str) -> str:
+    return version.split("@")[0].rsplit(":v", 1)[-1].lstrip("v").split(".")[1]
+
+
+def test_the_cluster_the_scripts_make_runs_the_versions_the_tests_run():
+    """kind's node, the kubectl rule and KServe's release are what the cluster tests build and run: the same
+    Kubernetes minor as the control plane and the real node (tests/controlplane, tests/node), the same KServe."""
+    assert pinned("KIND_NODE_IMAGE").startswith("kindest/node:v") and "@sha256:" in pinned("KIND_NODE_IMAGE")
+    assert minor(pinned("KIND_NODE_IMAGE")) == minor(pinned("CONTROL_PLANE_KUBERNETES"))
+    assert pinned("KSERVE_VERSION") == pinned("CONTROL_PLANE_KSERVE")
+    from tests.controlplane.build import BIN, PROGRAMS
+
+    assert "kubectl" in PROGRAMS  # the tests' kubectl: the control plane's release, inside its skew
+    if (BIN / "kubectl").exists():
+        done = subprocess.run([str(BIN / "kubectl"), "version", "--client", "-o", "json"], capture_output=True,
+                              text=True, timeout=30)
+        client = json.loads(done.stdout)["clientVersion"]
+        assert client["gitVersion"] == pinned("CONTROL_PLANE_KUBERNETES")
 
 
 @pytest.mark.parametrize("mode, relabel", [("Enforcing", "true"), ("Permissive", "false"), ("Disabled", "false")])
@@ -197,6 +219,10 @@ def test_the_build_mount_is_relabelled_where_selinux_enforces(stubs, mode, relab
     assert run_kind_up({**env, "STUB_SELINUX": mode}).returncode == 0
     config = (state / "kind-config.yaml").read_text()
     assert "containerPath: /mnt/embedder-build" in config and f"selinuxRelabel: {relabel}" in config
+    import yaml
+
+    (patch,) = yaml.safe_load(config)["kubeadmConfigPatches"]  # a 1.35 node on a cgroup v1 host
+    assert yaml.safe_load(patch) == {"kind": "KubeletConfiguration", "failCgroupV1": False}
 
 
 def test_deploy_builds_and_loads_the_training_image_beside_the_transformers(stubs):

@@ -17,7 +17,7 @@ from scripts.localstack import ROOT, pinned
 
 OVERLAYS = sorted(p.name for p in (ROOT / "manifests" / "overlays").iterdir() if p.is_dir())
 WITH_TRANSFORMER = ["kind", "production"]  # "fused": TF Serving alone; "collocated": one pod
-KUBERNETES_VERSION = "1.32"
+KUBERNETES_VERSION = "1.35"  # the kind node's and the tests' control plane's minor (scripts/versions.env)
 CRD_SCHEMA = ROOT / "tests" / "data" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]
 

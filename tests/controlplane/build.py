@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HOME = ROOT / "build" / "controlplane"
 BIN = HOME / "bin"
-PROGRAMS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kwok",
-            "kserve-manager")
+PROGRAMS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl",
+            "kwok", "kserve-manager")
 # Both halves of the build use the same flags, so Go's build cache serves either from the other's packages.
 GO_FLAGS = ["-trimpath", "-ldflags=-s"]
 
@@ -121,12 +121,13 @@ def run_go(args: list[str], cwd: Path, log, what: str) -> None:
 
 
 def build_kubernetes(versions: Versions, log) -> tuple[Path, Path]:
-    """kube-apiserver, kube-controller-manager, kube-scheduler and the node's kubelet and kube-proxy; (the module
-    folder, the alternate go.mod)."""
+    """kube-apiserver, kube-controller-manager, kube-scheduler, the node's kubelet and kube-proxy, and the kubectl
+    of the same release (the tests' kubectl, within its supported skew); (the module folder, the alternate go.mod)."""
     source = module_dir("k8s.io/kubernetes", versions.kubernetes, log)
     modfile = kubernetes_modfile(source, versions)
     run_go(["build", f"-modfile={modfile}", *GO_FLAGS, "-o", f"{BIN}/", "./cmd/kube-apiserver",
-            "./cmd/kube-controller-manager", "./cmd/kube-scheduler", "./cmd/kubelet", "./cmd/kube-proxy"],
+            "./cmd/kube-controller-manager", "./cmd/kube-scheduler", "./cmd/kubelet", "./cmd/kube-proxy",
+            "./cmd/kubectl"],
            source, log, "Kubernetes")
     return source, modfile
 
@@ -182,7 +183,7 @@ def build(versions: Versions | None = None, say=print) -> Path:
             return result
 
         source, modfile = step(f"Kubernetes {versions.kubernetes} (kube-apiserver, kube-controller-manager, "
-                               f"kube-scheduler, kubelet, kube-proxy)", lambda: build_kubernetes(versions, log))
+                               f"kube-scheduler, kubelet, kube-proxy, kubectl)", lambda: build_kubernetes(versions, log))
         step(f"etcd {required_version(modfile, 'go.etcd.io/etcd/server/v3')}", lambda: build_etcd(source, modfile, log))
         step(f"KWOK {versions.kwok}", lambda: build_kwok(versions, log))
         step(f"KServe {versions.kserve}'s controller manager", lambda: build_kserve(versions, log))

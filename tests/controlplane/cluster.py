@@ -199,7 +199,9 @@ class ControlPlane:
         self.logs = work / "logs"
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.kubeconfig = work / "kubeconfig"
-        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        # The kubectl of the same release first on PATH, for the harness and the project's commands alike: the
+        # machine's may be any minor (1.32 here), beyond the one minor of skew kubectl supports.
+        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
         self.timings: list[tuple[str, float]] = []
 
     # Starting -----------------------------------------------------------------------------------------------
@@ -390,8 +392,8 @@ class ControlPlane:
     def get(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
-    def node_ready(self) -> bool:
-        done = self.kubectl("get", "node", NODE, "-o", "json", check=False)
+    def node_ready(self, node: str = NODE) -> bool:
+        done = self.kubectl("get", "node", node, "-o", "json", check=False)
         if done.returncode != 0:
             return False
         conditions = {c["type"]: c["status"] for c in json.loads(done.stdout).get("status", {}).get("conditions", [])}
@@ -399,13 +401,18 @@ class ControlPlane:
 
     # Stopping -------------------------------------------------------------------------------------------------
     def stop(self) -> None:
-        for name, process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for name, process in reversed(self.processes):
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        self.processes.clear()
+        stop_processes(self.processes)
+
+
+def stop_processes(processes: list[tuple[str, subprocess.Popen]], timeout: float = 15) -> None:
+    """SIGTERM to each process group, the last started first; SIGKILL to those still there after ``timeout``."""
+    for name, process in reversed(processes):
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for name, process in reversed(processes):
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    processes.clear()
