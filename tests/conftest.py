@@ -72,6 +72,17 @@ def latency_logged(caplog) -> list[str]:
             if r.getMessage().startswith("requestId: ")]
 
 
+def progress_line(request, prefix: str):
+    """A function that writes one line of a long fixture's progress (a build, a start-up) to pytest's terminal."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"[{prefix}] {line}")
+
+    return say
+
+
 def wait_until(condition, timeout: float, what: str) -> None:
     """Wait for ``condition()`` to hold, checking every 5 ms; fail naming ``what`` after ``timeout`` seconds."""
     import time

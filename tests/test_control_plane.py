@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import progress_line
 
 from model import rollout
 from tests.controlplane.cluster import NEVER_READY_VERSION, ControlPlane
@@ -43,11 +44,7 @@ def control_plane(request, tmp_path_factory):
                     "is built from the Go module proxy; install Go 1.25+ to run these tests")
     if shutil.which("kubectl") is None:
         pytest.skip("no kubectl on this machine: the tests apply the overlays with it, as users do")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def say(line):
-        if reporter is not None:
-            reporter.write_line(f"[control plane] {line}")
+    say = progress_line(request, "control plane")
 
     try:
         build(say=say)

@@ -24,7 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.localstack import free_port
+
 import pytest
+from conftest import progress_line
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE, NAME = "embedder", "embedder"
@@ -45,11 +48,7 @@ def cluster(request, tmp_path_factory, build_dir):
                         "module proxy") or ("" if shutil.which("kubectl") else "no kubectl")
     if why:
         pytest.skip(f"no real node on this machine: {why}")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def say(line):
-        if reporter is not None:
-            reporter.write_line(f"[real node] {line}")
+    say = progress_line(request, "real node")
 
     try:
         build(say=say)
@@ -135,3 +134,92 @@ def test_each_overlay_serves_on_a_real_node_and_answers_like_the_local_stack(clu
                      "--build", str(store))
     assert smoked.returncode == 0, smoked.stdout + smoked.stderr + "\n" + describe(cp)
     assert f"smoke test passed ({ENTRIES[overlay]}): the cluster answers exactly like the local stack" in smoked.stdout
+
+
+BROKEN_DOCKERFILE = """\
+ARG IMAGE
+FROM ${IMAGE}
+ENTRYPOINT ["python", "-c", "import sys; print('loading the transformer'); print('error: this build lost a module'); sys.exit(3)"]
+"""
+
+
+def test_a_new_image_whose_container_crashes_on_start_is_named_and_the_old_pods_keep_serving(cluster, tmp_path):
+    """A new image under the same tag whose container exits at start (a missing module, a wrong ENTRYPOINT): the
+    wait stops at its second exit instead of waiting 10 minutes, naming the container, its exit code and its last
+    words (the manifests' FallbackToLogsOnError); the old pod, still Ready, answers smoke.sh's requests all along;
+    the good image back rolls out."""
+    from tests.node import images
+
+    cp, node, store, built = cluster
+    tag = images.transformer_image()
+    (tmp_path / "Dockerfile").write_text(BROKEN_DOCKERFILE)
+    images.podman("build", "--pull=never", "--build-arg", f"IMAGE={tag}", "-t", "localhost/embedder-broken:1",
+                  str(tmp_path))
+    node.load([images.save("localhost/embedder-broken:1", tmp_path / "broken.tar")])
+    node.ctr("images", "tag", "--force", tag, "localhost/embedder-good:1")
+    node.ctr("images", "tag", "--force", "localhost/embedder-broken:1", tag)  # what `kind load` of a bad build does
+    short = tag.removeprefix("docker.io/library/")
+    try:
+        applied = project(cp, "scripts.cluster", "apply", "--overlay", "manifests/overlays/kind",
+                          "--image-id", f"{short}={images.image_id('localhost/embedder-broken:1')}")
+        assert applied.returncode == 0, applied.stderr
+        began = time.monotonic()
+        waited = project(cp, "scripts.cluster", "wait-ready", "--namespace", NAMESPACE, "--timeout", "600",
+                         timeout=700)
+        took = time.monotonic() - began
+        assert waited.returncode == 1, waited.stdout + waited.stderr
+        assert "error: embedder/embedder did not roll out: container kserve-container of pod embedder-transformer-" \
+               in waited.stderr and "exited with code 3 (Error), 2 times: loading the transformer | error: this " \
+               "build lost a module" in waited.stderr, waited.stderr
+        assert took < 180, took
+        smoked = project(cp, "scripts.cluster", "smoke", "--namespace", NAMESPACE, "--build", str(store))
+        assert smoked.returncode == 0, smoked.stdout + smoked.stderr + "\n" + describe(cp)
+    finally:
+        node.ctr("images", "tag", "--force", "localhost/embedder-good:1", tag)
+    deploy(cp, "kind", built[tag])
+    smoked = project(cp, "scripts.cluster", "smoke", "--namespace", NAMESPACE, "--build", str(store))
+    assert smoked.returncode == 0, smoked.stdout + smoked.stderr + "\n" + describe(cp)
+
+
+def test_a_version_published_into_the_store_is_picked_up_through_the_service_with_no_mixed_answer(
+        cluster, two_versions, raw_users):
+    """A new version copied into the kind node's store (whole, then one rename, as publish does) while requests flow
+    through the transformer's Service: TF Serving's container and the transformer's both pick it up from the volume,
+    and every answer equals the offline computation of the one version it names."""
+    from conftest import Offline, Traffic, check_answers, version_dir, wait_until
+
+    cp, node, store, built = cluster
+    rows = 3
+    bodies = [(i, json.dumps({"instances": raw_users[i:i + rows].tolist()}).encode())
+              for i in range(0, len(raw_users) - rows, rows)]
+    port = free_port()
+    forward = subprocess.Popen(["kubectl", "-n", NAMESPACE, "port-forward", f"svc/{NAME}-transformer", f"{port}:80"],
+                               env=cp.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models/{NAME}:predict"
+        wait_until(lambda: _answers(url), 30, "the transformer through kubectl port-forward")
+        with Traffic(url, bodies, threads=2) as traffic:
+            wait_until(lambda: len(traffic.answered_by("1")) >= 20, 60, "traffic on version 1")
+            models = store / "models" / NAME
+            staging = models / ".staging-2"
+            shutil.copytree(version_dir(two_versions, 2), staging)
+            staging.rename(models / "2")
+            wait_until(lambda: traffic.answered_by("2"), 120, "the first answer from version 2")
+            switched = min(entry[1] for entry in traffic.answered_by("2"))
+            wait_until(lambda: sum(1 for e in traffic.log if e[0] > switched) >= 20, 60, "traffic on version 2")
+        log = list(traffic.log)
+    finally:
+        forward.terminate()
+        forward.wait()
+    check_answers(log, raw_users, rows, {"1": Offline(store, 1), "2": Offline(two_versions, 2)})
+    assert {e[2] for e in log} <= {200, 503} and not traffic.errors[:3], (traffic.errors[:3])
+    assert all(e[3] == "2" for e in log if e[2] == 200 and e[0] > switched)
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.post(url, json={"instances": [[0.0] * 12]}, timeout=5).status_code in (200, 400)
+    except httpx.HTTPError:
+        return False

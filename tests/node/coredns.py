@@ -55,9 +55,14 @@ def build(say=print) -> Path:
     return BINARY
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m tests.node.coredns", description=__doc__.split("\n\n")[0],
+                            epilog=f"Version: scripts/versions.env (TEST_COREDNS). Log: {HOME / 'coredns-build.log'}."
+                            ).parse_args(argv)
     try:
-        print(build())
+        print(f"ready: {build()}")
     except BuildUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.controlplane.build import BIN, ROOT
+from tests.controlplane.build import BIN
+from tests.controlplane.cluster import stop_processes
 from tests.node.images import PAUSE
 
 NODE_NAME = "embedder-node"
@@ -164,6 +164,12 @@ class Node:
             f"{time.monotonic() - began:.1f}s")
 
     def _network(self) -> None:
+        # A node of a run that was killed before its teardown leaves its namespace behind: its pid is gone.
+        for line in run("ip", "netns", "list", check=False).stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            pid = name.removeprefix("embedder-node-")
+            if name.startswith("embedder-node-") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                run("ip", "netns", "delete", name, check=False)
         run("ip", "netns", "add", self.netns)
         ns = ["ip", "-n", self.netns]
         run(*ns, "link", "set", "lo", "up")
@@ -261,11 +267,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self._wait("kubelet", self.ready, timeout=120)
 
     def ready(self) -> bool:
-        done = self.cp.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
-        if done.returncode != 0:
-            return False
-        conditions = {c["type"]: c["status"] for c in json.loads(done.stdout).get("status", {}).get("conditions", [])}
-        return conditions.get("Ready") == "True"
+        return self.cp.node_ready(NODE_NAME)
 
     def _kube_proxy(self) -> None:
         config = self.work / "kube-proxy.yaml"
@@ -330,15 +332,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         if self.socket.exists():
             for task in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
                 self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
-        for name, process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for name, process in reversed(self.processes):
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        self.processes.clear()
+        stop_processes(self.processes, timeout=20)
         subprocess.run(["pkill", "-KILL", "-f", f"containerd-shim.*{self.socket}"], capture_output=True)
         subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True)
