@@ -109,7 +109,7 @@ def test_without_its_slash_the_storage_uri_also_downloads_every_model_whose_name
     store = open_store(f"s3://{bucket}/models", server.endpoint)
     publish_candidate(candidate(tmp_path / "c", 1), store, "embedder")
     loose = storage_initializer(f"s3://{bucket}/models/embedder", tmp_path / "loose", server.env())
-    assert sorted(p.name for p in loose.iterdir()) == ["-fused", "1"]
+    assert sorted(p.name for p in loose.iterdir()) == ["-fused", "1", "interface.json"]
     exact = storage_initializer(f"s3://{bucket}/models/embedder/", tmp_path / "exact", server.env())
     assert sorted(p.name for p in exact.iterdir()) == ["1", "interface.json"]
 
@@ -203,7 +203,7 @@ def test_a_retired_version_leaves_the_models_prefix_and_keeps_its_number(bucket,
     assert all(m.startswith(f"s3://{bucket}/models/.retired/") for m in moved)
     assert store.versions("embedder") == [1] and next_version(store, "embedder") == 3
     pod = storage_initializer(f"s3://{bucket}/models/embedder/", tmp_path / "pod", server.env())
-    assert model_versions(pod) == [1] and sorted(p.name for p in pod.iterdir()) == ["1"]
+    assert model_versions(pod) == [1] and sorted(p.name for p in pod.iterdir()) == ["1", "interface.json"]
     assert retire_version(store, "embedder", 7) == []
 
 
