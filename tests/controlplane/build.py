@@ -125,11 +125,22 @@ def build_kubernetes(versions: Versions, log) -> tuple[Path, Path]:
     of the same release (the tests' kubectl, within its supported skew); (the module folder, the alternate go.mod)."""
     source = module_dir("k8s.io/kubernetes", versions.kubernetes, log)
     modfile = kubernetes_modfile(source, versions)
-    run_go(["build", f"-modfile={modfile}", *GO_FLAGS, "-o", f"{BIN}/", "./cmd/kube-apiserver",
+    run_go(["build", f"-modfile={modfile}", "-trimpath", f"-ldflags=-s {kubernetes_version_flags(versions)}",
+            "-o", f"{BIN}/", "./cmd/kube-apiserver",
             "./cmd/kube-controller-manager", "./cmd/kube-scheduler", "./cmd/kubelet", "./cmd/kube-proxy",
             "./cmd/kubectl"],
            source, log, "Kubernetes")
     return source, modfile
+
+
+def kubernetes_version_flags(versions: Versions) -> str:
+    """The linker flags Kubernetes' own build (hack/lib/version.sh) sets, so that each program reports its release:
+    without them kubectl, the API server and the kubelet say v0.0.0-master, and kubectl's skew rules cannot apply."""
+    major, minor = versions.kubernetes.removeprefix("v").split(".")[:2]
+    values = {"gitVersion": versions.kubernetes, "gitMajor": major, "gitMinor": minor, "gitTreeState": "clean"}
+    return " ".join(f"-X {package}.{key}={value}" for package in ("k8s.io/component-base/version",
+                                                                   "k8s.io/client-go/pkg/version")
+                    for key, value in values.items())
 
 
 def build_etcd(source: Path, modfile: Path, log) -> str:
@@ -150,8 +161,13 @@ def build_kserve(versions: Versions, log) -> None:
            "KServe's controller manager")
 
 
+# Raised when what is built changes without a version changing (2: Kubernetes' programs carry their release).
+BUILD_RECIPE = 2
+
+
 def stamp(versions: Versions) -> dict:
-    return {"kubernetes": versions.kubernetes, "kserve": versions.kserve, "kwok": versions.kwok, "go": go_version()}
+    return {"kubernetes": versions.kubernetes, "kserve": versions.kserve, "kwok": versions.kwok, "go": go_version(),
+            "recipe": BUILD_RECIPE}
 
 
 def built(versions: Versions | None = None) -> bool:
