@@ -494,6 +494,7 @@ def test_an_unreadable_interface_file_is_said_and_the_last_one_read_stays(tmp_pa
     store.add(2, features=("visits_30d", "spend_90d"))
     with caplog.at_level(logging.ERROR, logger="transformer"):
         refresh(watcher)
+        refresh(watcher)  # said once, not at every look
     assert watcher.current().version == 1 and watcher.recorded == interface_of() and refusals == [2]
     (error,) = [json.loads(r.getMessage()) for r in caplog.records if "interface_file_unreadable" in r.getMessage()]
     assert error["error"].startswith(f"{tmp_path / 'interface.json'} is not a model interface (JSONDecodeError")

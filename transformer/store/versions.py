@@ -129,6 +129,7 @@ class ModelVersions:
         self.recorded: Interface | None = None  # the store's interface.json, at the last scan
         self.refused: dict[int, tuple[ServedVersion, list[str]]] = {}  # interface changes, said once per bundle
         self._last_interface: Interface | None = None  # the last active version's, kept through an outage
+        self._interface_error = ""  # why the interface file could not be read, at the last scan
         self.active: ServedVersion | None = None
         self.predictor_reachable = False
         self.reason = "TF Serving not checked yet"
@@ -147,10 +148,12 @@ class ModelVersions:
         so it can run in a worker thread: loading a bundle hashes its files and reads its arrays."""
         loaded, stamps, rejected = {}, {}, {}
         try:
-            recorded = read_interface(self.base_path)
+            recorded, self._interface_error = read_interface(self.base_path), ""
         except InterfaceFileError as exc:
             recorded = self.recorded  # the last one read stays: a file being mended is no reason to change
-            log.error("%s", json.dumps({"event": "interface_file_unreadable", "error": str(exc)}))
+            if str(exc) != self._interface_error:  # said once, not at every look (scans never overlap)
+                self._interface_error = str(exc)
+                log.error("%s", json.dumps({"event": "interface_file_unreadable", "error": str(exc)}))
         for version in model_versions(self.base_path)[-self.keep:]:
             folder = self.base_path / str(version)
             stamp = _files_stamp(folder)
