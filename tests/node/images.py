@@ -73,11 +73,17 @@ class ImagesUnavailable(RuntimeError):
     """The images cannot be built on this machine; the message says what is missing."""
 
 
+def podman_command() -> list[str]:
+    """Debian's podman with its store under build/node (nothing in /var/lib/containers) and no systemd; its run
+    state in a temporary folder of this store's own (two clones, two stores, never one run state)."""
+    key = hashlib.sha256(str(HOME.resolve()).encode()).hexdigest()[:12]
+    runroot = Path(tempfile.gettempdir()) / f"embedder-podman-{os.getuid()}-{key}"
+    return ["podman", "--root", str(HOME / "podman"), "--runroot", str(runroot), "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file"]
+
+
 def podman(*args: str, check: bool = True, log=None, timeout: float = 3600) -> subprocess.CompletedProcess:
-    """Debian's podman with its store under build/node (nothing in /var/lib/containers) and no systemd."""
-    runroot = Path(tempfile.gettempdir()) / f"embedder-podman-{os.getuid()}"
-    command = ["podman", "--root", str(HOME / "podman"), "--runroot", str(runroot), "--cgroup-manager", "cgroupfs",
-               "--events-backend", "file", *args]
+    command = [*podman_command(), *args]
     if log is not None:
         log.write(f"\n$ {' '.join(command)}\n")
         log.flush()
@@ -129,10 +135,8 @@ def build_base(log) -> None:
     for trimmed in ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man", "usr/share/locale"):
         shutil.rmtree(rootfs / trimmed, ignore_errors=True)
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    runroot = Path(tempfile.gettempdir()) / f"embedder-podman-{os.getuid()}"
     imported = subprocess.run(
-        ["podman", "--root", str(HOME / "podman"), "--runroot", str(runroot), "--cgroup-manager", "cgroupfs",
-         "--events-backend", "file", "import", "--change", "ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        [*podman_command(), "import", "--change", "ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
          "--change", 'CMD ["python3"]', "-", BASE], stdin=tar.stdout, stdout=log, stderr=subprocess.STDOUT)
     tar.wait()
     if imported.returncode != 0 or tar.returncode != 0:
